@@ -1,0 +1,68 @@
+"""Boundary validation shared by every public entry point.
+
+Errors say what was expected and what arrived; nothing is ever clipped, cast or dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+IMAGE_SHAPE = (32, 32, 3)
+
+
+def check_images(x, name: str = "x", shape: tuple = IMAGE_SHAPE) -> np.ndarray:
+    """Return ``x`` if it is a float32 batch ``N x H x W x C`` (default 32x32x3) in [0, 1].
+
+    Raises ``TypeError`` for a non-array or wrong dtype and ``ValueError`` for a wrong shape,
+    NaN/inf or values outside [0, 1].
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array of float32 images, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(
+            f"{name}: expected dtype float32 with values in [0, 1], got {x.dtype} "
+            "(convert uint8 images with x.astype('float32') / 255)"
+        )
+    if x.ndim != 1 + len(shape) or tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(f"{name}: expected shape (N, {', '.join(map(str, shape))}), got {x.shape}")
+    if x.size and not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
+        raise ValueError(f"{name}: {bad} image(s) contain NaN or inf; expected finite values in [0, 1]")
+    if x.size:
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"{name}: expected values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+    return x
+
+
+def check_labels(y, name: str = "y", n: int | None = None, num_classes: int | None = None) -> np.ndarray:
+    """Return ``y`` if it is an integer vector (length ``n`` and labels < ``num_classes`` if given)."""
+    if not isinstance(y, np.ndarray) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        got = f"{type(y).__name__} {getattr(y, 'dtype', '')} {getattr(y, 'shape', '')}"
+        raise TypeError(f"{name}: expected a 1-D integer numpy array of class labels, got {got}")
+    if n is not None and len(y) != n:
+        raise ValueError(f"{name}: expected {n} labels, got {len(y)}")
+    if y.size and y.min() < 0:
+        raise ValueError(f"{name}: labels must be >= 0, got {int(y.min())}")
+    if num_classes is not None and y.size and y.max() >= num_classes:
+        raise ValueError(f"{name}: labels must be < {num_classes}, got {int(y.max())}")
+    return y
+
+
+def check_positive_int(v, name: str, minimum: int = 1) -> int:
+    """Return ``v`` as int if it is an integer >= ``minimum`` (bools refused)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer >= {minimum}, got {v!r}")
+    if v < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {v}")
+    return int(v)
+
+
+def as_rng(seed) -> np.random.Generator:
+    """A ``numpy.random.Generator`` from an int seed or an existing Generator (never global state)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None or isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        if seed is None:
+            raise ValueError("an explicit seed (int) or numpy.random.Generator is required")
+        return np.random.default_rng(int(seed))
+    raise TypeError(f"seed: expected an int or numpy.random.Generator, got {type(seed).__name__}")

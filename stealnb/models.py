@@ -1,0 +1,148 @@
+"""Model registry: every builder returns an uncompiled Keras model that outputs **logits**.
+
+The five thesis architectures reproduce thesis Table 4's parameter counts exactly for
+32x32x3 inputs and 10 classes (Schmidl 2021, §4, appendix B). Keras' ``applications``
+backbones (no ImageNet weights, nothing is downloaded) are topped by the head the counts
+imply: ``Flatten -> Dense(64, relu) -> Dense(num_classes)``. The CPU-sized models serve the
+``ci`` and ``demo`` profiles.
+"""
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from .registry import Registry
+
+REGISTRY = Registry("model")
+
+
+def _head(x, num_classes: int, hidden: int = 64):
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(hidden, activation="relu", name="fc1")(x)
+    return layers.Dense(num_classes, name="logits")(x)
+
+
+def _from_backbone(app, name, input_shape, num_classes):
+    inp = keras.Input(shape=input_shape, name="image")
+    base = app(include_top=False, weights=None, input_tensor=inp)
+    return keras.Model(inp, _head(base.output, num_classes), name=name)
+
+
+@REGISTRY.register("vgg16")
+def vgg16(input_shape=(32, 32, 3), num_classes=10):
+    """VGG16 (Simonyan & Zisserman 2014; thesis §2.2.1, Fig. 13 config D, Table 4: 14,748,170 params)."""
+    return _from_backbone(keras.applications.VGG16, "vgg16", input_shape, num_classes)
+
+
+@REGISTRY.register("vgg19")
+def vgg19(input_shape=(32, 32, 3), num_classes=10):
+    """VGG19 (Simonyan & Zisserman 2014; thesis §2.2.1, Fig. 13 config E, Table 4: 20,057,866 params)."""
+    return _from_backbone(keras.applications.VGG19, "vgg19", input_shape, num_classes)
+
+
+@REGISTRY.register("resnet50")
+def resnet50(input_shape=(32, 32, 3), num_classes=10):
+    """ResNet50 (He et al. 2016; thesis §2.2.2, Table 4: 23,719,498 total / 23,666,378 trainable)."""
+    return _from_backbone(keras.applications.ResNet50, "resnet50", input_shape, num_classes)
+
+
+@REGISTRY.register("resnet101")
+def resnet101(input_shape=(32, 32, 3), num_classes=10):
+    """ResNet101 (He et al. 2016; thesis §2.2.2, Table 4: 42,789,962 total / 42,684,618 trainable)."""
+    return _from_backbone(keras.applications.ResNet101, "resnet101", input_shape, num_classes)
+
+
+@REGISTRY.register("alexnet")
+def alexnet(input_shape=(32, 32, 3), num_classes=10):
+    """AlexNet with batch norm after every layer (Krizhevsky et al. 2012; thesis §2.2.1, Fig. 12,
+    appendix B.1, Table 4: 25,730,506 total / 25,709,350 trainable).
+
+    Kernel sizes 11/5/3/3/3 with 96/256/384/384/256 filters, dense 4096/4096/1000, each followed
+    by BatchNormalization (the 21,156 non-trainable parameters of Table 4 are exactly these BN
+    moving statistics). Strides/pools bring 32x32 down to 1x1x256 before the dense layers.
+    """
+    inp = keras.Input(shape=input_shape, name="image")
+    x = inp
+    convs = [(96, 11, 4, True), (256, 5, 1, True), (384, 3, 1, False), (384, 3, 1, False), (256, 3, 1, True)]
+    for i, (filters, k, stride, pool) in enumerate(convs, 1):
+        x = layers.Conv2D(filters, k, strides=stride, padding="same", name=f"conv{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.Activation("relu")(x)
+        if pool:
+            x = layers.MaxPooling2D(2, padding="same", name=f"pool{i}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    for i, units in enumerate((4096, 4096, 1000), 6):
+        x = layers.Dense(units, name=f"fc{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.Activation("relu")(x)
+        x = layers.Dropout(0.5)(x)
+    x = layers.Dense(num_classes, name="fc9")(x)
+    out = layers.BatchNormalization(name="logits")(x)
+    return keras.Model(inp, out, name="alexnet")
+
+
+@REGISTRY.register("cnn-small")
+def cnn_small(input_shape=(32, 32, 3), num_classes=10):
+    """Small VGG-style CNN for 2-core CPU runs (demo profile): two conv3 blocks (32, 64 filters)
+    and a 128-unit dense layer: the VGG pattern of thesis §2.2.1 at 591,274 parameters."""
+    inp = keras.Input(shape=input_shape, name="image")
+    x = inp
+    for i, filters in enumerate((32, 64), 1):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{i}a")(x)
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{i}b")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(128, activation="relu", name="fc1")(x)
+    x = layers.Dropout(0.3)(x)
+    out = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inp, out, name="cnn_small")
+
+
+@REGISTRY.register("lenet5")
+def lenet5(input_shape=(32, 32, 3), num_classes=10):
+    """LeNet-5 (LeCun et al. 1998; thesis §2.2.1): conv5-6, pool, conv5-16, pool, 120-84 dense."""
+    inp = keras.Input(shape=input_shape, name="image")
+    x = layers.Conv2D(6, 5, activation="relu", name="conv1")(inp)
+    x = layers.AveragePooling2D(2, name="pool1")(x)
+    x = layers.Conv2D(16, 5, activation="relu", name="conv2")(x)
+    x = layers.AveragePooling2D(2, name="pool2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(120, activation="relu", name="fc1")(x)
+    x = layers.Dense(84, activation="relu", name="fc2")(x)
+    out = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inp, out, name="lenet5")
+
+
+@REGISTRY.register("cnn-tiny")
+def cnn_tiny(input_shape=(32, 32, 3), num_classes=10):
+    """Tiny CNN for tests and the ci profile (conv3-16, pool, conv3-32, pool, dense 64): a
+    scaled-down instance of the VGG pattern (thesis §2.2.1) that trains in seconds."""
+    inp = keras.Input(shape=input_shape, name="image")
+    x = layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inp)
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Conv2D(32, 3, padding="same", activation="relu", name="conv2")(x)
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(64, activation="relu", name="fc1")(x)
+    out = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inp, out, name="cnn_tiny")
+
+
+def build(name: str, input_shape=(32, 32, 3), num_classes: int = 10, seed: int | None = None) -> keras.Model:
+    """Build registered model ``name``; ``seed`` makes the weight initialisation reproducible."""
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+    if len(tuple(input_shape)) != 3:
+        raise ValueError(f"input_shape: expected (height, width, channels), got {input_shape!r}")
+    builder = REGISTRY[name]
+    if seed is not None:
+        keras.utils.set_random_seed(int(seed))
+    return builder(input_shape=tuple(input_shape), num_classes=num_classes)
+
+
+def count_params(model: keras.Model) -> tuple[int, int]:
+    """(total, trainable) parameter counts, as Keras' ``model.summary()`` reports them."""
+    import numpy as np
+
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    return int(model.count_params()), trainable

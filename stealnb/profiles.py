@@ -1,0 +1,114 @@
+"""Run profiles: the one place where epochs, folds, architectures, pools and budgets are set.
+
+* ``paper`` -- the thesis settings exactly (Schmidl 2021, §4.2, §4.3, §5.2): five secret
+  architectures on MNIST, CIFAR-10 and the GTSRB 10-class subset, 5-fold CV, 20 epochs, Adam
+  1e-3, batch 256; a VGG16 substitute on the downsampled-ImageNet thief pool with budgets
+  2.5k/5k/10k and FGSM eps 0.25. Needs a GPU and the real datasets.
+* ``demo`` -- the same protocol scaled to 2 CPU cores on the embedded offline data
+  (scikit-learn digits; Fashion-MNIST when the Debian package is installed; a pool of natural
+  photo patches).
+* ``ci`` -- the smallest run that still exercises every code path, for tests and nbval.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    # -- secret training (thesis §4.2 / §5.2)
+    secrets: tuple[tuple[str, str], ...]  # (dataset, architecture) pairs of the grid
+    folds: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    # -- extraction (thesis §4.3 / §5.2, ActiveThief)
+    substitute: str
+    pool: str
+    pool_size: int | None  # None = the whole pool
+    seed_size: int  # |S0|, random initial labelled set
+    val_size: int  # oracle-labelled validation split for early stopping (counts against budget)
+    round_size: int  # k, samples selected per round
+    budgets: tuple[int, ...]
+    substitute_epochs: int
+    patience: int
+    strategies: tuple[str, ...]
+    fgsm_eps: float = 0.25
+    optional_secrets: tuple[tuple[str, str], ...] = field(default=())  # run when data present
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_(self, **changes) -> "Profile":
+        """A copy with some fields changed (e.g. ``PROFILES['demo'].with_(epochs=3)``)."""
+        return replace(self, **changes)
+
+
+THESIS_STRATEGIES = ("random", "uncertainty", "kcenter", "dfal", "dfal+kcenter")
+THESIS_ARCHS = ("vgg16", "vgg19", "alexnet", "resnet50", "resnet101")
+
+PROFILES: dict[str, Profile] = {
+    "paper": Profile(
+        name="paper",
+        secrets=tuple((d, a) for d in ("mnist", "cifar10", "gtsrb") for a in THESIS_ARCHS),
+        folds=5,
+        epochs=20,
+        batch_size=256,
+        learning_rate=1e-3,
+        substitute="vgg16",
+        pool="imagenet32",
+        pool_size=120_000,  # ActiveThief's image thief set: 120k ImageNet images
+        seed_size=500,
+        val_size=500,
+        round_size=500,
+        budgets=(2_500, 5_000, 10_000),
+        substitute_epochs=30,
+        patience=5,
+        strategies=THESIS_STRATEGIES,
+    ),
+    "demo": Profile(
+        name="demo",
+        secrets=(("digits", "cnn-small"),),
+        optional_secrets=(("fashion-mnist", "cnn-small"),),
+        folds=3,
+        epochs=8,
+        batch_size=256,
+        learning_rate=1e-3,
+        substitute="cnn-small",
+        pool="natural-patches",
+        pool_size=20_000,
+        seed_size=200,
+        val_size=100,
+        round_size=100,
+        budgets=(500, 1_000, 2_000),
+        substitute_epochs=30,
+        patience=4,
+        strategies=THESIS_STRATEGIES,
+    ),
+    "ci": Profile(
+        name="ci",
+        secrets=(("digits", "cnn-tiny"),),
+        folds=2,
+        epochs=4,
+        batch_size=128,
+        learning_rate=1e-3,
+        substitute="cnn-tiny",
+        pool="natural-patches",
+        pool_size=2_000,
+        seed_size=100,
+        val_size=50,
+        round_size=50,
+        budgets=(200, 300),
+        substitute_epochs=8,
+        patience=3,
+        strategies=THESIS_STRATEGIES,
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise KeyError(f"unknown profile {name!r}; expected one of: {', '.join(PROFILES)}") from None
