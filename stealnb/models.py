@@ -146,3 +146,21 @@ def count_params(model: keras.Model) -> tuple[int, int]:
 
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     return int(model.count_params()), trainable
+
+
+def predict_logits(model, x, batch_size: int = 512):
+    """Logits of ``model`` on float32 images ``x`` (N×32×32×3), in batches, as a float32 array."""
+    import numpy as np
+
+    from ._checks import check_images
+
+    check_images(x, "x", shape=tuple(model.input_shape[1:]))
+    out = [np.asarray(model(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+    if not out:
+        return np.zeros((0, model.output_shape[-1]), np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def predict_labels(model, x, batch_size: int = 512):
+    """Top-1 labels (int64) of ``model`` on ``x``."""
+    return predict_logits(model, x, batch_size).argmax(axis=1).astype("int64")

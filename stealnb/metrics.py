@@ -1,0 +1,88 @@
+"""Extraction metrics as pure functions (thesis 000 §4.3, eq. 4.3.2; thesis 002 §4 relative F1)."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import confusion_matrix as _sk_confusion
+from sklearn.metrics import f1_score
+
+from ._checks import check_labels
+
+
+def _pair(a, b, names=("a", "b")):
+    check_labels(a, names[0])
+    check_labels(b, names[1], n=len(a))
+    if len(a) == 0:
+        raise ValueError(f"{names[0]}: expected at least one label, got an empty array")
+    return a, b
+
+
+def agreement(secret_labels: np.ndarray, substitute_labels: np.ndarray) -> float:
+    """Fraction of test samples on which secret and substitute predict the same label
+    (thesis 000 eq. 4.3.2; ActiveThief's agreement). In [0, 1]."""
+    a, b = _pair(secret_labels, substitute_labels, ("secret_labels", "substitute_labels"))
+    return float(np.mean(a == b))
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Fraction of correct predictions. In [0, 1]."""
+    a, b = _pair(y_true, y_pred, ("y_true", "y_pred"))
+    return float(np.mean(a == b))
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = None) -> float:
+    """Macro-averaged F1 over ``num_classes`` classes (thesis 002 §4: the Copycat metric).
+    A class absent from both ``y_true`` and ``y_pred`` contributes 0, as in scikit-learn."""
+    a, b = _pair(y_true, y_pred, ("y_true", "y_pred"))
+    labels = np.arange(num_classes) if num_classes else None
+    return float(f1_score(a, b, labels=labels, average="macro", zero_division=0))
+
+
+def relative_f1(copy_f1: float, oracle_f1: float) -> float:
+    """Copycat F1 divided by the oracle's F1 on the same test set (thesis 002 §4, 'relative F1')."""
+    if not oracle_f1 > 0:
+        raise ValueError(f"oracle_f1: expected a positive F1 score, got {oracle_f1!r}")
+    return float(copy_f1) / float(oracle_f1)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """``num_classes × num_classes`` counts, rows = true class, columns = predicted class."""
+    a, b = _pair(y_true, y_pred, ("y_true", "y_pred"))
+    return _sk_confusion(a, b, labels=np.arange(num_classes))
+
+
+def transfer_metrics(y_true, substitute_adv_labels, secret_adv_labels) -> dict:
+    """Transferability of adversarial examples crafted on the substitute (thesis 000 §4.3, Tables 9-11).
+
+    The thesis' definition is ambiguous, so two numbers are reported, named for what they are:
+
+    * ``transfer_rate``: among test samples whose adversarial example fools the substitute
+      (substitute label != true label), the fraction that also fools the secret
+      (ActiveThief's transferability);
+    * ``secret_error_under_transfer``: the fraction of *all* perturbed test samples that the
+      secret misclassifies (the thesis' wording in §4.3).
+    ``fooled_substitute`` is the number the first rate is computed over (rate ``None`` if zero).
+    """
+    y, sub = _pair(y_true, substitute_adv_labels, ("y_true", "substitute_adv_labels"))
+    check_labels(secret_adv_labels, "secret_adv_labels", n=len(y))
+    fooled_sub = sub != y
+    fooled_sec = secret_adv_labels != y
+    n_fooled = int(fooled_sub.sum())
+    rate = float(np.mean(fooled_sec[fooled_sub])) if n_fooled else None
+    return {
+        "transfer_rate": rate,
+        "secret_error_under_transfer": float(np.mean(fooled_sec)),
+        "fooled_substitute": n_fooled,
+        "n": int(len(y)),
+    }
+
+
+def transferability(secret, substitute, x, y, eps: float = 0.25, batch_size: int = 256) -> dict:
+    """Craft FGSM (eps, L-inf, true labels) on the substitute and measure it on the secret:
+    returns :func:`transfer_metrics` plus ``eps``. Uses :func:`stealnb.attacks.fgsm`."""
+    from .attacks import fgsm
+    from .models import predict_labels
+
+    x_adv = fgsm(substitute, x, eps, y=y, batch_size=batch_size)
+    out = transfer_metrics(y, predict_labels(substitute, x_adv), predict_labels(secret, x_adv))
+    out["eps"] = float(eps)
+    return out

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from stealnb import metrics
+
+
+def test_agreement_is_eq_4_3_2():
+    a = np.array([0, 1, 2, 3, 4], np.int64)
+    b = np.array([0, 1, 0, 3, 0], np.int64)
+    assert metrics.agreement(a, b) == pytest.approx(3 / 5)
+
+
+def test_macro_f1_hand_computed():
+    y = np.array([0, 0, 1, 1], np.int64)
+    p = np.array([0, 1, 1, 1], np.int64)
+    # class 0: P=1, R=1/2 -> F1=2/3 ; class 1: P=2/3, R=1 -> F1=4/5
+    assert metrics.macro_f1(y, p) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    # A third class in neither vector counts as 0 when num_classes says it exists.
+    assert metrics.macro_f1(y, p, num_classes=3) == pytest.approx((2 / 3 + 4 / 5) / 3)
+
+
+def test_relative_f1():
+    assert metrics.relative_f1(0.45, 0.9) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="positive"):
+        metrics.relative_f1(0.5, 0.0)
+
+
+def test_transfer_metrics_two_definitions():
+    y = np.array([0, 0, 0, 0, 0, 0], np.int64)
+    sub = np.array([1, 1, 1, 1, 0, 0], np.int64)  # fools the substitute on 4 samples
+    sec = np.array([1, 1, 0, 0, 0, 2], np.int64)  # of those 4, 2 fool the secret; 3/6 overall
+    out = metrics.transfer_metrics(y, sub, sec)
+    assert out["transfer_rate"] == pytest.approx(2 / 4)
+    assert out["secret_error_under_transfer"] == pytest.approx(3 / 6)
+    assert out["fooled_substitute"] == 4
+    none = metrics.transfer_metrics(y, y.copy(), sec)
+    assert none["transfer_rate"] is None
+
+
+def test_confusion_matrix_rows_are_true_class():
+    cm = metrics.confusion_matrix(np.array([0, 1, 1]), np.array([1, 1, 0]), 3)
+    assert cm.tolist() == [[0, 1, 0], [1, 1, 0], [0, 0, 0]]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="expected 3 labels"):
+        metrics.agreement(np.array([0, 1, 2]), np.array([0, 1]))
+    with pytest.raises(TypeError, match="integer"):
+        metrics.accuracy(np.array([0.0, 1.0]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="empty"):
+        metrics.agreement(np.array([], np.int64), np.array([], np.int64))

@@ -1,0 +1,62 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stealnb import models
+
+REFERENCE = Path(__file__).resolve().parents[1] / "stealnb" / "reference" / "thesis_tables.json"
+
+# Thesis 000, Table 4 (also in stealnb/reference/thesis_tables.json).
+TABLE4 = {
+    "vgg16": (14_748_170, 14_748_170),
+    "vgg19": (20_057_866, 20_057_866),
+    "resnet50": (23_719_498, 23_666_378),
+    "alexnet": (25_730_506, 25_709_350),
+    "resnet101": (42_789_962, 42_684_618),
+}
+
+
+@pytest.mark.parametrize("name", list(TABLE4))
+def test_thesis_parameter_counts_exact(name):
+    model = models.build(name)
+    assert models.count_params(model) == TABLE4[name]
+    assert model.output_shape == (None, 10)
+
+
+def test_table4_matches_the_shipped_reference():
+    ref = json.loads(REFERENCE.read_text())["model_parameters_table4"]
+    assert {k: (v["total"], v["trainable"]) for k, v in ref.items()} == TABLE4
+
+
+@pytest.mark.parametrize("name", ["cnn-tiny", "cnn-small", "lenet5"])
+def test_cpu_models_output_logits(name):
+    model = models.build(name, num_classes=7, seed=1)
+    x = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
+    out = models.predict_logits(model, x)
+    assert out.shape == (4, 7) and out.dtype == np.float32
+    # Logits, not probabilities: rows do not sum to one and values can be negative.
+    assert not np.allclose(out.sum(axis=1), 1.0)
+
+
+def test_seed_makes_initialisation_reproducible():
+    a = models.build("cnn-tiny", seed=3).get_weights()
+    b = models.build("cnn-tiny", seed=3).get_weights()
+    c = models.build("cnn-tiny", seed=4).get_weights()
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not all(np.array_equal(u, v) for u, v in zip(a, c))
+
+
+def test_registry_entries_cite_a_source():
+    for name in models.REGISTRY:
+        assert models.REGISTRY.describe(name)
+
+
+def test_bad_arguments():
+    with pytest.raises(KeyError, match="unknown model 'vgg17'.*vgg16"):
+        models.build("vgg17")
+    with pytest.raises(ValueError, match="num_classes"):
+        models.build("cnn-tiny", num_classes=1)
+    with pytest.raises(TypeError, match="float32"):
+        models.predict_logits(models.build("cnn-tiny"), np.zeros((1, 32, 32, 3)))
