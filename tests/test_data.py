@@ -1,0 +1,525 @@
+"""Dataset layer: every loader on tiny files written in the official formats (tests/fixtures_formats.py)."""
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stealnb import data
+from stealnb._checks import check_images
+from fixtures_formats import (IDX_NAMES, cifar_batch, idx_bytes, imagenet32_rows, write_cifar, write_gtsrb,
+                              write_idx, write_imagenet32, write_mnist_like)
+
+
+def _msg(excinfo) -> str:
+    return str(excinfo.value)
+
+
+# -- data_root ----------------------------------------------------------------------------------
+
+def test_data_root_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("STEALNB_DATA", raising=False)
+    assert data.data_root() == Path.home() / ".cache" / "stealnb"
+    monkeypatch.setenv("STEALNB_DATA", str(tmp_path / "env"))
+    assert data.data_root() == tmp_path / "env"
+    assert data.data_root(tmp_path / "arg") == tmp_path / "arg"
+    assert data.data_root(str(tmp_path / "arg")) == tmp_path / "arg"
+
+
+# -- IDX (MNIST / Fashion-MNIST) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_idx_raw_and_gz(tmp_path, gz):
+    arrays = write_mnist_like(tmp_path / "mnist", gz=gz)
+    ds = data.load_dataset("mnist", root=tmp_path)
+    assert (len(ds.x_train), len(ds.x_test)) == (20, 10)
+    check_images(ds.x_train)
+    assert ds.y_train.dtype == np.int64 and ds.class_names == [str(i) for i in range(10)]
+    np.testing.assert_array_equal(ds.y_train, arrays["y_train"])
+    np.testing.assert_array_equal(ds.y_test, arrays["y_test"])
+    # zero padding of 2 px each side, grey duplicated into three identical channels
+    np.testing.assert_array_equal(ds.x_train[:, 2:30, 2:30, 1], arrays["x_train"] / np.float32(255))
+    assert np.array_equal(ds.x_train[..., 0], ds.x_train[..., 2])
+    assert ds.x_train[:, :2].max() == 0 and ds.x_train[:, :, 30:].max() == 0
+
+
+def test_idx_known_pixel_lands_in_place(tmp_path):
+    write_mnist_like(tmp_path / "mnist", gz=True)
+    x = np.zeros((3, 28, 28), np.uint8)
+    x[1, 3, 7] = 255
+    write_idx(tmp_path / "mnist" / "t10k-images-idx3-ubyte", x, gz=True)
+    write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte", np.array([0, 1, 2], np.uint8), gz=True)
+    ds = data.load_dataset("mnist", root=tmp_path)
+    assert ds.x_test.sum() == 3.0 and (ds.x_test[1, 5, 9] == 1.0).all()
+
+
+def test_fashion_mnist_names_and_system_dir(tmp_path, monkeypatch):
+    sysdir = tmp_path / "usr_share"
+    write_mnist_like(sysdir, gz=True, seed=1)
+    spec = data.SOURCES["fashion-mnist"]
+    monkeypatch.setitem(data.SOURCES, "fashion-mnist", data._Source(spec.dirname, spec.files, (sysdir,), True, spec.hint))
+    ds = data.load_dataset("fashion-mnist", root=tmp_path / "root")  # nothing under root: system dir used
+    assert ds.class_names[0] == "T-shirt/top" and ds.class_names[-1] == "Ankle boot" and ds.num_classes == 10
+    write_mnist_like(tmp_path / "root" / "fashion-mnist", gz=False, n_train=12)  # root wins over system dir
+    assert len(data.load_dataset("fashion-mnist", root=tmp_path / "root").x_train) == 12
+    monkeypatch.setitem(data.SOURCES, "fashion-mnist", data._Source(spec.dirname, spec.files, (), True, spec.hint))
+    with pytest.raises(data.DatasetMissing) as e:
+        data.load_dataset("fashion-mnist", root=tmp_path / "empty")
+    assert "stealnb data fetch fashion-mnist" in _msg(e)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate_raw", ["truncated", "train-images-idx3-ubyte"]),
+    ("truncate_gz", ["t10k-labels-idx1-ubyte.gz", "truncated"]),
+    ("extra_bytes", ["train-images-idx3-ubyte", "header dims (20, 28, 28) need 15680"]),
+    ("magic", ["magic number 2049", "expected 2051"]),
+    ("count", ["labels", "for 20 images"]),
+])
+def test_idx_corrupt(tmp_path, damage, words):
+    d = tmp_path / "mnist"
+    write_mnist_like(d, gz=damage not in ("truncate_raw", "extra_bytes"))
+    if damage == "truncate_raw":
+        p = d / "train-images-idx3-ubyte"
+        p.write_bytes(p.read_bytes()[:-100])
+    elif damage == "extra_bytes":
+        p = d / "train-images-idx3-ubyte"
+        p.write_bytes(p.read_bytes() + b"\0" * 28)
+    elif damage == "truncate_gz":
+        p = d / "t10k-labels-idx1-ubyte.gz"
+        p.write_bytes(p.read_bytes()[:-8])
+    elif damage == "magic":  # a labels file where the images belong
+        (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(20, np.uint8))))
+    else:
+        write_idx(d / "train-labels-idx1-ubyte", np.zeros(19, np.uint8), gz=True)
+    with pytest.raises(data.DatasetCorrupt) as e:
+        data.load_dataset("mnist", root=tmp_path)
+    for w in words:
+        assert w in _msg(e)
+
+
+# -- missing data -------------------------------------------------------------------------------
+
+def test_missing_dataset_message(tmp_path):
+    with pytest.raises(data.DatasetMissing) as e:
+        data.load_dataset("cifar10", root=tmp_path)
+    m = _msg(e)
+    assert isinstance(e.value, FileNotFoundError)
+    assert "'cifar10'" in m and str(tmp_path / "cifar10") in m
+    assert "cifar-10-batches-py/data_batch_1" in m and "cifar-10-batches-py/batches.meta" in m
+    assert "stealnb data fetch cifar10" in m
+    write_cifar(tmp_path)
+    (tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(data.DatasetMissing) as e:
+        data.load_dataset("cifar10", root=tmp_path)
+    assert "test_batch" in _msg(e) and "data_batch_1" not in _msg(e)
+
+
+def test_unknown_dataset_lists_names():
+    with pytest.raises(KeyError, match="digits"):
+        data.load_dataset("nope")
+
+
+# -- CIFAR-10 and the restricted unpickler --------------------------------------------------------
+
+def test_cifar10_channel_order_and_labels(tmp_path):
+    written = write_cifar(tmp_path)
+    d = tmp_path / "cifar10" / "cifar-10-batches-py"
+    known = np.zeros((2, 3, 32, 32), np.uint8)
+    known[0, 0, 0, 1] = 255    # R at row 0, col 1
+    known[0, 1, 2, 3] = 51     # G at row 2, col 3
+    known[1, 2, 31, 30] = 102  # B at row 31, col 30
+    (d / "test_batch").write_bytes(cifar_batch(known.reshape(2, 3072), [3, 9], b"testing batch 1 of 1"))
+    ds = data.load_dataset("cifar10", root=tmp_path)
+    assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_test.shape == (2, 32, 32, 3)
+    check_images(ds.x_train)
+    assert ds.class_names[0] == "airplane" and ds.class_names[9] == "truck"
+    np.testing.assert_array_equal(ds.y_train, written["train_labels"])
+    np.testing.assert_array_equal(ds.y_test, [3, 9])
+    assert ds.x_test[0, 0, 1, 0] == 1.0 and ds.x_test[0, 2, 3, 1] == np.float32(51) / np.float32(255)
+    assert ds.x_test[1, 31, 30, 2] == np.float32(0.4) and np.count_nonzero(ds.x_test) == 3
+    first = written["train"][0][0].reshape(3, 32, 32).transpose(1, 2, 0)
+    np.testing.assert_array_equal(ds.x_train[0], first / np.float32(255))
+
+
+def test_cifar10_pickle_from_old_numpy_module_path(tmp_path):
+    write_cifar(tmp_path)
+    p = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_3"
+    raw = p.read_bytes()
+    assert b"numpy._core.multiarray" in raw
+    p.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))  # as in the 2009 originals
+    assert len(data.load_dataset("cifar10", root=tmp_path).x_train) == 20
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_restricted_unpickler_refuses_malicious_pickle(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({b"data": _Evil(marker), b"labels": [1]}, protocol=2)
+    with pytest.raises(data.UnsafePickle) as e:
+        data.RestrictedUnpickler(io.BytesIO(payload)).load()
+    assert "system" in _msg(e) and "refusing" in _msg(e)
+    write_cifar(tmp_path)
+    (tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_2").write_bytes(payload)
+    with pytest.raises(data.DatasetCorrupt) as e:
+        data.load_dataset("cifar10", root=tmp_path)
+    assert "data_batch_2" in _msg(e) and "system" in _msg(e)
+    assert not marker.exists()
+    # plain containers and numpy arrays still pass
+    ok = pickle.dumps({b"a": np.arange(5, dtype=np.uint8), "b": [1, (2.0, b"x")], "c": np.float64(3)}, protocol=2)
+    out = data.RestrictedUnpickler(io.BytesIO(ok)).load()
+    np.testing.assert_array_equal(out[b"a"], np.arange(5))
+    assert out["b"] == [1, (2.0, b"x")] and out["c"] == 3.0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "shape", "labels"])
+def test_cifar10_corrupt(tmp_path, damage):
+    write_cifar(tmp_path)
+    p = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_4"
+    if damage == "truncate":
+        p.write_bytes(p.read_bytes()[:500])
+    elif damage == "shape":
+        p.write_bytes(cifar_batch(np.zeros((4, 1024), np.uint8), [0, 1, 2, 3]))
+    else:
+        p.write_bytes(cifar_batch(np.zeros((4, 3072), np.uint8), [0, 1, 2, 10]))
+    with pytest.raises(data.DatasetCorrupt, match="data_batch_4"):
+        data.load_dataset("cifar10", root=tmp_path)
+
+
+# -- GTSRB ----------------------------------------------------------------------------------------
+
+# 12 classes: top-10 by count must take 40, 0, 3, 5, 7, 9, 11 (>= 3 images) and then 14, 17, 20 out of
+# the four classes with 2 images (tie broken by class id), leaving out 25 and 31.
+COUNTS = {40: 5, 0: 4, 3: 4, 5: 3, 7: 3, 9: 3, 11: 3, 14: 2, 17: 2, 20: 2, 25: 2, 31: 1}
+KEEP = [0, 3, 5, 7, 9, 11, 14, 17, 20, 40]
+TEST_CLASSES = [31, 0, 25, 40, 14, 20, 3, 3, 9]
+
+
+@pytest.fixture
+def gtsrb_root(tmp_path):
+    written = write_gtsrb(tmp_path, COUNTS, TEST_CLASSES)
+    return tmp_path, written
+
+
+def test_gtsrb43_crop_order_and_pattern(gtsrb_root):
+    root, written = gtsrb_root
+    ds = data.load_dataset("gtsrb43", root=root)
+    assert ds.num_classes == 43 and ds.class_names[14] == "Stop"
+    assert ds.x_train.shape == (sum(COUNTS.values()), 32, 32, 3) and ds.x_test.shape == (len(TEST_CLASSES), 32, 32, 3)
+    check_images(ds.x_train)
+    np.testing.assert_array_equal(ds.y_train, [c for c, _, _ in written["train"]])  # file order kept
+    np.testing.assert_array_equal(ds.y_test, TEST_CLASSES)
+    for x, (_, g, b) in zip(np.concatenate([ds.x_train, ds.x_test]), written["train"] + written["test"]):
+        u8 = np.round(x * 255).astype(int)
+        assert (u8[..., 1] == g).all() and (u8[..., 2] == b).all()  # no border pixel (255) leaked in
+        assert (u8[:8, :, 0] == 200).all() and (u8[-8:, :, 0] == 40).all()  # top/bottom not flipped
+
+
+def test_gtsrb_top10_subset(gtsrb_root):
+    root, _ = gtsrb_root
+    ds = data.load_dataset("gtsrb", root=root)
+    assert ds.num_classes == 10 and ds.class_names == [data.GTSRB_CLASSES[c] for c in KEEP]
+    assert ds.class_names[-1] == "Roundabout mandatory"
+    np.testing.assert_array_equal(np.bincount(ds.y_train, minlength=10), [COUNTS[c] for c in KEEP])
+    expected_test = [KEEP.index(c) for c in TEST_CLASSES if c in KEEP]
+    np.testing.assert_array_equal(ds.y_test, expected_test)
+    # green channel encodes the original class id (5 * id): the remapping matches the images
+    np.testing.assert_allclose(ds.x_train[:, 0, 0, 1] * 255, 5 * np.array(KEEP)[ds.y_train], atol=1e-3)
+
+
+def test_gtsrb_top_classes_tie_break():
+    y = np.repeat(np.arange(12), [3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 9])
+    np.testing.assert_array_equal(data.gtsrb_top_classes(y), [0, 1, 2, 3, 4, 5, 6, 7, 8, 11])
+    with pytest.raises(data.DatasetCorrupt, match="at least 10"):
+        data.gtsrb_top_classes(np.arange(9))
+
+
+def test_gtsrb_gt_csv_alternative_location_and_missing(tmp_path):
+    write_gtsrb(tmp_path / "a", COUNTS, TEST_CLASSES, gt_location="GTSRB/Final_Test/Images/GT-final_test.csv")
+    assert len(data.load_dataset("gtsrb43", root=tmp_path / "a").x_test) == len(TEST_CLASSES)
+    write_gtsrb(tmp_path / "b", COUNTS, TEST_CLASSES, gt_location=None)
+    with pytest.raises(data.DatasetMissing) as e:
+        data.load_dataset("gtsrb", root=tmp_path / "b")
+    assert "GT-final_test.csv" in _msg(e) and "GTSRB_Final_Test_GT.zip" in _msg(e)
+    assert str(tmp_path / "b" / "gtsrb") in _msg(e)
+
+
+@pytest.mark.parametrize("damage", ["roi", "truncated_ppm", "missing_ppm", "bad_row"])
+def test_gtsrb_corrupt(gtsrb_root, damage):
+    root, _ = gtsrb_root
+    cdir = root / "gtsrb" / "GTSRB" / "Final_Training" / "Images" / "00005"
+    csv_path = cdir / "GT-00005.csv"
+    lines = csv_path.read_text().splitlines()
+    f = lines[1].split(";")
+    if damage == "roi":
+        f[5] = str(int(f[1]) + 3)  # Roi.X2 beyond the width
+        lines[1] = ";".join(f)
+    elif damage == "bad_row":
+        lines[1] = ";".join(f[:4])
+    elif damage == "truncated_ppm":
+        p = cdir / f[0]
+        p.write_bytes(p.read_bytes()[:40])
+    else:
+        (cdir / f[0]).unlink()
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.DatasetCorrupt) as e:
+        data.load_dataset("gtsrb43", root=root)
+    assert ("GT-00005.csv" if damage == "bad_row" else f[0]) in _msg(e)
+
+
+def test_gtsrb_cache_reused_and_invalidated(gtsrb_root):
+    root, _ = gtsrb_root
+    first = data.load_dataset("gtsrb43", root=root)
+    assert (root / "gtsrb" / ".stealnb-gtsrb-32x32.npz").is_file()
+    cdir = root / "gtsrb" / "GTSRB" / "Final_Training" / "Images" / "00000"
+    victim = next(cdir.glob("*.ppm"))
+    victim.rename(victim.with_suffix(".bak"))  # the cache answers without reading images
+    np.testing.assert_array_equal(data.load_dataset("gtsrb43", root=root).x_train, first.x_train)
+    with open(cdir / "GT-00000.csv", "a") as f:  # a changed csv invalidates the cache
+        f.write("\n")
+    with pytest.raises(data.DatasetCorrupt, match="not found"):
+        data.load_dataset("gtsrb43", root=root)
+
+
+# -- digits (embedded) ----------------------------------------------------------------------------
+
+def test_digits_embedded_split():
+    ds = data.load_dataset("digits")
+    check_images(ds.x_train)
+    check_images(ds.x_test)
+    assert len(ds.x_train) + len(ds.x_test) == 1797 and abs(len(ds.x_test) - 0.2 * 1797) < 10
+    assert np.array_equal(ds.x_train[..., 0], ds.x_train[..., 1])
+    tr, te = np.bincount(ds.y_train), np.bincount(ds.y_test)
+    np.testing.assert_allclose(te / (tr + te), 0.2, atol=0.02)
+    again = data.load_dataset("digits")
+    np.testing.assert_array_equal(again.y_test, ds.y_test)
+    assert ds.x_train.max() == 1.0 and ds.x_train.min() == 0.0
+
+
+def test_upsample_matches_skimage_bilinear(rng):
+    from skimage.transform import resize
+
+    x = rng.random((3, 8, 8))
+    ref = np.stack([resize(im, (32, 32), order=1, mode="edge", anti_aliasing=False) for im in x])
+    np.testing.assert_allclose(data.upsample_bilinear(x), ref, atol=1e-12)
+
+
+def test_stratified_subsample_keeps_proportions():
+    y = np.repeat(np.array([0, 1, 2], np.int64), [100, 50, 30])
+    idx = data.stratified_subsample(y, 0.1, seed=3)
+    assert idx.dtype == np.int64 and np.all(np.diff(idx) > 0)
+    np.testing.assert_array_equal(np.bincount(y[idx]), [10, 5, 3])
+    np.testing.assert_array_equal(idx, data.stratified_subsample(y, 0.1, seed=3))
+    assert not np.array_equal(idx, data.stratified_subsample(y, 0.1, seed=4))
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(ValueError):
+            data.stratified_subsample(y, bad, seed=0)
+
+
+# -- ImageNet32 memmap pool -----------------------------------------------------------------------
+
+def test_imagenet32_pool_memmap(tmp_path):
+    d = tmp_path / "imagenet32"
+    write_imagenet32(d, [300, 250, 150], npz={2})
+    pool = data.load_pool("imagenet32", root=tmp_path)
+    assert len(pool) == 700
+    assert isinstance(pool.uint8, np.memmap) and isinstance(pool.storage, np.memmap)
+    assert not pool.uint8.flags.writeable
+    assert sorted(p.name for p in d.iterdir()) == ["pool_uint8.json", "pool_uint8.npy", "train_data_batch_1",
+                                                   "train_data_batch_2.npz", "train_data_batch_3"]
+    idx = np.array([699, 3, 300, 256, 3])
+    x = pool.get(idx)
+    assert type(x) is np.ndarray and x.dtype == np.float32 and x.shape == (5, 32, 32, 3)
+    np.testing.assert_array_equal(np.round(x[:, 0, 0, 0] * 255), idx % 256)         # R plane -> channel 0
+    np.testing.assert_array_equal(np.round(x[:, 1, 2, 1] * 255), (idx // 256) % 256)  # G plane -> channel 1
+    assert (np.round(x[:, 31, 31, 2] * 255) == 7).all() and np.count_nonzero(x[:, 31, 31, :2]) == 0
+    seen = []
+    for chunk, xb in pool.batches(batch_size=128):
+        assert xb.dtype == np.float32 and len(xb) <= 128
+        seen.append(chunk)
+    np.testing.assert_array_equal(np.concatenate(seen), np.arange(700))
+    (chunk, xb), = list(pool.batches(batch_size=10, idx=idx))
+    np.testing.assert_array_equal(xb, x)
+    with pytest.raises(IndexError):
+        pool.get([700])
+
+
+def test_imagenet32_subset_cache_and_rebuild(tmp_path):
+    d = tmp_path / "imagenet32"
+    write_imagenet32(d, [200, 100])
+    a = data.load_pool("imagenet32", root=tmp_path, n=50, seed=1)
+    b = data.load_pool("imagenet32", root=tmp_path, n=50, seed=1)
+    c = data.load_pool("imagenet32", root=tmp_path, n=50, seed=2)
+    assert len(a) == 50 and isinstance(a.storage, np.memmap)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert not np.array_equal(a.indices, c.indices)
+    np.testing.assert_array_equal(a.uint8, a.storage[a.indices])
+    np.testing.assert_array_equal(a.get(np.arange(50)), a.uint8 / np.float32(255))
+    mtime = (d / "pool_uint8.npy").stat().st_mtime_ns
+    time.sleep(0.01)
+    data.load_pool("imagenet32", root=tmp_path)
+    assert (d / "pool_uint8.npy").stat().st_mtime_ns == mtime  # converted once
+    write_imagenet32(d, [200, 100, 40])                          # a new batch: rebuilt
+    assert len(data.load_pool("imagenet32", root=tmp_path)) == 340
+    with pytest.raises(ValueError, match="exceeds"):
+        data.load_pool("imagenet32", root=tmp_path, n=341)
+
+
+def test_imagenet32_missing_and_corrupt(tmp_path):
+    with pytest.raises(data.DatasetMissing) as e:
+        data.load_pool("imagenet32", root=tmp_path)
+    assert "image-net.org" in _msg(e) and str(tmp_path / "imagenet32") in _msg(e)
+    d = tmp_path / "imagenet32"
+    write_imagenet32(d, [10])
+    (d / "train_data_batch_2").write_bytes(pickle.dumps({"data": np.zeros((5, 100), np.uint8)}))
+    with pytest.raises(data.DatasetCorrupt, match="train_data_batch_2"):
+        data.load_pool("imagenet32", root=tmp_path)
+    assert sorted(p.name for p in d.iterdir()) == ["train_data_batch_1", "train_data_batch_2"]  # no partial .npy
+
+
+# -- offline pools --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["natural-patches", "uniform-noise", "dead-leaves"])
+def test_offline_pools_deterministic(name):
+    a = data.load_pool(name, n=64, seed=5)
+    b = data.load_pool(name, n=64, seed=5)
+    c = data.load_pool(name, n=64, seed=6)
+    assert len(a) == 64 and a.uint8.dtype == np.uint8 and a.uint8.shape == (64, 32, 32, 3)
+    assert not a.uint8.flags.writeable
+    np.testing.assert_array_equal(a.uint8, b.uint8)
+    assert not np.array_equal(a.uint8, c.uint8)
+    check_images(a.get(np.arange(64)))
+    assert a.uint8.std() > 10  # not blank
+
+
+def test_natural_patches_use_offline_photos():
+    names = [n for n, _ in data.natural_photos()]
+    assert {"astronaut", "coffee", "china", "flower"} <= set(names)
+    pool = data.load_pool("natural-patches", n=200, seed=0)
+    per_image_std = pool.uint8.reshape(200, -1).std(axis=1)
+    assert np.median(per_image_std) > 5  # real texture, not flat crops
+
+
+def test_dead_leaves_speed_and_statistics():
+    t = time.perf_counter()
+    x = data.dead_leaves(2000, seed=0)
+    took = time.perf_counter() - t
+    assert took < 15, f"dead-leaves n=2000 took {took:.1f}s"
+    # piecewise-constant discs: neighbouring pixels are usually identical (unlike uniform noise)
+    same = (x[:, :, 1:] == x[:, :, :-1]).all(-1).mean()
+    assert same > 0.5
+
+
+# -- fetch (no internet here: the network function is replaced) ----------------------------------
+
+def _serve(monkeypatch, payloads: dict):
+    def fake_get(url, f, progress=True):
+        f.write(payloads[url])
+    monkeypatch.setattr(data, "_http_get", fake_get)
+
+
+def test_fetch_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
+    _serve(monkeypatch, {u: b"not the real file" for u, _, _ in data.DOWNLOADS["mnist"]})
+    with pytest.raises(data.DatasetCorrupt, match="md5"):
+        data.fetch("mnist", root=tmp_path, progress=False)
+    assert list((tmp_path / "mnist").iterdir()) == []
+
+
+def test_fetch_mnist_success(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    write_mnist_like(src, gz=True)
+    payloads, table = {}, []
+    for (url, _, arch), name in zip(data.DOWNLOADS["mnist"], IDX_NAMES):
+        b = (src / f"{name}.gz").read_bytes()
+        payloads[url] = b
+        table.append((url, hashlib.md5(b).hexdigest(), arch))
+    monkeypatch.setitem(data.DOWNLOADS, "mnist", table)
+    _serve(monkeypatch, payloads)
+    d = data.fetch("mnist", root=tmp_path / "root", progress=False)
+    assert d == tmp_path / "root" / "mnist"
+    assert sorted(p.name for p in d.iterdir()) == sorted(f"{n}.gz" for n in IDX_NAMES)
+    assert len(data.load_dataset("mnist", root=tmp_path / "root").x_train) == 20
+    assert data.fetch("mnist", root=tmp_path / "root", progress=False) == d  # already present: no download
+    rows = {r["name"]: r for r in data.list_local(tmp_path / "root")}
+    assert rows["mnist"]["present"] and rows["mnist"]["size_bytes"] > 0 and rows["mnist"]["path"] == str(d)
+    assert not rows["cifar10"]["present"] and rows["digits"]["present"] and rows["dead-leaves"]["kind"] == "pool"
+
+
+def test_fetch_cifar10_tar_success(tmp_path, monkeypatch):
+    write_cifar(tmp_path / "src")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        t.add(tmp_path / "src" / "cifar10" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    url = data.DOWNLOADS["cifar10"][0][0]
+    monkeypatch.setitem(data.DOWNLOADS, "cifar10", [(url, hashlib.md5(buf.getvalue()).hexdigest(), True)])
+    _serve(monkeypatch, {url: buf.getvalue()})
+    d = data.fetch("cifar10", root=tmp_path / "root", progress=False)
+    assert sorted(p.name for p in d.iterdir()) == ["cifar-10-batches-py"]  # archive removed, no temp dirs
+    assert len(data.load_dataset("cifar10", root=tmp_path / "root").x_train) == 20
+
+
+def _traversal_tar() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("../evil.txt")
+        info.size = 4
+        t.addfile(info, io.BytesIO(b"evil"))
+    return buf.getvalue()
+
+
+def _traversal_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("GTSRB/ok.txt", "fine")
+        z.writestr("../../evil.txt", "evil")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, make", [("cifar10", _traversal_tar), ("gtsrb", _traversal_zip)])
+def test_fetch_refuses_path_traversal(tmp_path, monkeypatch, name, make):
+    payload = make()
+    url = data.DOWNLOADS[name][0][0]
+    monkeypatch.setitem(data.DOWNLOADS, name, [(url, hashlib.md5(payload).hexdigest(), True)])
+    _serve(monkeypatch, {url: payload})
+    root = tmp_path / "a" / "b"
+    with pytest.raises(data.DatasetCorrupt, match="refusing to extract"):
+        data.fetch(name, root=root, progress=False)
+    assert not any(p.name == "evil.txt" for p in tmp_path.rglob("*"))
+    assert not any(p.name == "ok.txt" for p in tmp_path.rglob("*"))
+
+
+def test_fetch_unfetchable(tmp_path):
+    with pytest.raises(data.DatasetMissing, match="image-net.org"):
+        data.fetch("imagenet32", root=tmp_path)
+    with pytest.raises(ValueError, match="nothing to fetch"):
+        data.fetch("digits", root=tmp_path)
+    with pytest.raises(ValueError, match="unknown"):
+        data.fetch("nope", root=tmp_path)
+
+
+# -- the real Fashion-MNIST from Debian's dataset-fashion-mnist ----------------------------------
+
+FASHION_SYS = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FASHION_SYS / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian package dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist(tmp_path):
+    ds = data.load_dataset("fashion-mnist", root=tmp_path)  # nothing under tmp_path: the Debian copy
+    assert (len(ds.x_train), len(ds.x_test)) == (60_000, 10_000)
+    np.testing.assert_array_equal(np.bincount(ds.y_train), [6000] * 10)
+    np.testing.assert_array_equal(np.bincount(ds.y_test), [1000] * 10)
+    assert ds.x_train.dtype == np.float32 and ds.x_train.max() == 1.0 and ds.x_train[:, :2].max() == 0.0
