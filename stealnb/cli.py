@@ -45,6 +45,63 @@ def _cmd_data_fetch(args) -> int:
     return 0
 
 
+def _budgets(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated query counts like 500,1000,2000, got {text!r}") from None
+
+
+def _cmd_extract(args) -> int:
+    from . import extraction, profiles, train
+
+    prof = profiles.get_profile(args.profile)
+    overrides = {}
+    if args.budgets:
+        overrides["budgets"] = args.budgets
+    if args.substitute:
+        overrides["substitute"] = args.substitute
+    for name in ("round_size", "seed_size", "val_size", "epochs"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.pool:
+        prof = prof.with_(pool=args.pool)
+    if args.pool_size:
+        prof = prof.with_(pool_size=args.pool_size)
+    dataset, arch = args.dataset, args.arch
+    if args.secret is not None:
+        _, summary = train.load_secret(args.secret)
+        dataset, arch = summary["dataset"], summary["arch"]
+    elif not (dataset and arch):
+        raise ValueError("extract: give --secret DIR, or --dataset and --arch (trained on demand)")
+    oracle = None
+    if args.oracle_url:
+        from .oracle import HttpOracle
+
+        budgets = overrides.get("budgets", prof.budgets)
+        args.out.mkdir(parents=True, exist_ok=True)
+        oracle = HttpOracle(args.oracle_url, model=args.model_name, api_key=args.api_key,
+                            ledger=args.out / "ledger.bin", budget=budgets[-1])
+    ex = extraction.run_extraction(
+        dataset, arch, args.strategy, prof, seed=args.seed, results=args.results,
+        out=args.out, data_root=args.data_root, resume=args.resume, progress=not args.quiet,
+        oracle=oracle, secret_dir=args.secret, **overrides,
+    )
+    s = ex.summary()
+    print(f"{args.strategy} on {dataset}/{arch} ({prof.name}, seed {args.seed}): {s['oracle_spent']} queries, "
+          f"{s['rounds']} rounds, {s['seconds']:.0f} s -> {args.out}/rounds.jsonl, {args.out}/summary.json")
+    for b, r in s["budgets"].items():
+        tr = r["transfer_rate"]
+        print(f"  budget {b:>6}: agreement {r['agreement']:.4f}  accuracy {r['accuracy']:.4f}  "
+              f"transfer_rate {'n/a' if tr is None else f'{tr:.3f}'}  "
+              f"secret_error_under_transfer {r['secret_error_under_transfer']:.3f}")
+    return 0
+
+
+# Modules that add their own subcommands through register_cli(subparsers), when present.
+_PLUGINS = ("stealnb.pipeline", "stealnb.copycat", "stealnb.server")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stealnb", description=__doc__)
     p.add_argument("--data-root", default=None, help="dataset folder (default: $STEALNB_DATA or ~/.cache/stealnb)")
@@ -68,6 +125,40 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("name")
     df.add_argument("--quiet", action="store_true")
     df.set_defaults(func=_cmd_data_fetch)
+
+    from .selectors import REGISTRY as STRATEGIES
+
+    e = sub.add_parser("extract", help="ActiveThief extraction of a secret model (resumable)")
+    e.add_argument("--secret", type=Path, default=None, help="folder with model.keras + metrics.json")
+    e.add_argument("--dataset", default=None, help="secret's dataset (with --arch, instead of --secret)")
+    e.add_argument("--arch", default=None, help="secret's architecture (trained on demand under --results)")
+    e.add_argument("--strategy", required=True, choices=STRATEGIES.names())
+    e.add_argument("--pool", default=None, help="thief pool (default: the profile's)")
+    e.add_argument("--pool-size", type=int, default=None)
+    e.add_argument("--budgets", type=_budgets, default=None, help="e.g. 500,1000,2000 (default: the profile's)")
+    e.add_argument("--round-size", type=int, default=None, help="k, samples selected per round")
+    e.add_argument("--seed-size", type=int, default=None, help="|S0|, the random initial set (default: the profile's)")
+    e.add_argument("--val-size", type=int, default=None,
+                   help="oracle-labelled validation split for early stopping; counts against the budget")
+    e.add_argument("--epochs", type=int, default=None, help="max substitute epochs per round (default: the profile's)")
+    e.add_argument("--substitute", default=None, help="substitute architecture (default: the profile's)")
+    e.add_argument("--profile", default="demo", choices=["ci", "demo", "paper"])
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--results", type=Path, default=Path("results"), help="results root (secrets trained on demand go here)")
+    e.add_argument("--out", required=True, type=Path)
+    e.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    e.add_argument("--oracle-url", default=None, help="query a `stealnb serve` endpoint instead of an in-process oracle")
+    e.add_argument("--model-name", default="secret", help="model name on the server")
+    e.add_argument("--api-key", default=None)
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_cmd_extract)
+
+    import importlib
+    import importlib.util
+
+    for name in _PLUGINS:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register_cli(sub)
     return p
 
 

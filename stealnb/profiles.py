@@ -35,6 +35,9 @@ class Profile:
     patience: int
     strategies: tuple[str, ...]
     fgsm_eps: float = 0.25
+    seeds: tuple[int, ...] = (0,)  # extraction seeds per (secret, strategy)
+    # Per-strategy options for stealnb.selectors (e.g. DFAL's candidate cap on CPU profiles).
+    strategy_options: dict = field(default_factory=dict)
     optional_secrets: tuple[tuple[str, str], ...] = field(default=())  # run when data present
 
     def to_dict(self) -> dict:
@@ -66,6 +69,7 @@ PROFILES: dict[str, Profile] = {
         substitute_epochs=30,
         patience=5,
         strategies=THESIS_STRATEGIES,
+        seeds=(0,),
     ),
     "demo": Profile(
         name="demo",
@@ -78,13 +82,16 @@ PROFILES: dict[str, Profile] = {
         substitute="cnn-small",
         pool="natural-patches",
         pool_size=20_000,
-        seed_size=200,
-        val_size=100,
-        round_size=100,
-        budgets=(500, 1_000, 2_000),
-        substitute_epochs=30,
-        patience=4,
+        seed_size=100,
+        val_size=50,
+        round_size=250,
+        budgets=(250, 500, 1_000),
+        substitute_epochs=20,
+        patience=3,
         strategies=THESIS_STRATEGIES,
+        seeds=(0, 1, 2),
+        # CPU concession: DeepFool on 2,000 random unlabelled candidates per round, not all 20k.
+        strategy_options={"dfal": {"max_candidates": 2_000}, "dfal+kcenter": {"max_candidates": 2_000}},
     ),
     "ci": Profile(
         name="ci",
@@ -103,6 +110,7 @@ PROFILES: dict[str, Profile] = {
         substitute_epochs=8,
         patience=3,
         strategies=THESIS_STRATEGIES,
+        strategy_options={"dfal": {"max_candidates": 500}, "dfal+kcenter": {"max_candidates": 500}},
     ),
 }
 

@@ -434,7 +434,8 @@ class DFALKCenter(_DFALBase):
 
     Without ``total_budget`` the kept set has ``keep_multiple · k`` samples (default 10, about
     budget/k for ActiveThief's 10 rounds). The kept set is capped at the number of scored
-    candidates. ``max_candidates`` as for ``dfal``.
+    candidates. ``max_candidates`` as for ``dfal``; when it subsamples, the kept set shrinks in
+    proportion (budget x candidates / unlabelled, at least k), the fraction ActiveThief keeps.
     """
 
     def __init__(self, max_candidates: int | None = None, keep_multiple: int = 10, kcenter_chunk: int = 2048,
@@ -449,6 +450,10 @@ class DFALKCenter(_DFALBase):
         if keep < k:
             raise ValueError(f"total_budget={total_budget} is smaller than k={k}; DFAL must keep at least k candidates")
         cand = self._candidates(unlabelled, k, rng)
+        if len(cand) < len(unlabelled):
+            # Scored a random subsample only: keep the same fraction ActiveThief keeps of the
+            # whole pool (budget / unlabelled), so DFAL still filters instead of passing all.
+            keep = max(k, int(np.ceil(keep * len(cand) / len(unlabelled))))
         kept = self._rank(substitute, pool, cand, progress)[:keep]
         both = np.concatenate([labelled, kept])
         feats = softmax(predict_logits(substitute, pool, both, self.logits_batch_size, progress))

@@ -195,3 +195,36 @@ def train_secret(dataset, arch: str, profile: str | Profile = "demo", *, seed: i
         class_names=list(dataset.class_names), seconds=time.perf_counter() - start,
         num_params=models.count_params(best_model),
     )
+
+
+def load_secret(path: str | Path):
+    """Load a saved secret (``model.keras`` + ``metrics.json`` written by :meth:`SecretResult.save`).
+
+    Returns ``(model, summary)``; a missing folder gives one error saying how to make it.
+    """
+    path = Path(path)
+    if not (path / "model.keras").is_file() or not (path / "metrics.json").is_file():
+        raise FileNotFoundError(
+            f"no secret model in {path}: expected {path}/model.keras and {path}/metrics.json "
+            f"(make them with `stealnb train-secret --dataset D --arch A --out {path}`)"
+        )
+    model = keras.models.load_model(path / "model.keras", compile=False)
+    return model, json.loads((path / "metrics.json").read_text())
+
+
+def ensure_secret(dataset: str, arch: str, profile: str | Profile, results: str | Path = "results", *,
+                  seed: int = 0, data_root=None, progress: bool = False):
+    """The secret model for ``dataset``/``arch`` under ``results`` (see :mod:`stealnb.layout`):
+    loaded when already trained with the same profile and seed, trained and saved otherwise.
+    Returns ``(model, summary)``."""
+    from . import data, layout
+
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    out = layout.secret_dir(results, prof.name, dataset, arch)
+    if (out / "metrics.json").is_file() and (out / "model.keras").is_file():
+        model, summary = load_secret(out)
+        if summary.get("seed") == seed and summary.get("profile") == prof.name:
+            return model, summary
+    res = train_secret(data.load_dataset(dataset, root=data_root), arch, prof, seed=seed, progress=progress)
+    res.save(out)
+    return res.model, res.summary()

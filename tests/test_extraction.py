@@ -1,0 +1,125 @@
+"""The ActiveThief loop: budgets, records, checkpoints and resume after kill -9."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stealnb import data, extraction, oracle, profiles, train
+
+
+@pytest.fixture(scope="module")
+def secret_dir(tmp_path_factory):
+    """A quickly trained cnn-tiny digits secret saved like `stealnb train-secret` does."""
+    prof = profiles.get_profile("ci").with_(epochs=2)
+    res = train.train_secret(data.load_dataset("digits"), "cnn-tiny", prof, seed=0, progress=False)
+    return res.save(tmp_path_factory.mktemp("secret"))
+
+
+@pytest.fixture(scope="module")
+def setup(secret_dir):
+    model, _ = train.load_secret(secret_dir)
+    ds = data.load_dataset("digits")
+    pool = data.load_pool("natural-patches", n=500, seed=0)
+    return model, ds, pool
+
+
+def _config(**kw):
+    base = dict(strategy="kcenter", substitute="cnn-tiny", budgets=(90, 130), seed_size=40, val_size=20,
+                round_size=20, epochs=2, patience=None, seed=3)
+    base.update(kw)
+    return extraction.ExtractionConfig(**base)
+
+
+def test_config_rejects_bad_budgets():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        _config(budgets=(130, 90))
+    with pytest.raises(ValueError, match="must cover the seed set"):
+        _config(budgets=(50, 130))
+
+
+def test_run_spends_exactly_the_budget_and_records_every_round(setup, tmp_path):
+    model, ds, pool = setup
+    orc = oracle.Oracle(model, budget=130, ledger=tmp_path / "ledger.bin")
+    ex = extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
+    summary = ex.run()
+    assert orc.spent == 130
+    queries = [r["queries"] for r in ex.records]
+    assert queries == [60, 80, 90, 110, 130]  # k capped so that each budget is hit exactly
+    assert set(summary["budgets"]) == {"90", "130"}
+    for b in ("90", "130"):
+        row = summary["budgets"][b]
+        assert 0.0 <= row["agreement"] <= 1.0
+        assert 0.0 <= row["secret_error_under_transfer"] <= 1.0
+    # Selected samples are distinct pool indices, disjoint from the validation split.
+    picked = np.concatenate([ex.val_idx, ex.labelled_idx])
+    assert len(np.unique(picked)) == 130
+    lines = (tmp_path / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == list(range(5))
+    rec = json.loads(lines[-1])
+    assert set(rec["seconds"]) == {"query", "train", "eval", "select"}
+    assert json.loads((tmp_path / "summary.json").read_text())["budgets"]["130"]["queries"] == 130
+
+
+def test_oracle_budget_below_largest_budget_is_refused(setup, tmp_path):
+    model, ds, pool = setup
+    orc = oracle.Oracle(model, budget=100, ledger=tmp_path / "l.bin")
+    with pytest.raises(ValueError, match="below the largest requested budget"):
+        extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
+
+
+def test_resume_with_other_settings_is_refused(setup, tmp_path):
+    model, ds, pool = setup
+    orc = oracle.Oracle(model, budget=130, ledger=tmp_path / "ledger.bin")
+    ex = extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
+    ex.step()
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(seed=4), secret=model, out=tmp_path, resume=True)
+
+
+def _extract_cmd(secret_dir, out, *extra):
+    return [sys.executable, "-m", "stealnb.cli", "extract", "--secret", str(secret_dir), "--strategy", "kcenter",
+            "--profile", "ci", "--pool-size", "500", "--budgets", "90,130", "--round-size", "10", "--seed-size", "40", "--val-size", "20",
+            "--seed", "3", "--out", str(out), "--quiet", *extra]
+
+
+def _comparable(out: Path):
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    for r in rounds:
+        r.pop("seconds")
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    per_budget = {b: {k: v for k, v in row.items() if k != "seconds"} for b, row in summary["budgets"].items()}
+    return rounds, state["val_idx"], state["labelled_idx"], per_budget, summary["oracle_spent"]
+
+
+def test_resume_after_kill_equals_uninterrupted_run(secret_dir, tmp_path):
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    subprocess.run(_extract_cmd(secret_dir, ref), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_extract_cmd(secret_dir, cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    rounds = cut / "rounds.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if rounds.exists() and len(rounds.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(rounds.read_text().splitlines())
+    assert 3 <= killed_at < 8 and not (cut / "summary.json").exists()
+    paid_before = len(oracle.read_ledger(cut / "ledger.bin")[0]) - 1  # minus the header record
+
+    subprocess.run(_extract_cmd(secret_dir, cut, "--resume"), check=True, env=env, capture_output=True)
+    assert _comparable(cut) == _comparable(ref)
+    # Zero repeated queries: the ledger holds each paid sample once, 130 in all.
+    payloads = oracle.read_ledger(cut / "ledger.bin")[0]
+    assert len(payloads) - 1 == 130 >= paid_before
+    assert json.loads((cut / "summary.json").read_text())["oracle_spent"] == 130
