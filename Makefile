@@ -1,0 +1,38 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` passes the tests.
+# Both create the virtual environment .venv on first use; nothing else needs installing by hand.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+PROFILE ?= demo
+
+.PHONY: setup sysdeps demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Optional Debian packages: real Fashion-MNIST for the demo, Chromium for the book's browser
+# test. Installed when we are root with apt-get; otherwise say what is missing and go on.
+sysdeps:
+	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist chromium >/dev/null) \
+	  || echo "sysdeps: apt-get failed; Fashion-MNIST runs and the browser test will be skipped"; \
+	else echo "sysdeps: not root; run 'sudo apt-get install dataset-fashion-mnist chromium' for the full demo and browser test"; fi
+
+demo: setup sysdeps
+	$(BIN)/stealnb run --profile $(PROFILE)
+
+test: setup sysdeps
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/pip install --quiet -e ".[bench]"
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) _build results
