@@ -112,9 +112,16 @@ def fgsm(model, x, eps=0.25, *, y=None, batch_size=256, clip=(0.0, 1.0)) -> np.n
     fn = _fgsm_fn(model)
     eps_t = tf.constant(eps, tf.float32)
     out = np.empty_like(x)
-    for i in range(0, len(x), batch_size):
-        yb = None if y is None else tf.constant(y[i : i + batch_size], tf.int64)
-        out[i : i + batch_size] = fn(tf.constant(x[i : i + batch_size]), eps_t, yb, lo, hi).numpy()
+    # Every new substitute (one per extraction round) traces its own tf.function once; TF's
+    # "excessive retracing" warning about that is expected here, so keep it out of the output.
+    logger, level = tf.get_logger(), tf.get_logger().level
+    logger.setLevel("ERROR")
+    try:
+        for i in range(0, len(x), batch_size):
+            yb = None if y is None else tf.constant(y[i : i + batch_size], tf.int64)
+            out[i : i + batch_size] = fn(tf.constant(x[i : i + batch_size]), eps_t, yb, lo, hi).numpy()
+    finally:
+        logger.setLevel(level)
     return out
 
 

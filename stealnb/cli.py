@@ -32,8 +32,12 @@ def _cmd_data_list(args) -> int:
         return 0
     print(f"data root: {data.data_root(args.data_root)}")
     for r in rows:
-        size = f"{r['size_bytes'] / 1e6:9.1f} MB" if r.get("present") else "   missing   "
-        print(f"  {r['name']:<16} {r['kind']:<8} {size}  {r.get('path') or ''}")
+        if r.get("source") not in (None, "files"):
+            size, where = "   built-in  ", r["source"]
+        else:
+            size = f"{r['size_bytes'] / 1e6:9.1f} MB" if r.get("present") else "   missing   "
+            where = r.get("path") or ""
+        print(f"  {r['name']:<16} {r['kind']:<8} {size}  {where}")
     return 0
 
 
