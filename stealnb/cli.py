@@ -103,7 +103,7 @@ def _cmd_extract(args) -> int:
 
 
 # Modules that add their own subcommands through register_cli(subparsers), when present.
-_PLUGINS = ("stealnb.pipeline", "stealnb.copycat", "stealnb.server")
+_PLUGINS = ("stealnb.pipeline", "stealnb.copycat", "stealnb.server", "stealnb.bookcheck")
 
 
 def build_parser() -> argparse.ArgumentParser:
