@@ -691,9 +691,19 @@ def _cmd_copycat(args) -> int:
     elif not (dataset and arch):
         raise ValueError("copycat: give --secret DIR, or --dataset and --arch (trained on demand)")
     out = args.out or layout.copycat_dir(args.results, prof.name, dataset, arch, args.variant, args.seed)
+    oracle = None
+    if args.oracle_url:
+        from .oracle import HttpOracle
+
+        if not args.resume and Path(out).exists():
+            shutil.rmtree(out)  # as run_copycat would, but before the client opens the ledger in it
+        Path(out).mkdir(parents=True, exist_ok=True)
+        cfg = CopycatConfig.from_profile(prof, args.variant, seed=args.seed, **overrides)
+        oracle = HttpOracle(args.oracle_url, model=args.model_name, api_key=args.api_key,
+                            ledger=Path(out) / "ledger.bin", budget=cfg.budgets[-1] + cfg.pdd_size)
     cc = run_copycat(dataset, arch, args.variant, prof, seed=args.seed, results=args.results, out=out,
                      data_root=args.data_root, resume=args.resume, progress=not args.quiet,
-                     secret_dir=args.secret, pool=args.pool, **overrides)
+                     secret_dir=args.secret, pool=args.pool, oracle=oracle, **overrides)
     s = cc.summary()
     print(f"copycat {args.variant} of {dataset}/{arch} ({prof.name}, seed {args.seed}): {s['oracle_spent']} queries, "
           f"oracle macro-F1 {s['oracle']['macro_f1']:.4f}, {s['seconds']:.0f} s -> {out}/rounds.jsonl, {out}/summary.json")
@@ -729,5 +739,8 @@ def register_cli(subparsers) -> None:
     c.add_argument("--results", type=Path, default=Path("results"))
     c.add_argument("--out", type=Path, default=None, help="run folder (default: results/<profile>/copycat/...)")
     c.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    c.add_argument("--oracle-url", default=None, help="query a `stealnb serve` endpoint instead of an in-process oracle")
+    c.add_argument("--model-name", default="secret", help="model name on the server")
+    c.add_argument("--api-key", default=None, help="API key for --oracle-url (default: $STEALNB_API_KEY)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_copycat)

@@ -724,3 +724,195 @@ def ownership_test(
         "success_rate": k / len(x_wm),
         "base_rate": p0,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation helpers (notebook 06): PRADA scans and rates, JbDA reference stream, static replay
+# ----------------------------------------------------------------------------------------------
+
+
+def prada_scan(x: np.ndarray, predicted_labels: np.ndarray, **detector_kw) -> dict:
+    """Run one :class:`PradaDetector` over the query stream ``x`` (in query order) with the
+    model's ``predicted_labels``; returns ``flagged_at`` (1-based, ``None`` if never),
+    ``n_queries``, ``min_w`` (lowest W of any test, ``None`` if never tested) and ``w_history``
+    (``[(query index, W), ...]``), from which :func:`prada_flag_index` reads the alarm for any
+    other threshold ``delta`` without re-running the detector."""
+    det = PradaDetector(**detector_kw)
+    det.observe(x, predicted_labels)
+    ws = [w for _, w in det.w_history]
+    return {"flagged_at": det.flagged_at, "n_queries": det.n_queries, "min_w": min(ws) if ws else None,
+            "w_history": [(int(q), float(w)) for q, w in det.w_history], "delta": det.delta}
+
+
+def prada_flag_index(w_history, delta: float) -> int | None:
+    """First query index whose W is below ``delta`` in a :func:`prada_scan` history (PRADA's alarm
+    at threshold ``delta``, same tests), or ``None``."""
+    delta = _check_real(delta, "delta", 0.0, 1.0)
+    return next((int(q) for q, w in w_history if w < delta), None)
+
+
+def prada_benign_clients(x: np.ndarray, predicted_labels: np.ndarray, *, n_clients: int, client_size: int,
+                         seed, **detector_kw) -> list[dict]:
+    """:func:`prada_scan` of ``n_clients`` simulated benign clients, each sending ``client_size``
+    distinct samples of ``x`` (e.g. the test set) in random order (seeded; clients may share
+    samples with each other, never within one stream)."""
+    check_positive_int(n_clients, "n_clients")
+    client_size = check_positive_int(client_size, "client_size", minimum=3)
+    check_labels(predicted_labels, "predicted_labels", n=len(x))
+    if client_size > len(x):
+        raise ValueError(f"client_size: expected at most {len(x)} (the benign samples given), got {client_size}")
+    rng = as_rng(seed)
+    out = []
+    for _ in range(n_clients):
+        idx = rng.permutation(len(x))[:client_size]
+        out.append(prada_scan(x[idx], predicted_labels[idx], **detector_kw))
+    return out
+
+
+def prada_rates(attack_scans: dict, benign_scans: list, deltas) -> list[dict]:
+    """Detection and false-positive rates over thresholds (thesis 002 §6.2.2, "false positive and
+    detection rates for statistical test value"). For each ``delta``: ``detection_rate`` = share of
+    attack streams flagged before their last query, ``fpr`` = share of benign clients flagged,
+    and ``flagged_at`` per attack (``None`` = not flagged)."""
+    rows = []
+    for d in deltas:
+        at = {name: prada_flag_index(s["w_history"], d) for name, s in attack_scans.items()}
+        fp = [prada_flag_index(s["w_history"], d) is not None for s in benign_scans]
+        rows.append({"delta": float(d), "detection_rate": float(np.mean([v is not None for v in at.values()])) if at else None,
+                     "fpr": float(np.mean(fp)) if fp else None, "flagged_at": at})
+    return rows
+
+
+def calibrate_prada_delta(benign_scans: list, margin: float = 0.0) -> float:
+    """The largest threshold at which none of the (calibration) benign clients is flagged: the
+    lowest W any of them reached, minus ``margin`` (Juuti et al. 2019 set delta from benign data
+    the same way, to a target false-positive rate of zero on it)."""
+    ws = [s["min_w"] for s in benign_scans if s["min_w"] is not None]
+    if not ws:
+        raise ValueError("benign_scans: no client was ever tested (streams shorter than min_queries)")
+    return float(max(min(ws) - _check_real(margin, "margin", 0.0), 0.0))
+
+
+def jbda_queries(label_fn, x_seed: np.ndarray, substitute: str, *, rounds: int, lam: float = 0.1,
+                 epochs: int = 10, batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0,
+                 max_queries: int | None = None, num_classes: int | None = None):
+    """Query stream of the Jacobian-based dataset augmentation attack (JbDA; Papernot et al. 2017,
+    "Practical black-box attacks against machine learning", AsiaCCS; thesis 002 eq. 3.4) -- the
+    synthetic attack PRADA was designed against, used as its positive control.
+
+    ``S_0 = x_seed``; each round trains a fresh ``substitute`` (architecture name) on ``S`` with
+    the oracle's labels, then queries ``x + lam * sign(grad_x F(x)[y])`` for every ``x`` in ``S``
+    (``F``: the substitute's softmax, ``y``: the oracle's label of ``x``), kept in [0, 1] (an
+    image must stay an image) and appended to ``S``. ``label_fn`` is the oracle (images -> int
+    labels, e.g. ``Oracle.query``). Stops after ``rounds`` or ``max_queries`` (the last round is
+    cut). Returns ``(x_queries, labels)`` in query order, seeds first.
+    """
+    import tensorflow as tf
+
+    from . import models
+    from .train import fit
+
+    check_images(x_seed, "x_seed")
+    rounds = check_positive_int(rounds, "rounds")
+    lam = _check_real(lam, "lam", 0.0, 1.0, lo_open=True)
+    if max_queries is not None:
+        max_queries = check_positive_int(max_queries, "max_queries", minimum=len(x_seed))
+    xs = [x_seed]
+    ys = [np.asarray(label_fn(x_seed), np.int64)]
+    k = int(num_classes or max(int(ys[0].max()) + 1, 2))
+    for r in range(rounds):
+        s_x, s_y = np.concatenate(xs), np.concatenate(ys)
+        if max_queries is not None and len(s_x) >= max_queries:
+            break
+        sub = models.build(substitute, num_classes=k, seed=int(seed) * 1000 + r)
+        fit(sub, s_x, s_y, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=int(seed) * 1000 + r)
+        grads = []
+        for i in range(0, len(s_x), 256):
+            xb = tf.convert_to_tensor(s_x[i : i + 256])
+            with tf.GradientTape() as tape:
+                tape.watch(xb)
+                p = tf.nn.softmax(sub(xb, training=False))
+                picked = tf.gather(p, tf.convert_to_tensor(s_y[i : i + 256]), axis=1, batch_dims=1)
+            grads.append(np.sign(tape.gradient(picked, xb).numpy()))
+        new = np.clip(s_x + np.float32(lam) * np.concatenate(grads).astype(np.float32), 0.0, 1.0).astype(np.float32)
+        if max_queries is not None:
+            new = new[: max_queries - len(s_x)]
+        xs.append(new)
+        ys.append(np.asarray(label_fn(new), np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def replay_copy(label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, substitute: str, num_classes: int,
+                epochs: int, patience: int | None = None, batch_size: int = 128, learning_rate: float = 1e-3,
+                seed: int = 0):
+    """A stolen copy trained on an attack's queries labelled by ``label_fn`` (e.g. a defended
+    oracle), the way the attack trains its final substitute: a fresh ``substitute`` on
+    ``x_train`` with early stopping on ``x_val`` (also labelled by ``label_fn``; ``None``: fixed
+    epochs). "Static replay": the queries are those the attack chose against the undefended
+    oracle -- exact for label-independent selection (random, Copycat), an approximation for
+    active learning (its later selections would depend on the defended labels)."""
+    from . import models
+    from .train import fit
+
+    check_images(x_train, "x_train")
+    y = np.asarray(label_fn(x_train), np.int64)
+    validation = None
+    if x_val is not None and len(x_val):
+        validation = (x_val, np.asarray(label_fn(x_val), np.int64))
+    model = models.build(substitute, num_classes=int(num_classes), seed=int(seed))
+    fit(model, x_train, y, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, validation=validation,
+        patience=patience if validation is not None else None, seed=int(seed))
+    return model
+
+
+def admis_tradeoff(model, misinformation_model, x_test: np.ndarray, y_test: np.ndarray, attacks: dict, taus,
+                   *, substitute: str, epochs: int, patience: int | None = None, nu: float = 1000.0, seed: int = 0,
+                   batch_size: int = 128) -> list[dict]:
+    """Adaptive Misinformation's trade-off over thresholds ``taus`` (Kariyappa & Qureshi 2020, Fig. 5;
+    thesis 002 §6.2.1): for each ``tau`` the defender's accuracy on in-distribution ``x_test``
+    (top-1 of the defended outputs against ``y_test``) and, for each attack ``name -> (x_train,
+    x_val)``, the share of its queries that get misinformation (``alpha > 0.5``) and the test
+    agreement with the *undefended* model of a copy trained on the defended labels
+    (:func:`replay_copy`). One row per (tau, attack)."""
+    from . import metrics, models
+
+    truth = models.predict_labels(model, x_test)
+    rows = []
+    for tau in taus:
+        adm = AdaptiveMisinformation(model, misinformation_model, tau=tau, nu=nu)
+        acc = metrics.accuracy(y_test, adm.predict_labels(x_test))
+        for name, (x_train, x_val) in attacks.items():
+            xq = x_train if x_val is None else np.concatenate([x_val, x_train])
+            alpha = misinformation_alpha(_softmax_probs(model, xq, 512), adm.tau, adm.nu)
+            copy = replay_copy(adm.predict_labels, x_train, x_val, substitute=substitute,
+                               num_classes=int(model.output_shape[-1]), epochs=epochs, patience=patience, seed=seed,
+                               batch_size=batch_size)
+            pred = models.predict_labels(copy, x_test)
+            rows.append({"tau": float(tau), "attack": name, "defender_accuracy": acc,
+                         "misinformed_queries": float(np.mean(alpha > 0.5)),
+                         "copy_agreement": metrics.agreement(truth, pred), "copy_accuracy": metrics.accuracy(y_test, pred)})
+    return rows
+
+
+def watermark_claim(model, x_wm: np.ndarray, x_source: np.ndarray, target_class: int, num_classes: int,
+                    null_rate: float | None = None) -> dict:
+    """An ownership claim on a suspected copy that controls for a copy which simply predicts the
+    target class a lot (a weak copy can collapse onto one class): the claim is tested
+    (:func:`ownership_test`, one-sided exact binomial) against the largest of chance
+    ``1 / num_classes``, ``null_rate`` (e.g. the watermark success of a copy stolen the same way
+    from a *non-watermarked* model) and the model's own target-class rate on the un-triggered
+    ``x_source`` images. Returns ``watermark_success`` (triggered -> target), ``clean_target_rate``,
+    ``base_rate``, ``p_value`` (1.0 when the base rate is 1: no claim is possible) and ``n``."""
+    from .models import predict_labels
+
+    target_class = int(target_class)
+    success = watermark_success(model, x_wm, target_class)
+    clean = float(np.mean(predict_labels(model, x_source) == target_class)) if len(x_source) else 0.0
+    base = max(1.0 / check_positive_int(num_classes, "num_classes", minimum=2), clean,
+               0.0 if null_rate is None else _check_real(null_rate, "null_rate", 0.0, 1.0))
+    out = {"watermark_success": success, "clean_target_rate": clean, "null_rate": null_rate, "base_rate": base,
+           "n": len(x_wm)}
+    if base >= 1.0:
+        return {**out, "p_value": 1.0, "successes": int(round(success * len(x_wm)))}
+    res = ownership_test(model, x_wm, target_class, num_classes, base_rate=base)
+    return {**out, "p_value": res["p_value"], "successes": res["successes"]}

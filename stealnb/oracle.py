@@ -331,3 +331,270 @@ class Oracle:
                 finally:
                     os.close(fd)
         self._size += len(blob)
+
+
+# ------------------------------------------------------------------------------------------------
+# The same oracle behind a network API (``stealnb serve``, stealnb.server)
+# ------------------------------------------------------------------------------------------------
+
+
+class OracleHTTPError(RuntimeError):
+    """The prediction server refused a request (a 4xx answer, or retries ran out).
+
+    ``status`` is the HTTP status (``None`` when the server could not be reached), ``code`` the
+    server's short error code (e.g. ``"bad_shape"``, ``"unknown_key"``) and ``message`` its text.
+    """
+
+    def __init__(self, status: int | None, message: str, code: str | None = None, url: str | None = None):
+        self.status, self.code, self.message, self.url = status, code, message, url
+        where = f" ({url})" if url else ""
+        super().__init__(f"HTTP {status if status is not None else '-'}{where}: {message}")
+
+
+def _b64_instances(x: np.ndarray) -> list[dict]:
+    import base64
+
+    rows = np.ascontiguousarray(x, dtype="<f4").reshape(len(x), -1)
+    return [{"b64": base64.b64encode(r.tobytes()).decode("ascii")} for r in rows]
+
+
+class HttpOracle(Oracle):
+    """The attack-side client of a ``stealnb serve`` endpoint with the interface of :class:`Oracle`.
+
+    ``url`` is the server's base URL (``http://host:port``); ``model`` the served model name; the
+    API key comes from ``api_key`` or ``$STEALNB_API_KEY`` and is sent as ``Authorization: Bearer``.
+    Requests follow the TensorFlow Serving REST predict API (``POST /v1/models/<model>:predict``
+    with ``{"instances": [...]}``); images travel as ``{"b64": base64 of float32 bytes}`` by
+    default (exact and compact) or as nested lists (``encoding="list"``).
+
+    ``output``, ``top_k``, ``budget`` and ``ledger`` mean what they mean for :class:`Oracle`, and the
+    ledger is the same file format: a sample already in it is answered from it without any
+    request, so an attack that is interrupted -- or whose server restarts -- resumes without
+    paying twice. The server's answer mode must be at least as rich as ``output`` (labels can be
+    read from top-k or probabilities, top-k from probabilities; never the other way). Every
+    answered request is written to the ledger before the next one is sent (``batch_size``
+    samples per request), so an error part-way through a call loses no answered sample.
+
+    Retries: connection errors, timeouts and 429/502/503/504 answers are retried up to
+    ``retries`` times, waiting ``backoff * 2**attempt`` seconds (at most ``max_backoff``) or the
+    server's ``Retry-After`` if that is longer. Retrying a predict request is safe: the server
+    charges each distinct sample once per key. Other 4xx answers raise :class:`OracleHTTPError`
+    with the server's message at once; a 402 (the key's budget on the server is spent) raises
+    :class:`BudgetExceeded`. ``transport`` is passed to ``httpx.Client`` (tests use it to
+    inject failures).
+    """
+
+    RETRY_STATUS = (429, 502, 503, 504)
+
+    def __init__(self, url: str, *, model: str = "secret", api_key: str | None = None, output: str = "label",
+                 top_k: int | None = None, budget: int | None = None, ledger=None, batch_size: int = 256,
+                 encoding: str = "b64", timeout: float = 60.0, retries: int = 8, backoff: float = 0.25,
+                 max_backoff: float = 10.0, transport=None, sleep=None):
+        import time
+
+        import httpx
+
+        if output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+        if encoding not in ("b64", "list"):
+            raise ValueError(f"encoding: expected 'b64' or 'list', got {encoding!r}")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"url: expected the server's base URL like 'http://127.0.0.1:8500', got {url!r}")
+        if not isinstance(model, str) or not model or "/" in model or ":" in model:
+            raise ValueError(f"model: expected a model name without '/' or ':', got {model!r}")
+        for name, v in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+                raise ValueError(f"{name}: expected a positive number of seconds, got {v!r}")
+        self.url, self.model_name, self.encoding = url.rstrip("/"), model, encoding
+        self.retries = check_positive_int(retries, "retries", minimum=0)
+        self.backoff, self.max_backoff = float(backoff), float(max_backoff)
+        self._sleep = sleep or time.sleep
+        key = api_key if api_key is not None else os.environ.get("STEALNB_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self.model = None
+        self.output = output
+        self.budget = None if budget is None else check_positive_int(budget, "budget", minimum=0)
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.requests = 0  # predict requests answered by the server (retries not counted)
+        self.retried = 0  # retries made (connection errors, 429/5xx)
+        self.replayed = 0
+        self.num_queries = 0
+        self.status = self.server_status()
+        served = self.status["stealnb"]
+        self.server_output, self.server_top_k = served["output"], served.get("top_k")
+        self.num_classes = int(served["num_classes"])
+        self.input_shape = tuple(served["input_shape"])
+        self.max_batch = int(served["max_batch"])
+        if self.batch_size > self.max_batch:
+            raise ValueError(f"batch_size: the server accepts at most {self.max_batch} instances per request, "
+                             f"got batch_size={self.batch_size}")
+        rank = {"label": 0, "topk": 1, "probs": 2}
+        if rank[output] > rank[self.server_output]:
+            raise ValueError(f"output: the server answers {self.server_output!r}, which does not contain {output!r}")
+        if output == "topk":
+            k = self.server_top_k if top_k is None and self.server_output == "topk" else (3 if top_k is None else top_k)
+            self.top_k = check_positive_int(k, "top_k")
+            if self.server_output == "topk" and self.top_k > self.server_top_k:
+                raise ValueError(f"top_k: the server answers its top {self.server_top_k} classes, got top_k={self.top_k}")
+            if self.top_k > self.num_classes:
+                raise ValueError(f"top_k: expected at most num_classes={self.num_classes}, got {self.top_k}")
+        else:
+            self.top_k = None
+        self.ledger = None if ledger is None else Path(ledger)
+        self._rows = {}
+        self._size = 0
+        payloads = self._open_ledger() if self.ledger is not None else []
+        self._answers = self._parse(payloads[1:])
+
+    def __repr__(self) -> str:
+        return (f"HttpOracle({self.url!r}, model={self.model_name!r}, output={self.output!r}, spent={self.spent}, "
+                f"budget={self.budget}, replayed={self.replayed}, requests={self.requests}, "
+                f"ledger={str(self.ledger) if self.ledger else None!r})")
+
+    def _header(self) -> dict:
+        return {**super()._header(), "source": "http", "model": self.model_name}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- transport ---------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: bytes | None = None):
+        """One request with retries; returns the decoded JSON of a 2xx answer."""
+        import httpx
+
+        url = f"{self.url}{path}"
+        last = None
+        for attempt in range(self.retries + 1):
+            wait = min(self.max_backoff, self.backoff * 2**attempt)
+            try:
+                r = self._client.request(method, url, content=body,
+                                         headers={"Content-Type": "application/json"} if body is not None else None)
+            except (httpx.TransportError,) as e:  # connection refused/reset, timeouts, protocol errors
+                last = OracleHTTPError(None, f"{type(e).__name__}: {e}", "unreachable", url)
+            else:
+                if r.status_code < 300:
+                    try:
+                        return r.json()
+                    except ValueError:
+                        raise OracleHTTPError(r.status_code, "the server's answer is not JSON", "bad_answer", url) from None
+                err = self._error(r, url)
+                if r.status_code not in self.RETRY_STATUS:
+                    raise err
+                last = err
+                ra = r.headers.get("Retry-After")
+                try:
+                    wait = max(wait, min(float(ra), 300.0)) if ra is not None else wait
+                except ValueError:
+                    pass
+            if attempt < self.retries:
+                self.retried += 1
+                self._sleep(wait)
+        raise OracleHTTPError(last.status, f"gave up after {self.retries + 1} attempts; last error: {last.message}",
+                              last.code, url)
+
+    def _error(self, r, url):
+        try:
+            body = r.json()
+        except ValueError:
+            body = {}
+        msg = body.get("error") if isinstance(body, dict) else None
+        code = body.get("code") if isinstance(body, dict) else None
+        if r.status_code == 402 and isinstance(body, dict) and code == "budget_exceeded":
+            try:
+                return BudgetExceeded(int(body["budget"]), int(body["spent"]), int(body["asked"]))
+            except (KeyError, TypeError, ValueError):
+                pass
+        return OracleHTTPError(r.status_code, msg or r.text[:500] or r.reason_phrase, code, url)
+
+    def server_status(self) -> dict:
+        """``GET /v1/models/<model>``: TF Serving's model status plus a ``stealnb`` block (answer mode,
+        classes, input shape, batch limit and *this key's* budget: ``budget``, ``spent``, ``remaining``)."""
+        return self._request("GET", f"/v1/models/{self.model_name}")
+
+    # -- answers -------------------------------------------------------------------------------------
+    def _predict(self, x: np.ndarray) -> list:
+        inst = _b64_instances(x) if self.encoding == "b64" else x.tolist()
+        body = json.dumps({"instances": inst}).encode()
+        out = self._request("POST", f"/v1/models/{self.model_name}:predict", body)
+        self.requests += 1
+        pred = out.get("predictions") if isinstance(out, dict) else None
+        if not isinstance(pred, list) or len(pred) != len(x):
+            got = len(pred) if isinstance(pred, list) else type(pred).__name__
+            raise OracleHTTPError(200, f"expected {len(x)} predictions, got {got}", "bad_answer", self.url)
+        return pred
+
+    def _rows_from(self, pred: list, fps: list[bytes]) -> np.ndarray:
+        """Ledger records for the server's answers ``pred`` (validated) in this oracle's mode."""
+        c = self.num_classes
+        rows = np.zeros(len(pred), dtype=self._record_dtype())
+        rows["fp"] = np.frombuffer(b"".join(fps), dtype="V32")
+        try:
+            if self.server_output == "label":
+                labels = np.asarray(pred)
+                if labels.dtype.kind not in "iu" or labels.ndim != 1:
+                    raise ValueError("expected one integer label per instance")
+            elif self.server_output == "topk":
+                idx = np.asarray([p["classes"] for p in pred])
+                prob = np.asarray([p["probabilities"] for p in pred], dtype=np.float64)
+                if idx.dtype.kind not in "iu" or idx.shape != (len(pred), self.server_top_k) or prob.shape != idx.shape:
+                    raise ValueError(f"expected top-{self.server_top_k} classes and probabilities per instance")
+                labels = idx[:, 0]
+            else:
+                prob = np.asarray(pred, dtype=np.float64)
+                if prob.shape != (len(pred), c):
+                    raise ValueError(f"expected {c} probabilities per instance")
+                labels = np.argmax(prob, axis=1)
+        except (ValueError, TypeError, KeyError) as e:
+            raise OracleHTTPError(200, f"malformed predictions: {e}", "bad_answer", self.url) from None
+        if len(pred) and (labels.min() < 0 or labels.max() >= c):
+            raise OracleHTTPError(200, f"predicted labels outside [0, {c})", "bad_answer", self.url)
+        if self.server_output != "label" and (not np.isfinite(prob).all() or prob.min() < 0 or prob.max() > 1):
+            raise OracleHTTPError(200, "predicted probabilities outside [0, 1] or not finite", "bad_answer", self.url)
+        if self.output == "label":
+            rows["label"] = labels
+        elif self.output == "topk":
+            if self.server_output == "topk":
+                rows["idx"], rows["prob"] = idx[:, : self.top_k], prob[:, : self.top_k]
+            else:
+                order = np.argsort(-prob, axis=1, kind="stable")[:, : self.top_k]
+                rows["idx"], rows["prob"] = order, np.take_along_axis(prob, order, axis=1)
+        else:
+            rows["prob"] = prob
+        return rows
+
+    def query(self, x: np.ndarray):
+        """As :meth:`Oracle.query`: new samples are sent to the server (``batch_size`` per request)
+        and recorded in the ledger request by request; known ones are answered from the ledger."""
+        x = check_images(x, "x", shape=self.input_shape)
+        fps = _digests(x)
+        new: dict[bytes, int] = {}
+        for i, fp in enumerate(fps):
+            if fp not in self._rows and fp not in new:
+                new[fp] = i
+        if self.budget is not None and self.spent + len(new) > self.budget:
+            raise BudgetExceeded(self.budget, self.spent, len(new))
+        items = list(new.items())
+        for s in range(0, len(items), self.batch_size):
+            chunk = items[s : s + self.batch_size]
+            keys = [fp for fp, _ in chunk]
+            fresh = self._rows_from(self._predict(x[[i for _, i in chunk]]), keys)
+            if self.ledger is not None:
+                self._append(fresh)
+            base = len(self._answers)
+            self._answers = np.concatenate([self._answers, fresh])
+            self._rows.update((fp, base + j) for j, fp in enumerate(keys))
+        self.replayed += len(x) - len(new)
+        self.num_queries += 1
+        rows = self._answers[np.fromiter((self._rows[fp] for fp in fps), dtype=np.intp, count=len(fps))]
+        if self.output == "label":
+            return rows["label"].astype(np.int64)
+        if self.output == "topk":
+            return rows["idx"].astype(np.int64), rows["prob"].astype(np.float32)
+        return rows["prob"].astype(np.float32)

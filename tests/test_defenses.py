@@ -496,3 +496,106 @@ def test_ewe_options_smoke(rng):
     assert out is m
     assert all(np.isfinite(w).all() for w in m.get_weights())
     assert any(not np.array_equal(a, b) for a, b in zip(before, m.get_weights()))
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation helpers (notebook 06)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_prada_scan_flag_index_matches_a_detector_at_that_delta():
+    rng = np.random.default_rng(3)
+    label = _labeler(3)
+    x = np.concatenate([_benign(250, rng), _attack(300, rng)])
+    scan = D.prada_scan(x, label(x), delta=0.5)
+    assert scan["n_queries"] == 550 and scan["min_w"] == min(w for _, w in scan["w_history"])
+    for delta in (0.5, 0.8, 0.9, 0.95):
+        det = D.PradaDetector(delta=delta)
+        det.observe(x, label(x))
+        assert D.prada_flag_index(scan["w_history"], delta) == det.flagged_at
+
+
+def test_prada_rates_and_calibration_separate_attack_from_benign():
+    rng = np.random.default_rng(4)
+    label = _labeler(4)
+    pool = _benign(600, rng)
+    benign = D.prada_benign_clients(pool, label(pool), n_clients=6, client_size=300, seed=0)
+    assert len(benign) == 6 and all(s["n_queries"] == 300 for s in benign)
+    attacks = {f"a{i}": D.prada_scan(xa, label(xa)) for i, xa in enumerate(_attack(400, rng) for _ in range(3))}
+    delta = D.calibrate_prada_delta(benign)
+    assert delta == min(s["min_w"] for s in benign)
+    rows = D.prada_rates(attacks, benign, [0.0, delta, 1.0])
+    assert rows[0]["detection_rate"] == 0.0 and rows[0]["fpr"] == 0.0
+    assert rows[1]["fpr"] == 0.0 and rows[1]["detection_rate"] == 1.0  # calibrated: no benign alarm
+    assert all(0 < v <= 400 for v in rows[1]["flagged_at"].values())
+    assert rows[2]["fpr"] == 1.0
+    with pytest.raises(ValueError, match="at most 600"):
+        D.prada_benign_clients(pool, label(pool), n_clients=1, client_size=601, seed=0)
+
+
+def test_jbda_queries_are_sign_steps_of_the_seeds(rng):
+    x, y = _digits32()
+    seeds = x[:8]
+    calls = []
+
+    def oracle(z):
+        calls.append(len(z))
+        return (z.reshape(len(z), -1).mean(axis=1) * 40).astype(np.int64) % 10
+
+    xq, yq = D.jbda_queries(oracle, seeds, "cnn-tiny", rounds=3, lam=0.1, epochs=1, seed=0, max_queries=28,
+                            num_classes=10)
+    assert xq.shape == (28, 32, 32, 3) and xq.dtype == np.float32 and calls == [8, 8, 12]
+    np.testing.assert_array_equal(xq[:8], seeds)
+    np.testing.assert_array_equal(yq, oracle(xq))
+    step = xq[8:16] - seeds  # round 1: every pixel moved by +-lam unless it hit 0 or 1
+    moved = np.isclose(np.abs(step), 0.1, atol=1e-6)
+    assert ((moved) | np.isin(xq[8:16], (0.0, 1.0))).all() and moved.mean() > 0.3
+    assert xq.min() >= 0 and xq.max() <= 1
+
+
+def test_replay_copy_and_admis_tradeoff_extremes(tiny_model, rng):
+    x, y = _digits32()
+    mis = models.build("cnn-tiny", seed=1)
+    attacks = {"a": (x[:60], x[60:80])}
+    rows = D.admis_tradeoff(tiny_model, mis, x[100:200], y[100:200], attacks, [0.0, 1.0], substitute="cnn-tiny",
+                            epochs=1, nu=1e4)
+    truth = models.predict_labels(tiny_model, x[100:200])
+    assert rows[0]["defender_accuracy"] == pytest.approx(np.mean(truth == y[100:200]))
+    assert rows[0]["misinformed_queries"] == 0.0 and rows[1]["misinformed_queries"] == 1.0
+    mis_acc = np.mean(models.predict_labels(mis, x[100:200]) == y[100:200])
+    assert rows[1]["defender_accuracy"] == pytest.approx(mis_acc)  # tau = 1: the misinformation model answers
+    c1 = D.replay_copy(lambda z: models.predict_labels(tiny_model, z), x[:60], x[60:80], substitute="cnn-tiny",
+                       num_classes=10, epochs=2, patience=1, seed=5)
+    c2 = D.replay_copy(lambda z: models.predict_labels(tiny_model, z), x[:60], x[60:80], substitute="cnn-tiny",
+                       num_classes=10, epochs=2, patience=1, seed=5)
+    np.testing.assert_array_equal(models.predict_labels(c1, x[100:150]), models.predict_labels(c2, x[100:150]))
+
+
+def _patch_model(target, constant=False):
+    """Logits from the mean of the bottom-right 4x4 patch: target class when it is white (the
+    trigger), class 0 otherwise; ``constant`` predicts the target for everything."""
+    inp = keras.Input((32, 32, 3))
+    feat = keras.layers.Lambda(lambda t: keras.ops.mean(t[:, -4:, -4:, :], axis=(1, 2, 3), keepdims=False)[:, None])(inp)
+    out = keras.layers.Dense(10)(feat)
+    m = keras.Model(inp, out)
+    w = np.zeros((1, 10), np.float32)
+    b = np.zeros(10, np.float32)
+    if constant:
+        b[target] = 1.0
+    else:
+        w[0, target], b[0] = 10.0, 9.5  # target iff patch mean > 0.95
+    m.layers[-1].set_weights([w, b])
+    return m
+
+
+def test_watermark_claim_controls_for_a_collapsed_copy():
+    x, y = _digits32()
+    src = x[y == 1][:60] * 0.5
+    x_wm = D.make_watermark_trigger(src)
+    good = D.watermark_claim(_patch_model(7), x_wm, src, 7, 10)
+    assert good["watermark_success"] == 1.0 and good["clean_target_rate"] == 0.0 and good["base_rate"] == 0.1
+    assert good["p_value"] == pytest.approx(0.1**60) and good["successes"] == 60
+    collapsed = D.watermark_claim(_patch_model(7, constant=True), x_wm, src, 7, 10)
+    assert collapsed["watermark_success"] == 1.0 and collapsed["base_rate"] == 1.0 and collapsed["p_value"] == 1.0
+    null = D.watermark_claim(_patch_model(7), x_wm, src, 7, 10, null_rate=0.5)
+    assert null["base_rate"] == 0.5 and null["p_value"] == pytest.approx(0.5**60)

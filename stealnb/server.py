@@ -1,0 +1,871 @@
+"""The secret model as a metered network prediction service: ``stealnb serve`` (thesis 000 §2.5).
+
+Real extraction attacks talk to a web API that authenticates clients, meters and logs their
+queries and may watch them for attacks (thesis 002 §3.2). :func:`create_app` builds such a
+service as a FastAPI (ASGI) application; ``stealnb serve`` runs it with uvicorn.
+
+API -- the TensorFlow Serving REST shape (https://www.tensorflow.org/tfx/serving/api_rest):
+
+* ``POST /v1/models/<name>:predict`` (also ``/v1/models/<name>/versions/1:predict``) with
+  ``{"instances": [...]}`` answers ``{"predictions": [...]}``. An instance is one float32 image
+  in [0, 1] with the model's input shape (``H x W x C``), either as a nested list of numbers or
+  as ``{"b64": "<base64 of the H*W*C little-endian float32 values>"}`` (TF Serving's binary
+  convention; exact and ~4x smaller). Predictions are, by the server's ``output`` mode, top-1
+  labels (``[3, 7, ...]``), top-k (``[{"classes": [...], "probabilities": [...]}, ...]``) or
+  the full softmax (``[[p0, ..., pC-1], ...]``).
+* ``GET /v1/models/<name>``: TF Serving's ``model_version_status`` plus a ``stealnb`` block
+  (answer mode, classes, input shape, limits and the *calling key's* budget and spending).
+
+Clients send an API key as ``Authorization: Bearer <key>`` (or ``X-API-Key``). Each key has a
+budget (distinct samples it may have answered, like :class:`stealnb.oracle.Oracle`: a sample the
+key has already been charged for is answered again for free, so retrying a request whose
+answer was lost costs nothing) and a rate limit (token bucket: ``rate`` requests/s, bursts of
+``burst``). A key sees and spends only its own budget: charging, dedupe, rate limits, PRADA
+state and the query log are all per key. Keys are stored and logged only as sha256 ids.
+
+Errors are JSON ``{"error": "<what was expected and what arrived>", "code": "<short code>"}``:
+400 malformed JSON / wrong fields / wrong shapes / non-numeric, NaN, inf or out-of-range values,
+401 missing key, 402 budget exhausted (nothing answered or charged), 403 unknown or blocked key,
+404 unknown model, 413 body or batch too large, 429 rate limited and 503 overloaded (both with
+``Retry-After``). Malformed requests never cause a 500.
+
+Persistence: ``log_dir/keys/<key id>.jsonl`` is an append-only per-key query log, one JSON line
+per request (answered: time, instances, newly charged samples with their sha256 fingerprints and
+top-1 answers; refused: status and code; PRADA alarms). It is flushed and (by default) fsync-ed
+before the answer is sent, and read back at start-up, so a restarted server keeps every key's
+spending and charged samples; a torn last line (crash mid-write) is dropped with a warning.
+
+Defences (optional, :mod:`stealnb.defenses`), applied in this order:
+
+1. Adaptive Misinformation (Kariyappa & Qureshi 2020): outputs mixed with a misinformation
+   model's for queries whose maximum softmax probability is below ``tau``;
+2. an output perturbation of the soft-label modes (``round``, ``top_k``, ``reverse_sigmoid``);
+3. PRADA (Juuti et al. 2019) per key on the key's new samples, with the undefended model's
+   top-1 as class; on an alarm the key is only logged (``action="log"``), refused with 403
+   (``"block"``, from the request that raised it on) or answered with wrong labels
+   (``"poison"``: for label mode a deterministic wrong class per sample, for soft modes the
+   probability vector rolled so the top-1 moves). The PRADA state itself (growing sets) is
+   kept in memory; the alarm is logged and survives a restart.
+"""
+# (no `from __future__ import annotations`: FastAPI resolves the endpoint annotations at runtime)
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._checks import check_positive_int
+from .oracle import OUTPUTS, softmax
+
+log = logging.getLogger("stealnb.server")
+
+DEFAULT_MAX_BATCH = 256
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # a 256-image batch as nested lists is ~15 MB
+PRADA_ACTIONS = ("log", "block", "poison")
+
+
+class ApiError(Exception):
+    """An answer other than 200: ``status``, short ``code``, ``message`` and extra JSON fields."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, **extra):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers, self.extra = headers or {}, extra
+
+    def body(self) -> dict:
+        return {"error": self.message, "code": self.code, **self.extra}
+
+
+# ------------------------------------------------------------------------------------------------
+# keys
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One API key's limits: ``budget`` distinct samples (``None``: unlimited), ``rate`` requests
+    per second (``None``: unlimited) with bursts of up to ``burst`` requests (default
+    ``max(1, ceil(rate))``), and a ``name`` for the operator."""
+
+    budget: int | None = None
+    rate: float | None = None
+    burst: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        if self.budget is not None:
+            check_positive_int(self.budget, "budget", minimum=0)
+        if self.rate is not None:
+            if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not math.isfinite(self.rate) \
+                    or self.rate <= 0:
+                raise ValueError(f"rate: expected a positive number of requests per second or None, got {self.rate!r}")
+            if self.burst is None:
+                object.__setattr__(self, "burst", max(1, math.ceil(self.rate)))
+        if self.burst is not None:
+            check_positive_int(self.burst, "burst")
+
+
+def key_id(key: str) -> str:
+    """The id under which a key is stored and logged: the first 16 hex digits of its sha256."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def parse_keys(keys) -> dict[str, KeySpec]:
+    """``{key: KeySpec | {"budget", "rate", "burst", "name"} | None}`` -> ``{key: KeySpec}``."""
+    if not isinstance(keys, dict) or not keys:
+        raise ValueError("keys: expected a non-empty {api_key: {'budget': int|None, 'rate': float|None}} mapping")
+    out = {}
+    for k, spec in keys.items():
+        if not isinstance(k, str) or len(k) < 8 or k != k.strip():
+            raise ValueError("keys: every API key must be a string of at least 8 characters without surrounding spaces")
+        if spec is None:
+            spec = KeySpec()
+        elif isinstance(spec, dict):
+            unknown = set(spec) - {"budget", "rate", "burst", "name"}
+            if unknown:
+                raise ValueError(f"keys[{key_id(k)}]: unknown field(s) {sorted(unknown)}; expected budget, rate, burst, name")
+            spec = KeySpec(**spec)
+        elif not isinstance(spec, KeySpec):
+            raise TypeError(f"keys[{key_id(k)}]: expected a dict or KeySpec, got {type(spec).__name__}")
+        out[k] = spec
+    return out
+
+
+class _KeyState:
+    """Everything the server knows about one key; guarded by the service lock (tokens by ``tlock``)."""
+
+    def __init__(self, key: str, spec: KeySpec, log_path: Path | None, fsync: bool):
+        self.id, self.spec, self.log_path, self.fsync = key_id(key), spec, log_path, fsync
+        self.seen: set[bytes] = set()  # sha256 of every sample this key has been charged for
+        self.requests = 0  # answered predict requests
+        self.flagged_at: int | None = None  # PRADA alarm: 1-based index of the key's new sample
+        self.detector = None
+        self.tokens = float(spec.burst or 0)
+        self.updated = time.monotonic()
+        self.tlock = threading.Lock()
+        self._fh = None
+        if log_path is not None:
+            self._load()
+
+    @property
+    def spent(self) -> int:
+        return len(self.seen)
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.spec.budget is None else max(self.spec.budget - self.spent, 0)
+
+    def take_token(self) -> float | None:
+        """Consume one request token; ``None`` if allowed, else seconds until one is available."""
+        if self.spec.rate is None:
+            return None
+        with self.tlock:
+            now = time.monotonic()
+            self.tokens = min(float(self.spec.burst), self.tokens + (now - self.updated) * self.spec.rate)
+            self.updated = now
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                return None
+            return (1.0 - self.tokens) / self.spec.rate
+
+    def _load(self) -> None:
+        p = self.log_path
+        if not p.exists():
+            return
+        raw = p.read_bytes()
+        good = raw.rfind(b"\n") + 1
+        if good < len(raw):
+            warnings.warn(f"query log {p}: dropped {len(raw) - good} byte(s) of a torn last line", stacklevel=2)
+            with open(p, "r+b") as f:
+                f.truncate(good)
+                os.fsync(f.fileno())
+        for n, line in enumerate(raw[:good].splitlines(), 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise ValueError(f"query log {p}: line {n} is not JSON; refusing to guess the key's spending") from None
+            for fp in rec.get("fp", ()):
+                self.seen.add(bytes.fromhex(fp))
+            if rec.get("status") == 200:
+                self.requests += 1
+            if rec.get("event") == "prada_flag" and self.flagged_at is None:
+                self.flagged_at = int(rec["query"])
+
+    def write(self, rec: dict) -> None:
+        if self.log_path is None:
+            return
+        if self._fh is None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.log_path, "ab")
+        self._fh.write(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
+        self._fh.flush()
+        if self.fsync:
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+# ------------------------------------------------------------------------------------------------
+# defences
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerDefense:
+    """What the server does against extraction (see the module docstring).
+
+    ``prada``: keyword arguments of :class:`stealnb.defenses.PradaDetector` plus ``action``
+    (``"log"``, ``"block"`` or ``"poison"``); ``admis``: ``misinformation_model`` (Keras model or
+    ``.keras`` path), ``tau``, ``nu``; ``perturbation``: ``{"name": "round" | "top_k" |
+    "reverse_sigmoid", **options}`` (soft-label modes only).
+    """
+
+    prada: dict | None = None
+    admis: dict | None = None
+    perturbation: dict | None = None
+    _misinfo: object = field(default=None, repr=False)
+
+    @classmethod
+    def from_spec(cls, spec) -> "ServerDefense | None":
+        if spec is None or isinstance(spec, ServerDefense):
+            return spec
+        if not isinstance(spec, dict):
+            raise TypeError(f"defense: expected a dict with 'prada', 'admis' and/or 'perturbation', got {type(spec).__name__}")
+        unknown = set(spec) - {"prada", "admis", "perturbation"}
+        if unknown:
+            raise ValueError(f"defense: unknown part(s) {sorted(unknown)}; expected 'prada', 'admis', 'perturbation'")
+        return cls(**{k: dict(v) for k, v in spec.items() if v is not None})
+
+    def validate(self, output: str, num_classes: int) -> None:
+        from . import defenses
+
+        if self.prada is not None:
+            opts = dict(self.prada)
+            action = opts.pop("action", "block")
+            if action not in PRADA_ACTIONS:
+                raise ValueError(f"defense.prada.action: expected one of {PRADA_ACTIONS}, got {action!r}")
+            defenses.PradaDetector(**opts)  # validates the options
+        if self.admis is not None:
+            opts = dict(self.admis)
+            m = opts.pop("misinformation_model", None)
+            if m is None:
+                raise ValueError("defense.admis: expected a misinformation_model (Keras model or .keras path)")
+            if isinstance(m, (str, Path)):
+                m = _load_model(m)
+            if int(m.output_shape[-1]) != num_classes:
+                raise ValueError(f"defense.admis.misinformation_model: expected {num_classes} classes, got {m.output_shape[-1]}")
+            unknown = set(opts) - {"tau", "nu"}
+            if unknown:
+                raise ValueError(f"defense.admis: unknown option(s) {sorted(unknown)}; expected tau, nu")
+            self._misinfo = m
+        if self.perturbation is not None:
+            if output == "label":
+                raise ValueError("defense.perturbation: output perturbations apply to the soft-label modes "
+                                 "('topk', 'probs'), not output='label'")
+            name = self.perturbation.get("name")
+            if name not in defenses.PERTURBATIONS.names():
+                raise ValueError(f"defense.perturbation.name: expected one of {defenses.PERTURBATIONS.names()}, got {name!r}")
+
+    @property
+    def changes_outputs(self) -> bool:
+        return self.admis is not None or self.perturbation is not None
+
+    def new_detector(self):
+        from .defenses import PradaDetector
+
+        opts = {k: v for k, v in self.prada.items() if k != "action"}
+        return PradaDetector(**opts)
+
+    @property
+    def prada_action(self) -> str | None:
+        return None if self.prada is None else self.prada.get("action", "block")
+
+    def defend(self, x: np.ndarray, probs: np.ndarray, batch_size: int) -> np.ndarray:
+        """ADMIS then the perturbation, on the probabilities of ``x`` (float64 in, float64 out)."""
+        from . import defenses
+
+        if self.admis is not None:
+            p_hat = softmax(_logits(self._misinfo, x, batch_size)).astype(np.float64)
+            p_hat /= p_hat.sum(axis=1, keepdims=True)
+            opts = {k: self.admis[k] for k in ("tau", "nu") if k in self.admis}
+            probs = defenses.adaptive_misinformation(probs, p_hat, **opts)
+        if self.perturbation is not None:
+            opts = {k: v for k, v in self.perturbation.items() if k != "name"}
+            probs = np.asarray(defenses.PERTURBATIONS[self.perturbation["name"]](probs, **opts), np.float64)
+        return probs
+
+
+def _load_model(path):
+    import keras
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.keras"
+    if not p.is_file():
+        raise FileNotFoundError(f"model: expected a .keras file or a secret folder with model.keras, {p} does not exist")
+    return keras.models.load_model(p, compile=False)
+
+
+def _logits(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    out = [np.asarray(model(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+    return np.concatenate(out)
+
+
+def _poison_offsets(fps: list[bytes], num_classes: int) -> np.ndarray:
+    """A per-sample class offset in [1, C): deterministic, so a repeated sample gets the same lie."""
+    return np.array([1 + int.from_bytes(fp[:8], "little") % (num_classes - 1) for fp in fps], np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# the service (transport-independent)
+# ------------------------------------------------------------------------------------------------
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name):
+    raise _NonFinite(name)
+
+
+def _has_non_number(obj) -> str | None:
+    """Type name of the first leaf of nested lists that is not an int/float (bools count as
+    non-numbers), else ``None``."""
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif type(v) not in (int, float):
+            return type(v).__name__
+    return None
+
+
+class PredictionService:
+    """The model, keys, limits, log and defences behind :func:`create_app` (no HTTP in here)."""
+
+    def __init__(self, model_or_dir, *, name: str = "secret", output: str = "label", top_k: int = 3, keys,
+                 max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 log_dir=None, defense=None, fsync: bool = True, max_pending: int = 64, batch_size: int = 256):
+        if not isinstance(name, str) or not name or any(c in name for c in "/:?# "):
+            raise ValueError(f"name: expected a model name without '/', ':', '?', '#' or spaces, got {name!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+        self.model = _load_model(model_or_dir) if isinstance(model_or_dir, (str, Path)) else model_or_dir
+        if not callable(self.model) or not hasattr(self.model, "output_shape") or not hasattr(self.model, "input_shape"):
+            raise TypeError("model_or_dir: expected a Keras model, a .keras file or a secret folder with model.keras")
+        self.name, self.output = name, output
+        self.num_classes = int(self.model.output_shape[-1])
+        self.input_shape = tuple(int(d) for d in self.model.input_shape[1:])
+        self.top_k = check_positive_int(top_k, "top_k") if output == "topk" else None
+        if self.top_k is not None and self.top_k > self.num_classes:
+            raise ValueError(f"top_k: expected at most {self.num_classes} (the number of classes), got {top_k}")
+        self.max_batch = check_positive_int(max_batch, "max_batch")
+        self.max_body_bytes = check_positive_int(max_body_bytes, "max_body_bytes", minimum=1024)
+        self.max_pending = check_positive_int(max_pending, "max_pending")
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self.defense = ServerDefense.from_spec(defense)
+        if self.defense is not None:
+            self.defense.validate(output, self.num_classes)
+        self.pending = 0
+        self._lock = threading.Lock()
+        self._parsing = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
+        self._keys: dict[bytes, _KeyState] = {}
+        for k, spec in parse_keys(keys).items():
+            path = None if self.log_dir is None else self.log_dir / "keys" / f"{key_id(k)}.jsonl"
+            self._keys[hashlib.sha256(k.encode()).digest()] = _KeyState(k, spec, path, fsync)
+        self._pixels = int(np.prod(self.input_shape))
+        _logits(self.model, np.zeros((1, *self.input_shape), np.float32), 1)  # warm up
+
+    def close(self) -> None:
+        for s in self._keys.values():
+            s.close()
+
+    # -- checks before the body is read -----------------------------------------------------------
+    def authenticate(self, headers) -> _KeyState:
+        key = None
+        auth = headers.get("authorization")
+        if auth:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise ApiError(401, "bad_auth", "Authorization header: expected 'Bearer <api key>'",
+                               {"WWW-Authenticate": "Bearer"})
+            key = value.strip()
+        elif headers.get("x-api-key"):
+            key = headers.get("x-api-key").strip()
+        if not key:
+            raise ApiError(401, "missing_key", "missing API key: send 'Authorization: Bearer <api key>' "
+                           "(or 'X-API-Key: <api key>')", {"WWW-Authenticate": "Bearer"})
+        state = self._keys.get(hashlib.sha256(key.encode()).digest())
+        if state is None:
+            raise ApiError(403, "unknown_key", "unknown API key")
+        return state
+
+    def check_name(self, name: str) -> None:
+        if name != self.name:
+            raise ApiError(404, "unknown_model", f"no model named {name!r} is served here")
+
+    def check_rate(self, state: _KeyState) -> None:
+        wait = state.take_token()
+        if wait is not None:
+            secs = max(1, math.ceil(wait))
+            raise ApiError(429, "rate_limited",
+                           f"rate limit of {state.spec.rate:g} request(s)/s (bursts of {state.spec.burst}) exceeded; "
+                           f"retry in {wait:.2f} s", {"Retry-After": str(secs)}, retry_after=round(wait, 3))
+
+    # -- status --------------------------------------------------------------------------------------
+    def status(self, state: _KeyState) -> dict:
+        return {
+            "model_version_status": [{"version": "1", "state": "AVAILABLE",
+                                      "status": {"error_code": "OK", "error_message": ""}}],
+            "stealnb": {
+                "name": self.name, "output": self.output, "top_k": self.top_k, "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape), "dtype": "float32", "value_range": [0.0, 1.0],
+                "encodings": ["list", "b64"], "max_batch": self.max_batch, "max_body_bytes": self.max_body_bytes,
+                "key": {"id": state.id, "name": state.spec.name, "budget": state.spec.budget, "spent": state.spent,
+                        "remaining": state.remaining, "requests": state.requests, "rate": state.spec.rate,
+                        "burst": state.spec.burst},
+            },
+        }
+
+    # -- body parsing ----------------------------------------------------------------------------------
+    def parse(self, body: bytes) -> np.ndarray:
+        """The request body as float32 images ``N x H x W x C`` in [0, 1], or an :class:`ApiError`."""
+        shape_txt = f"({', '.join(map(str, self.input_shape))})"
+        try:
+            doc = json.loads(body, parse_constant=_reject_constant)
+        except _NonFinite as e:
+            raise ApiError(400, "non_finite", f"request body contains {e}; pixel values must be finite numbers in [0, 1]") from None
+        except RecursionError:
+            raise ApiError(400, "bad_json", "request body is nested too deeply to be a predict request") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, "bad_json", f"request body is not valid JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise ApiError(400, "bad_request", f'expected a JSON object {{"instances": [...]}}, got a JSON {type(doc).__name__}')
+        if "inputs" in doc:
+            raise ApiError(400, "bad_request", "the columnar 'inputs' format is not supported; send {\"instances\": [...]}")
+        unknown = set(doc) - {"instances", "signature_name"}
+        if unknown:
+            raise ApiError(400, "bad_request", f"unknown field(s) {sorted(unknown)}; expected 'instances' (and optionally 'signature_name')")
+        if doc.get("signature_name", "serving_default") != "serving_default":
+            raise ApiError(400, "bad_request", f"signature_name: only 'serving_default' is served, got {doc['signature_name']!r}")
+        if "instances" not in doc:
+            raise ApiError(400, "bad_request", 'missing "instances": expected {"instances": [image, ...]}')
+        inst = doc["instances"]
+        if not isinstance(inst, list):
+            raise ApiError(400, "bad_request", f'"instances": expected a list of images, got a JSON {type(inst).__name__}')
+        if not inst:
+            raise ApiError(400, "empty_batch", '"instances": expected at least one image, got an empty list')
+        if len(inst) > self.max_batch:
+            raise ApiError(413, "batch_too_large", f"batch of {len(inst)} instances exceeds max_batch={self.max_batch}; "
+                           "split it into several requests")
+        n_dict = sum(isinstance(i, dict) for i in inst)
+        if n_dict == len(inst):
+            x = self._from_b64(inst)
+        elif n_dict:
+            raise ApiError(400, "bad_request", "instances: mix of {\"b64\": ...} objects and nested lists; use one form per request")
+        else:
+            x = self._from_lists(inst, body, shape_txt)
+        if not np.isfinite(x).all():
+            bad = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0])
+            raise ApiError(400, "non_finite", f"instance {bad} contains NaN or inf; expected finite values in [0, 1]")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            flat = x.reshape(len(x), -1)
+            bad = int(np.flatnonzero((flat < 0).any(axis=1) | (flat > 1).any(axis=1))[0])
+            raise ApiError(400, "out_of_range", f"instance {bad}: values must be in [0, 1] (float32 images), got range "
+                           f"[{float(flat[bad].min()):.4g}, {float(flat[bad].max()):.4g}]")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _from_b64(self, inst: list) -> np.ndarray:
+        nbytes = self._pixels * 4
+        out = np.empty((len(inst), self._pixels), np.float32)
+        for i, d in enumerate(inst):
+            if set(d) != {"b64"} or not isinstance(d["b64"], str):
+                raise ApiError(400, "bad_request", f'instance {i}: expected {{"b64": "<base64 string>"}}, got keys {sorted(d)}')
+            try:
+                raw = base64.b64decode(d["b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "bad_base64", f"instance {i}: 'b64' is not valid base64") from None
+            if len(raw) != nbytes:
+                raise ApiError(400, "bad_shape", f"instance {i}: expected {self._pixels} float32 values ({nbytes} bytes, "
+                               f"shape {self.input_shape}), got {len(raw)} bytes")
+            out[i] = np.frombuffer(raw, dtype="<f4")
+        return out.reshape(len(inst), *self.input_shape)
+
+    def _from_lists(self, inst: list, body: bytes, shape_txt: str) -> np.ndarray:
+        # true/false/null can only hide among the numbers if their tokens occur in the body
+        if b"true" in body or b"false" in body or b"null" in body:
+            bad = _has_non_number(inst)
+            if bad is not None:
+                raise ApiError(400, "not_numeric", f"instances: expected numbers in [0, 1], found a JSON {bad}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                arr = np.asarray(inst)
+        except (ValueError, TypeError, OverflowError):
+            raise ApiError(400, "bad_shape", f"instances: ragged nesting; expected every image as a {shape_txt} nested "
+                           "list of numbers (or {\"b64\": ...})") from None
+        if arr.dtype.kind not in "iuf":
+            what = "strings" if arr.dtype.kind in "US" else "non-numeric values"
+            if arr.dtype.kind == "O" and _has_non_number(inst) is None:
+                raise ApiError(400, "out_of_range", "instances: integers too large; expected values in [0, 1]")
+            raise ApiError(400, "not_numeric", f"instances: expected numbers in [0, 1], found {what}")
+        if arr.shape[1:] != self.input_shape:
+            raise ApiError(400, "bad_shape", f"instances: expected images of shape {shape_txt}, got shape "
+                           f"{tuple(arr.shape[1:])} per instance")
+        if arr.dtype.kind != "f":
+            arr = arr.astype(np.float64)
+        return arr
+
+    # -- predict -----------------------------------------------------------------------------------
+    def predict(self, state: _KeyState, body: bytes) -> tuple[dict, dict]:
+        """Parse, charge, answer and log one request of key ``state``; ``(json, headers)``."""
+        try:
+            with self._parsing:  # bounds the memory of concurrent large (nested-list) bodies
+                x = self.parse(body)
+        except ApiError as e:
+            with self._lock:
+                state.write({"t": round(time.time(), 3), "status": e.status, "code": e.code})
+            raise
+        from .oracle import _digests
+
+        fps = _digests(x)
+        with self._lock:
+            d = self.defense
+            if d is not None and d.prada_action == "block" and state.flagged_at is not None:
+                state.write({"t": round(time.time(), 3), "status": 403, "code": "blocked", "n": len(x)})
+                raise ApiError(403, "blocked", "this API key has been blocked for suspicious query patterns")
+            new: dict[bytes, int] = {}
+            for i, fp in enumerate(fps):
+                if fp not in state.seen and fp not in new:
+                    new[fp] = i
+            budget = state.spec.budget
+            if budget is not None and state.spent + len(new) > budget:
+                state.write({"t": round(time.time(), 3), "status": 402, "code": "budget_exceeded", "n": len(x),
+                             "new": len(new)})
+                raise ApiError(402, "budget_exceeded",
+                               f"request refused: it asks for {len(new)} new sample(s) but only "
+                               f"{budget - state.spent} of this key's budget of {budget} remain; nothing was "
+                               "answered or charged", budget=budget, spent=state.spent, asked=len(new))
+            logits = _logits(self.model, x, self.batch_size)
+            if logits.shape != (len(x), self.num_classes) or not np.isfinite(logits).all():
+                raise RuntimeError(f"model returned logits of shape {logits.shape} with non-finite values; not answering")
+            top1 = logits.argmax(axis=1)
+            newly_flagged = False
+            if d is not None and d.prada is not None and new:
+                if state.detector is None:
+                    state.detector = d.new_detector()
+                idx = list(new.values())
+                before = state.detector.n_queries
+                state.detector.observe(x[idx], top1[idx])
+                if state.detector.flagged and state.flagged_at is None:
+                    state.flagged_at = state.spent + (state.detector.flagged_at - before)
+                    newly_flagged = True
+                    state.write({"t": round(time.time(), 3), "event": "prada_flag", "query": state.flagged_at,
+                                 "w": state.detector.last_w})
+                    log.warning("PRADA alarm for key %s at its query %d", state.id, state.flagged_at)
+            if newly_flagged and d.prada_action == "block":
+                state.write({"t": round(time.time(), 3), "status": 403, "code": "blocked", "n": len(x)})
+                raise ApiError(403, "blocked", "this API key has been blocked for suspicious query patterns")
+            poison = d is not None and d.prada_action == "poison" and state.flagged_at is not None
+            preds, answered = self._answer(x, logits, fps, poison)
+            state.seen.update(new)
+            state.requests += 1
+            state.write({"t": round(time.time(), 3), "status": 200, "n": len(x), "new": len(new), "spent": state.spent,
+                         "fp": [fp.hex() for fp in new], "top1": [int(answered[i]) for i in new.values()],
+                         **({"poisoned": True} if poison else {})})
+            headers = {"X-Budget-Spent": str(state.spent)}
+            if budget is not None:
+                headers["X-Budget-Remaining"] = str(budget - state.spent)
+        return {"predictions": preds}, headers
+
+    def _answer(self, x, logits, fps, poison: bool):
+        """Predictions in the output mode (and the top-1 of each, for the log)."""
+        d = self.defense
+        if (d is None or not d.changes_outputs) and not poison:
+            if self.output == "label":
+                top1 = logits.argmax(axis=1)
+                return top1.tolist(), top1
+            if self.output == "topk":
+                idx = np.argsort(-logits, axis=1, kind="stable")[:, : self.top_k]
+                p = np.take_along_axis(softmax(logits), idx, axis=1)
+                return [{"classes": i.tolist(), "probabilities": q.tolist()} for i, q in zip(idx, p)], idx[:, 0]
+            p = softmax(logits)
+            return p.tolist(), p.argmax(axis=1)
+        probs = softmax(logits).astype(np.float64)
+        probs /= probs.sum(axis=1, keepdims=True)
+        if d is not None and d.changes_outputs:
+            probs = d.defend(x, probs, self.batch_size)
+        if poison:
+            off = _poison_offsets(fps, self.num_classes)
+            cols = (np.arange(self.num_classes)[None, :] - off[:, None]) % self.num_classes
+            probs = np.take_along_axis(probs, cols, axis=1)  # row i rolled right by off[i]
+        p32 = probs.astype(np.float32)
+        if self.output == "label":
+            top1 = probs.argmax(axis=1)
+            return top1.tolist(), top1
+        if self.output == "topk":
+            idx = np.argsort(-probs, axis=1, kind="stable")[:, : self.top_k]
+            q = np.take_along_axis(p32, idx, axis=1)
+            return [{"classes": i.tolist(), "probabilities": r.tolist()} for i, r in zip(idx, q)], idx[:, 0]
+        return p32.tolist(), probs.argmax(axis=1)
+
+    def key_usage(self) -> dict[str, dict]:
+        """Operator view (not served over HTTP): ``{key id: {name, budget, spent, requests, flagged_at}}``."""
+        with self._lock:
+            return {s.id: {"name": s.spec.name, "budget": s.spec.budget, "spent": s.spent, "requests": s.requests,
+                           "flagged_at": s.flagged_at} for s in self._keys.values()}
+
+
+# ------------------------------------------------------------------------------------------------
+# HTTP
+# ------------------------------------------------------------------------------------------------
+
+
+def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top_k: int = 3, keys,
+               max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_dir=None,
+               defense=None, fsync: bool = True, max_pending: int = 64):
+    """A FastAPI app serving ``model_or_dir`` (Keras model, ``.keras`` file or secret folder) under
+    ``name`` with the TF Serving REST predict API (see the module docstring).
+
+    ``output``: ``"label"``, ``"topk"`` (``top_k`` classes) or ``"probs"``; ``keys``: ``{api_key:
+    {"budget": int|None, "rate": req/s|None, "burst": int, "name": str}}``; ``max_batch``
+    instances and ``max_body_bytes`` per request; ``log_dir``: per-key query logs (``None``: keep
+    nothing, spending is forgotten on restart); ``defense``: :class:`ServerDefense` or its dict
+    form; ``max_pending``: predict requests in progress before new ones get 503. The service is
+    ``app.state.service``.
+    """
+    import anyio
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
+
+    svc = PredictionService(model_or_dir, name=name, output=output, top_k=top_k, keys=keys, max_batch=max_batch,
+                            max_body_bytes=max_body_bytes, log_dir=log_dir, defense=defense, fsync=fsync,
+                            max_pending=max_pending)
+    app = FastAPI(title="stealnb prediction service", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = svc
+
+    def _json(status: int, body: dict, headers: dict | None = None):
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return _json(exc.status, exc.body(), exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        msg = {404: "not found: the API is POST /v1/models/<name>:predict and GET /v1/models/<name>",
+               405: "method not allowed: predict is POST /v1/models/<name>:predict, status is GET /v1/models/<name>"}
+        return _json(exc.status_code, {"error": msg.get(exc.status_code, str(exc.detail)), "code": f"http_{exc.status_code}"},
+                     getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return _json(400, {"error": f"bad request: {exc.errors()}", "code": "bad_request"})
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):
+        log.exception("internal error")
+        return _json(500, {"error": f"internal error ({type(exc).__name__}); the request was not charged",
+                           "code": "internal"})
+
+    async def _read_body(request) -> bytes:
+        limit = svc.max_body_bytes
+        cl = request.headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > limit:
+            raise ApiError(413, "body_too_large", f"request body of {int(cl)} bytes exceeds the limit of {limit} bytes")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(400, "disconnected", "client disconnected before sending the whole body") from None
+        return b"".join(chunks)
+
+    @app.get("/v1/models/{model_name}")
+    async def model_status(model_name: str, request: Request):
+        state = svc.authenticate(request.headers)
+        svc.check_name(model_name)
+        return svc.status(state)
+
+    async def _predict(model_name: str, request: Request):
+        state = svc.authenticate(request.headers)
+        svc.check_name(model_name)
+        if svc.pending >= svc.max_pending:
+            raise ApiError(503, "overloaded", f"{svc.pending} requests in progress; retry shortly", {"Retry-After": "1"})
+        svc.check_rate(state)
+        svc.pending += 1
+        try:
+            body = await _read_body(request)
+            out, headers = await anyio.to_thread.run_sync(svc.predict, state, body)
+        finally:
+            svc.pending -= 1
+        return Response(json.dumps(out, separators=(",", ":")).encode(), media_type="application/json", headers=headers)
+
+    @app.post("/v1/models/{model_name}:predict")
+    async def predict(model_name: str, request: Request):
+        return await _predict(model_name, request)
+
+    @app.post("/v1/models/{model_name}/versions/{version}:predict")
+    async def predict_version(model_name: str, version: str, request: Request):
+        if version != "1":
+            svc.authenticate(request.headers)
+            raise ApiError(404, "unknown_version", f"model {model_name!r} has only version 1, got {version!r}")
+        return await _predict(model_name, request)
+
+    return app
+
+
+class BackgroundServer:
+    """Run an ASGI ``app`` with uvicorn in a daemon thread (tests, notebooks, benchmarks)::
+
+        with BackgroundServer(app) as srv:
+            HttpOracle(srv.url, api_key=...)
+
+    ``port=0`` picks a free port; ``srv.url`` is the base URL once started."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import socket
+
+        import uvicorn
+
+        self.host = host
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.port = port
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: stealnb serve
+# ------------------------------------------------------------------------------------------------
+
+
+def _parse_key_arg(text: str) -> tuple[str, dict]:
+    parts = text.split(":")
+    if not 1 <= len(parts) <= 3 or not parts[0]:
+        raise ValueError(f"--key: expected KEY[:BUDGET[:RATE]], got {text!r}")
+    spec = {}
+    if len(parts) > 1 and parts[1] not in ("", "-"):
+        spec["budget"] = int(parts[1])
+    if len(parts) > 2 and parts[2] not in ("", "-"):
+        spec["rate"] = float(parts[2])
+    return parts[0], spec
+
+
+def _parse_perturb(text: str) -> dict:
+    name, _, opts = text.partition(":")
+    out = {"name": name}
+    for kv in filter(None, opts.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq:
+            raise ValueError(f"--perturb: expected NAME[:option=value,...], got {text!r}")
+        out[k] = json.loads(v) if v not in ("true", "false") else v == "true"
+    return out
+
+
+def _cmd_serve(args) -> int:
+    import uvicorn
+
+    keys = {}
+    if args.keys:
+        keys.update(json.loads(Path(args.keys).read_text()))
+    for k in args.key or []:
+        key, spec = _parse_key_arg(k)
+        keys[key] = spec
+    if not keys:
+        raise ValueError("serve: give at least one API key with --keys FILE (JSON {key: {budget, rate}}) or --key KEY[:BUDGET[:RATE]]")
+    defense = {}
+    if args.prada != "off":
+        defense["prada"] = {"action": args.prada, "delta": args.prada_delta, "min_queries": args.prada_min_queries}
+    if args.admis_model:
+        defense["admis"] = {"misinformation_model": args.admis_model, "tau": args.admis_tau, "nu": args.admis_nu}
+    if args.perturb:
+        defense["perturbation"] = _parse_perturb(args.perturb)
+    app = create_app(args.model, name=args.name, output=args.output, top_k=args.top_k, keys=keys,
+                     max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20), log_dir=args.log_dir,
+                     defense=defense or None, fsync=not args.no_fsync)
+    svc = app.state.service
+    print(f"serving {args.model} as {args.name!r} ({args.output}) on http://{args.host}:{args.port}"
+          f"/v1/models/{args.name}:predict for {len(keys)} key(s); logs in {args.log_dir}", flush=True)
+    for kid, u in svc.key_usage().items():
+        print(f"  key {kid} {u['name'] or ''}: budget {u['budget']}, spent {u['spent']}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
+    svc.close()
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``stealnb serve``."""
+    s = subparsers.add_parser("serve", help="serve a secret model over HTTP (TF Serving REST API, metered keys)")
+    s.add_argument("--model", required=True, type=Path, help="secret folder (model.keras) or a .keras file")
+    s.add_argument("--name", default="secret", help="model name in the URL /v1/models/<name>:predict")
+    s.add_argument("--output", default="label", choices=OUTPUTS, help="answer mode")
+    s.add_argument("--top-k", type=int, default=3)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8500)
+    s.add_argument("--keys", type=Path, default=None,
+                   help='JSON file {"<api key>": {"budget": 1000, "rate": 5, "burst": 10, "name": "alice"}}')
+    s.add_argument("--key", action="append", default=None,
+                   help="KEY[:BUDGET[:RATE]] (repeatable; visible in the process list, prefer --keys)")
+    s.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
+    s.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20)
+    s.add_argument("--log-dir", required=True, type=Path, help="per-key query logs (spending survives restarts)")
+    s.add_argument("--no-fsync", action="store_true", help="do not fsync the log after every request (faster, less safe)")
+    s.add_argument("--prada", default="off", choices=("off", *PRADA_ACTIONS), help="PRADA detection and what to do on alarm")
+    s.add_argument("--prada-delta", type=float, default=0.9)
+    s.add_argument("--prada-min-queries", type=int, default=100)
+    s.add_argument("--admis-model", type=Path, default=None, help="misinformation model (.keras) for Adaptive Misinformation")
+    s.add_argument("--admis-tau", type=float, default=0.5)
+    s.add_argument("--admis-nu", type=float, default=1000.0)
+    s.add_argument("--perturb", default=None, help="soft-label perturbation, e.g. round:decimals=2 or reverse_sigmoid:beta=0.5")
+    s.add_argument("--log-level", default="warning")
+    s.set_defaults(func=_cmd_serve)

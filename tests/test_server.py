@@ -1,0 +1,437 @@
+"""`stealnb serve` and HttpOracle: the TF Serving REST API, keys, budgets, limits, persistence,
+retries, and an extraction over HTTP that survives a server kill (stealnb/server.py, oracle.py)."""
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from stealnb import data, extraction, models, oracle, profiles, server, train
+from stealnb.oracle import BudgetExceeded, HttpOracle, Oracle, OracleHTTPError
+
+ALICE, BOB = "alice-key-0001", "bob-key-00002"
+PRED = "/v1/models/secret:predict"
+
+
+def images(n, seed):
+    return np.random.default_rng(seed).random((n, 32, 32, 3), dtype=np.float32)
+
+
+def auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def b64(x):
+    return {"b64": base64.b64encode(np.ascontiguousarray(x, "<f4").tobytes()).decode()}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.build("cnn-tiny", seed=0)
+
+
+def app_client(model, tmp_path=None, **kw):
+    kw.setdefault("keys", {ALICE: {"budget": 100, "name": "alice"}, BOB: {"budget": 100, "name": "bob"}})
+    app = server.create_app(model, log_dir=tmp_path, **kw)
+    return app, TestClient(app, raise_server_exceptions=False)
+
+
+def transport_for(client, fail=(), calls=None):
+    """An httpx transport that forwards to a TestClient, first answering with the injected
+    failures (an HTTP status or an exception instance) on predict requests."""
+    fail = list(fail)
+
+    def handler(request: httpx.Request):
+        if request.url.path.endswith(":predict"):
+            if calls is not None:
+                calls.append(request)
+            if fail:
+                f = fail.pop(0)
+                if isinstance(f, Exception):
+                    raise f
+                return httpx.Response(f, json={"error": "injected", "code": "injected"}, headers={"Retry-After": "0"})
+        r = client.request(request.method, request.url.path, content=request.content, headers=dict(request.headers))
+        return httpx.Response(r.status_code, content=r.content, headers=r.headers)
+
+    return httpx.MockTransport(handler)
+
+
+# -- the 4xx matrix -------------------------------------------------------------------------------
+def _img(v=0.5, shape=(32, 32, 3)):
+    return np.full(shape, v).tolist()
+
+
+GOOD = json.dumps({"instances": [_img()]}).encode()
+CASES = [
+    # (id, path, headers, body, status, code)
+    ("bad json", PRED, auth(ALICE), b'{"instances": [', 400, "bad_json"),
+    ("not utf-8", PRED, auth(ALICE), b"\xff\xfe\xfa{", 400, "bad_json"),
+    ("top-level list", PRED, auth(ALICE), b"[1, 2]", 400, "bad_request"),
+    ("no instances", PRED, auth(ALICE), b'{"signature_name": "serving_default"}', 400, "bad_request"),
+    ("columnar inputs", PRED, auth(ALICE), b'{"inputs": [[0.5]]}', 400, "bad_request"),
+    ("unknown field", PRED, auth(ALICE), b'{"instances": [], "foo": 1}', 400, "bad_request"),
+    ("other signature", PRED, auth(ALICE), json.dumps({"instances": [_img()], "signature_name": "x"}).encode(), 400,
+     "bad_request"),
+    ("instances not a list", PRED, auth(ALICE), b'{"instances": {"a": 1}}', 400, "bad_request"),
+    ("empty batch", PRED, auth(ALICE), b'{"instances": []}', 400, "empty_batch"),
+    ("wrong shape", PRED, auth(ALICE), json.dumps({"instances": [_img(shape=(28, 28, 1))]}).encode(), 400, "bad_shape"),
+    ("ragged", PRED, auth(ALICE), json.dumps({"instances": [_img(), _img(shape=(32, 32))]}).encode(), 400, "bad_shape"),
+    ("flat numbers", PRED, auth(ALICE), b'{"instances": [0.5, 0.5]}', 400, "bad_shape"),
+    ("strings", PRED, auth(ALICE), json.dumps({"instances": [np.full((32, 32, 3), "0.5").tolist()]}).encode(), 400,
+     "not_numeric"),
+    ("bool", PRED, auth(ALICE), GOOD.replace(b"0.5", b"true", 1), 400, "not_numeric"),
+    ("null", PRED, auth(ALICE), GOOD.replace(b"0.5", b"null", 1), 400, "not_numeric"),
+    ("NaN", PRED, auth(ALICE), GOOD.replace(b"0.5", b"NaN", 1), 400, "non_finite"),
+    ("Infinity", PRED, auth(ALICE), GOOD.replace(b"0.5", b"-Infinity", 1), 400, "non_finite"),
+    ("1e400", PRED, auth(ALICE), GOOD.replace(b"0.5", b"1e400", 1), 400, "non_finite"),
+    ("negative", PRED, auth(ALICE), GOOD.replace(b"0.5", b"-0.25", 1), 400, "out_of_range"),
+    ("above one", PRED, auth(ALICE), GOOD.replace(b"0.5", b"255", 1), 400, "out_of_range"),
+    ("huge int", PRED, auth(ALICE), GOOD.replace(b"0.5", b"1" + b"0" * 30, 1), 400, "out_of_range"),
+    ("b64 not base64", PRED, auth(ALICE), b'{"instances": [{"b64": "***"}]}', 400, "bad_base64"),
+    ("b64 wrong length", PRED, auth(ALICE), json.dumps({"instances": [b64(np.zeros(10))]}).encode(), 400, "bad_shape"),
+    ("b64 NaN", PRED, auth(ALICE), json.dumps({"instances": [b64(np.full((32, 32, 3), np.nan))]}).encode(), 400,
+     "non_finite"),
+    ("b64 extra key", PRED, auth(ALICE), b'{"instances": [{"b64": "", "x": 1}]}', 400, "bad_request"),
+    ("b64 mixed with lists", PRED, auth(ALICE), json.dumps({"instances": [b64(np.zeros((32, 32, 3))), _img()]}).encode(),
+     400, "bad_request"),
+    ("batch too large", PRED, auth(ALICE), json.dumps({"instances": [_img()] * 5}).encode(), 413, "batch_too_large"),
+    ("body too large", PRED, auth(ALICE), GOOD[:-1] + b" " * (1 << 20) + b"}", 413, "body_too_large"),
+    ("missing key", PRED, {}, GOOD, 401, "missing_key"),
+    ("bad auth scheme", PRED, {"Authorization": f"Basic {ALICE}"}, GOOD, 401, "bad_auth"),
+    ("unknown key", PRED, auth("mallory-key-0"), GOOD, 403, "unknown_key"),
+    ("unknown model", "/v1/models/other:predict", auth(ALICE), GOOD, 404, "unknown_model"),
+    ("unknown version", "/v1/models/secret/versions/2:predict", auth(ALICE), GOOD, 404, "unknown_version"),
+    ("unknown path", "/v2/predict", auth(ALICE), GOOD, 404, "http_404"),
+]
+
+
+@pytest.fixture(scope="module")
+def matrix_app(tiny, tmp_path_factory):
+    return app_client(tiny, tmp_path_factory.mktemp("logs"), max_batch=4, max_body_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_malformed_requests_get_the_right_4xx_and_cost_nothing(matrix_app, case):
+    app, client = matrix_app
+    _, path, headers, body, status, code = case
+    r = client.post(path, content=body, headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["code"] == code and len(err["error"]) > 10
+    assert all(u["spent"] == 0 for u in app.state.service.key_usage().values())
+
+
+def test_streamed_body_without_length_and_wrong_method(matrix_app):
+    app, client = matrix_app
+    r = client.post(PRED, content=iter([GOOD[:-1], b" " * (1 << 20), b"}"]), headers=auth(ALICE))
+    assert r.status_code == 413 and r.json()["code"] == "body_too_large"
+    r = client.put(PRED, content=GOOD, headers=auth(ALICE))
+    assert r.status_code == 405 and "POST" in r.json()["error"]
+    r = client.post(PRED, content=GOOD, headers=auth(ALICE))  # after all that, a good request works
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+
+
+# -- answers, keys, budgets, persistence ----------------------------------------------------------
+@pytest.mark.parametrize("output", ["label", "topk", "probs"])
+def test_answers_equal_the_in_process_oracle_in_every_mode(tiny, output):
+    _, client = app_client(tiny, output=output, top_k=3)
+    x = images(20, 1)
+    ref = Oracle(tiny, output=output, top_k=3).query(x)
+    for encoding in ("b64", "list"):
+        o = HttpOracle("http://srv", api_key=ALICE, output=output, encoding=encoding, transport=transport_for(client))
+        got = o.query(x)
+        for a, b in zip(ref if output == "topk" else [ref], got if output == "topk" else [got]):
+            np.testing.assert_array_equal(a, b)
+    if output == "probs":  # a client may ask for less than the server answers, never more
+        o = HttpOracle("http://srv", api_key=BOB, output="topk", top_k=2, transport=transport_for(client))
+        idx, p = o.query(x)
+        ref_idx, ref_p = Oracle(tiny, output="topk", top_k=2).query(x)
+        np.testing.assert_array_equal(idx, ref_idx)
+        np.testing.assert_array_equal(p, ref_p)
+    else:
+        with pytest.raises(ValueError, match="does not contain 'probs'"):
+            HttpOracle("http://srv", api_key=BOB, output="probs", transport=transport_for(client))
+
+
+def test_keys_cannot_see_or_spend_each_others_budget(tiny, tmp_path):
+    app, client = app_client(tiny, tmp_path, keys={ALICE: {"budget": 5, "name": "alice"}, BOB: {"budget": 5, "name": "bob"}})
+    x = images(5, 2)
+    body = lambda x: json.dumps({"instances": [b64(i) for i in x]}).encode()  # noqa: E731
+    st = lambda k: client.get("/v1/models/secret", headers=auth(k)).json()["stealnb"]["key"]  # noqa: E731
+
+    r = client.post(PRED, content=body(x[:3]), headers=auth(ALICE))
+    assert r.status_code == 200 and r.headers["X-Budget-Remaining"] == "2"
+    assert st(ALICE)["spent"] == 3 and st(BOB)["spent"] == 0
+    text = client.get("/v1/models/secret", headers=auth(ALICE)).text
+    assert "bob" not in text and server.key_id(BOB) not in text and BOB not in text
+    # the same samples asked by bob are bob's to pay: alice's spending buys bob nothing
+    assert client.post(PRED, content=body(x[:3]), headers=auth(BOB)).status_code == 200
+    assert st(ALICE)["spent"] == 3 and st(BOB)["spent"] == 3
+    # repeats are free for the key that paid them
+    assert client.post(PRED, content=body(x[:3]), headers=auth(ALICE)).status_code == 200 and st(ALICE)["spent"] == 3
+    # alice's budget ends: refused as a whole, nothing charged, bob unaffected
+    r = client.post(PRED, content=body(images(3, 3)), headers=auth(ALICE))
+    assert r.status_code == 402 and r.json() | {"error": ""} == {"error": "", "code": "budget_exceeded", "budget": 5,
+                                                                "spent": 3, "asked": 3}
+    assert st(ALICE)["spent"] == 3
+    assert client.post(PRED, content=body(images(2, 4)), headers=auth(BOB)).status_code == 200 and st(BOB)["spent"] == 5
+    # the client turns the server's 402 into BudgetExceeded and keeps what was answered
+    o = HttpOracle("http://srv", api_key=ALICE, transport=transport_for(client), batch_size=1)
+    with pytest.raises(BudgetExceeded) as e:
+        o.query(images(3, 5))
+    assert o.spent == 2 and e.value.budget == 5 and st(ALICE)["spent"] == 5
+    logs = sorted((tmp_path / "keys").glob("*.jsonl"))
+    assert {p.stem for p in logs} == {server.key_id(ALICE), server.key_id(BOB)}
+
+
+def test_spending_survives_a_restart_and_a_torn_log_line(tiny, tmp_path):
+    keys = {ALICE: {"budget": 10}}
+    app, client = app_client(tiny, tmp_path, keys=keys)
+    x = images(6, 7)
+    body = json.dumps({"instances": [b64(i) for i in x]}).encode()
+    first = client.post(PRED, content=body, headers=auth(ALICE)).json()["predictions"]
+    app.state.service.close()
+    log = tmp_path / "keys" / f"{server.key_id(ALICE)}.jsonl"
+    with open(log, "ab") as f:
+        f.write(b'{"t": 1, "status": 200, "fp": ["ab')  # crash mid-write
+    with pytest.warns(UserWarning, match="torn last line"):
+        app2, client2 = app_client(tiny, tmp_path, keys=keys)
+    assert app2.state.service.key_usage()[server.key_id(ALICE)]["spent"] == 6
+    r = client2.post(PRED, content=body, headers=auth(ALICE))  # already paid: free, same answers
+    assert r.json()["predictions"] == first and r.headers["X-Budget-Spent"] == "6"
+    r = client2.post(PRED, content=json.dumps({"instances": [b64(i) for i in images(5, 8)]}).encode(), headers=auth(ALICE))
+    assert r.status_code == 402  # 6 + 5 > 10: the restart did not reset the budget
+    with open(log, "r+b") as f:  # corruption in the middle is not guessed around
+        f.seek(0)
+        f.write(b"#")
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        app_client(tiny, tmp_path, keys=keys)
+
+
+def test_rate_limit_answers_429_with_retry_after(tiny):
+    _, client = app_client(tiny, keys={ALICE: {"rate": 0.5, "burst": 2}})
+    codes = [client.post(PRED, content=GOOD, headers=auth(ALICE)) for _ in range(3)]
+    assert [r.status_code for r in codes] == [200, 200, 429]
+    r = codes[-1]
+    assert r.json()["code"] == "rate_limited" and int(r.headers["Retry-After"]) == 2 and 1.5 < r.json()["retry_after"] <= 2
+
+
+def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
+    rng = np.random.default_rng(0)
+    base = list(rng.uniform(0.2, 0.8, (8, 32, 32, 3)).astype(np.float32))
+    while len(base) < 200:  # JbDA-like: new seeds or small sign steps from earlier queries
+        if rng.random() < 0.3:
+            base.append(rng.uniform(0.2, 0.8, (32, 32, 3)).astype(np.float32))
+        else:
+            p = base[rng.integers(len(base))]
+            base.append(np.clip(p + 0.02 * np.sign(rng.normal(size=p.shape)), 0, 1).astype(np.float32))
+    x = np.asarray(base)
+    truth = Oracle(tiny).query(x)
+    prada = {"delta": 0.9, "min_queries": 40}
+    for action in ("block", "poison"):
+        app, client = app_client(tiny, tmp_path / action, keys={ALICE: None},
+                                 defense={"prada": {**prada, "action": action}})
+        answers, statuses = [], []
+        for s in range(0, len(x), 10):
+            r = client.post(PRED, content=json.dumps({"instances": [b64(i) for i in x[s : s + 10]]}).encode(),
+                            headers=auth(ALICE))
+            statuses.append(r.status_code)
+            answers += r.json().get("predictions", [None] * 10)
+        flagged_at = app.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"]
+        assert flagged_at is not None and 40 < flagged_at <= len(x)
+        req = (flagged_at - 1) // 10  # the request that raised the alarm
+        assert all(s == 200 for s in statuses[:req])
+        assert answers[: req * 10] == truth[: req * 10].tolist()
+        if action == "block":
+            assert all(s == 403 for s in statuses[req:])
+            assert r.json()["code"] == "blocked"
+        else:
+            assert all(s == 200 for s in statuses)
+            after = np.asarray(answers[req * 10 :])
+            assert (after != truth[req * 10 :]).all()  # every answer after the alarm is a lie
+        log = (tmp_path / action / "keys" / f"{server.key_id(ALICE)}.jsonl").read_text()
+        assert f'"event":"prada_flag","query":{flagged_at}' in log
+    app2, client2 = app_client(tiny, tmp_path / "block", keys={ALICE: None}, defense={"prada": {**prada, "action": "block"}})
+    assert client2.post(PRED, content=GOOD, headers=auth(ALICE)).status_code == 403  # the alarm survives a restart
+    # a benign stream of independent images is not flagged
+    app3, client3 = app_client(tiny, keys={ALICE: None}, defense={"prada": {**prada, "action": "block"}})
+    xb = images(200, 9)
+    for s in range(0, 200, 20):
+        r = client3.post(PRED, content=json.dumps({"instances": [b64(i) for i in xb[s : s + 20]]}).encode(),
+                         headers=auth(ALICE))
+        assert r.status_code == 200
+    assert app3.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"] is None
+
+
+# -- HttpOracle: retries, errors, ledger ---------------------------------------------------------
+def test_http_oracle_retries_with_backoff_then_succeeds(tiny, tmp_path):
+    _, client = app_client(tiny)
+    sleeps, calls = [], []
+    fail = [503, 429, httpx.ConnectError("refused"), httpx.ReadTimeout("slow")]
+    o = HttpOracle("http://srv", api_key=ALICE, ledger=tmp_path / "ledger.bin", sleep=sleeps.append, backoff=0.5,
+                   transport=transport_for(client, fail, calls))
+    x = images(8, 11)
+    np.testing.assert_array_equal(o.query(x), Oracle(tiny).query(x))
+    assert len(calls) == 5 and o.retried == 4 and o.requests == 1
+    assert sleeps == [0.5, 1.0, 2.0, 4.0]  # exponential backoff (Retry-After: 0 is shorter)
+    # a known sample is answered from the ledger, with no request, also by a new client
+    o2 = HttpOracle("http://srv", api_key=ALICE, ledger=tmp_path / "ledger.bin", transport=transport_for(client, (), calls))
+    np.testing.assert_array_equal(o2.query(x[::-1]), Oracle(tiny).query(x[::-1]))
+    assert len(calls) == 5 and o2.spent == 8 and o2.replayed == 8
+
+
+def test_http_oracle_gives_up_and_reports_4xx_at_once(tiny):
+    _, client = app_client(tiny)
+    sleeps = []
+    o = HttpOracle("http://srv", api_key=ALICE, retries=3, sleep=sleeps.append, transport=transport_for(client, [503] * 4))
+    with pytest.raises(OracleHTTPError, match="gave up after 4 attempts") as e:
+        o.query(images(2, 12))
+    assert e.value.status == 503 and len(sleeps) == 3 and o.spent == 0
+    calls = []
+    o = HttpOracle("http://srv", api_key=ALICE, sleep=sleeps.append, transport=transport_for(client, [400], calls))
+    with pytest.raises(OracleHTTPError) as e:
+        o.query(images(2, 12))
+    assert e.value.status == 400 and len(calls) == 1  # not retried
+    with pytest.raises(OracleHTTPError, match="unknown API key") as e:
+        HttpOracle("http://srv", api_key="mallory-key-0", transport=transport_for(client))
+    assert e.value.status == 403 and e.value.code == "unknown_key"
+    with pytest.raises(OracleHTTPError, match="no model named"):
+        HttpOracle("http://srv", model="other", api_key=ALICE, transport=transport_for(client))
+
+
+# -- an extraction over real HTTP, with the server killed mid-attack ------------------------------
+@pytest.fixture(scope="module")
+def secret_dir(tmp_path_factory):
+    prof = profiles.get_profile("ci").with_(epochs=1)
+    res = train.train_secret(data.load_dataset("digits"), "cnn-tiny", prof, seed=0, progress=False)
+    return res.save(tmp_path_factory.mktemp("secret"))
+
+
+def _config():
+    return extraction.ExtractionConfig(strategy="kcenter", substitute="cnn-tiny", budgets=(80, 100), seed_size=40,
+                                       val_size=20, round_size=20, epochs=2, patience=None, seed=3)
+
+
+def _comparable(ex):
+    drop = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
+    return [drop(r) for r in ex.records], {b: drop(r) for b, r in ex.summary()["budgets"].items()}
+
+
+def _start_server(secret_dir, port, log_dir, keys_file):
+    cmd = [sys.executable, "-m", "stealnb.cli", "serve", "--model", str(secret_dir), "--port", str(port),
+           "--log-dir", str(log_dir), "--keys", str(keys_file)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models/secret", headers=auth(ALICE), timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, "stealnb serve exited at start-up"
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("stealnb serve did not come up")
+
+
+def _answered(log):
+    return [json.loads(line) for line in log.read_text().splitlines() if json.loads(line).get("status") == 200] \
+        if log.exists() else []
+
+
+def test_extraction_over_http_matches_in_process_and_survives_a_server_kill(secret_dir, tmp_path):
+    model, _ = train.load_secret(secret_dir)
+    ds = data.load_dataset("digits")
+    pool = data.load_pool("natural-patches", n=500, seed=0)
+    ref = extraction.Extraction(Oracle(model, budget=100), pool, ds.x_test, ds.y_test, _config(), secret=model)
+    ref.run()
+
+    import socket
+
+    with socket.socket() as s:  # a free port, reused for the restarted server
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({ALICE: {"budget": 100}}))
+    log_dir = tmp_path / "serve"
+    log = log_dir / "keys" / f"{server.key_id(ALICE)}.jsonl"
+    procs = [_start_server(secret_dir, port, log_dir, keys_file)]
+    killed = threading.Event()
+
+    def killer():  # SIGKILL the server once it has answered 2 requests, then restart it
+        while len(_answered(log)) < 2:
+            time.sleep(0.02)
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait()
+        killed.set()
+        time.sleep(0.5)
+        procs.append(_start_server(secret_dir, port, log_dir, keys_file))
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        orc = HttpOracle(f"http://127.0.0.1:{port}", api_key=ALICE, budget=100, ledger=tmp_path / "ledger.bin",
+                         backoff=0.25, max_backoff=4.0, retries=12)
+        ex = extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path / "run")
+        ex.run()
+        t.join(timeout=60)
+        assert killed.is_set() and len(procs) == 2 and orc.retried > 0  # the attack did hit the dead server
+        assert _comparable(ex) == _comparable(ref)
+        # nothing paid twice: 100 distinct samples in the client's ledger and in the server's log
+        assert len(oracle.read_ledger(tmp_path / "ledger.bin")[0]) - 1 == 100 == orc.spent
+        fps = [fp for rec in _answered(log) for fp in rec["fp"]]
+        assert len(fps) == len(set(fps)) == 100
+        assert orc.server_status()["stealnb"]["key"]["spent"] == 100
+        assert len(ex.records) == 3 and ex.summary()["oracle_spent"] == 100
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=10)
+
+
+def test_copycat_cli_takes_an_oracle_url():
+    from stealnb import cli
+
+    args = cli.build_parser().parse_args(["copycat", "--variant", "npdd", "--secret", "s", "--oracle-url",
+                                          "http://127.0.0.1:8500", "--model-name", "m", "--api-key", "k"])
+    assert (args.oracle_url, args.model_name, args.api_key) == ("http://127.0.0.1:8500", "m", "k")
+
+
+def test_output_defenses_in_the_server(tiny):
+    x = images(6, 13)
+    body = json.dumps({"instances": [b64(i) for i in x]}).encode()
+    probs = Oracle(tiny, output="probs").query(x).astype(np.float64)
+    _, client = app_client(tiny, output="probs", keys={ALICE: None}, defense={"perturbation": {"name": "round", "decimals": 2}})
+    got = np.asarray(client.post(PRED, content=body, headers=auth(ALICE)).json()["predictions"])
+    np.testing.assert_allclose(got, np.round(probs, 2), atol=1e-6)
+    # ADMIS with tau = 1 and a steep sigmoid answers (almost) only the misinformation model
+    mis = models.build("cnn-tiny", seed=9)
+    _, client = app_client(tiny, output="label", keys={ALICE: None},
+                           defense={"admis": {"misinformation_model": mis, "tau": 1.0, "nu": 1e6}})
+    got = client.post(PRED, content=body, headers=auth(ALICE)).json()["predictions"]
+    assert got == Oracle(mis).query(x).tolist()
+    with pytest.raises(ValueError, match="soft-label modes"):
+        server.create_app(tiny, keys={ALICE: None}, defense={"perturbation": {"name": "round"}})
+    with pytest.raises(ValueError, match="unknown part"):
+        server.create_app(tiny, keys={ALICE: None}, defense={"firewall": {}})
+    with pytest.raises(ValueError, match="at least 8 characters"):
+        server.create_app(tiny, keys={"short": None})
+
+
+def test_cli_key_and_perturbation_arguments():
+    assert server._parse_key_arg("abcdefgh:500:2.5") == ("abcdefgh", {"budget": 500, "rate": 2.5})
+    assert server._parse_key_arg("abcdefgh::1") == ("abcdefgh", {"rate": 1.0})
+    assert server._parse_perturb("reverse_sigmoid:beta=0.4,gamma=2") == {"name": "reverse_sigmoid", "beta": 0.4, "gamma": 2}
+    with pytest.raises(ValueError, match="KEY"):
+        server._parse_key_arg("a:b:c:d")
