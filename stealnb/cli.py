@@ -79,16 +79,22 @@ def _cmd_extract(args) -> int:
     elif not (dataset and arch):
         raise ValueError("extract: give --secret DIR, or --dataset and --arch (trained on demand)")
     oracle = None
+    resume = args.resume
     if args.oracle_url:
+        import shutil
+
         from .oracle import HttpOracle
 
+        if not resume and args.out.exists():  # a fresh run: clear it before the client opens its ledger
+            shutil.rmtree(args.out)
+        resume = True  # nothing left to resume; keeps run_extraction from deleting the new ledger
         budgets = overrides.get("budgets", prof.budgets)
         args.out.mkdir(parents=True, exist_ok=True)
         oracle = HttpOracle(args.oracle_url, model=args.model_name, api_key=args.api_key,
                             ledger=args.out / "ledger.bin", budget=budgets[-1])
     ex = extraction.run_extraction(
         dataset, arch, args.strategy, prof, seed=args.seed, results=args.results,
-        out=args.out, data_root=args.data_root, resume=args.resume, progress=not args.quiet,
+        out=args.out, data_root=args.data_root, resume=resume, progress=not args.quiet,
         oracle=oracle, secret_dir=args.secret, **overrides,
     )
     s = ex.summary()
