@@ -1,0 +1,461 @@
+"""``stealnb run``: execute the notebook grid of a profile with papermill, then build the book.
+
+The grid (:func:`plan`) has one executed notebook per
+
+* dataset: ``01_eda``;
+* secret (dataset × architecture): ``02_secret``, ``03_extraction`` per strategy, ``05_copycat``;
+* the profile's first secret: ``06_defenses`` and ``07_interactive``;
+* profile: ``04_results``, which gathers every run's result files (run last).
+
+Secrets come from the profile; with ``--with-optional``, ``optional_secrets`` join when their
+dataset is present locally (the demo's Fashion-MNIST secret: 60k images make it the slow part).
+
+**Skipping unchanged work.** Each task has two keys (SHA-256):
+
+* the *results key*: the notebook's cells, its parameters, the profile's settings, the source of
+  the package modules that compute results (everything but :data:`PRESENTATION_MODULES`) and
+  the results keys of the tasks it depends on;
+* the *notebook key*: the results key plus the presentation modules (plots, tables, book).
+
+A task whose notebook key matches the stamp of its last successful run (and whose executed
+notebook still exists) is skipped. When only the notebook key changed, the notebook is executed
+again and reads its finished results back (extractions resume, secrets load). When the results
+key changed, or the task never finished, the task's result folders are deleted first, so a
+notebook never reuses results computed by other code or settings. ``--force`` reruns every
+notebook and deletes every task's results. An interrupted run keeps its partial results (its
+stamp records the results key before the notebook starts), so the next run resumes them.
+
+Executed notebooks are build products: they go to ``results/<profile>/notebooks/`` and are
+copied into ``book/generated/`` (git-ignored) just before the book is built; the book renders
+them without executing anything (``execute_notebooks: off``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import layout
+from .profiles import Profile, get_profile
+
+NOTEBOOKS = {
+    "eda": "01_eda.ipynb",
+    "secret": "02_secret.ipynb",
+    "extraction": "03_extraction.ipynb",
+    "results": "04_results.ipynb",
+    "copycat": "05_copycat.ipynb",
+    "defenses": "06_defenses.ipynb",
+    "interactive": "07_interactive.ipynb",
+}
+BOOK_GENERATED = Path("book") / "generated"
+
+
+def project_root() -> Path:
+    """The folder with ``_config.yml``, ``_toc.yml``, ``book/`` and ``notebooks/`` (a source checkout)."""
+    for cand in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (cand / "_config.yml").is_file() and (cand / "notebooks").is_dir():
+            return cand
+    raise FileNotFoundError(
+        "stealnb run needs a source checkout (with _config.yml, _toc.yml, book/ and notebooks/); "
+        f"none found at {Path(__file__).resolve().parents[1]} or the current directory {Path.cwd()}")
+
+
+@dataclass
+class Task:
+    """One notebook execution: ``id`` is ``<chapter>/<name>`` (also its place in the book)."""
+
+    id: str
+    notebook: str  # file name under notebooks/
+    params: dict
+    deps: list[str] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)  # result folders owned by this task
+    key: str = ""  # notebook key: rerun the notebook when it changes
+    results_key: str = ""  # results key: delete the task's results when it changes
+
+    @property
+    def chapter(self) -> str:
+        return self.id.split("/", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.id.split("/", 1)[1]
+
+
+def _present_datasets(data_root) -> set[str]:
+    from . import data
+
+    return {r["name"] for r in data.list_local(data_root) if r.get("present")}
+
+
+def secrets_of(prof: Profile, data_root=None, optional: bool = True) -> list[tuple[str, str]]:
+    """The profile's secrets, plus (``optional=True``) its optional ones whose dataset is present."""
+    out = list(prof.secrets)
+    if optional and prof.optional_secrets:
+        present = _present_datasets(data_root)
+        out += [s for s in prof.optional_secrets if s[0] in present and s not in out]
+    return out
+
+
+def plan(profile: str | Profile, results, data_root=None, optional: bool = False) -> list[Task]:
+    """The ordered task list (dependencies before dependants) for ``profile``; ``optional``
+    adds the profile's optional secrets whose data is present (demo: Fashion-MNIST)."""
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    results = Path(results).resolve()
+    common = {"profile": prof.name, "results_dir": str(results),
+              "data_root": None if data_root is None else str(Path(data_root).resolve())}
+    secrets = secrets_of(prof, data_root, optional)
+    tasks: list[Task] = []
+    for ds in dict.fromkeys(d for d, _ in secrets):
+        tasks.append(Task(f"eda/{ds}", NOTEBOOKS["eda"], {**common, "dataset": ds}))
+    for ds, arch in secrets:
+        tag = f"{ds}-{arch}"
+        sec = f"secret/{tag}"
+        tasks.append(Task(sec, NOTEBOOKS["secret"], {**common, "dataset": ds, "arch": arch},
+                          outputs=[layout.secret_dir(results, prof.name, ds, arch)]))
+        for strat in prof.strategies:
+            tasks.append(Task(
+                f"extraction/{tag}-{strat}", NOTEBOOKS["extraction"],
+                {**common, "dataset": ds, "arch": arch, "strategy": strat, "seeds": list(prof.seeds)},
+                deps=[sec],
+                outputs=[layout.extraction_dir(results, prof.name, ds, arch, strat, 0).parent]))
+        tasks.append(Task(f"copycat/{tag}", NOTEBOOKS["copycat"],
+                          {**common, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)},
+                          deps=[sec], outputs=[layout.profile_dir(results, prof.name) / "copycat" / tag]))
+    ds, arch = secrets[0]
+    tag = f"{ds}-{arch}"
+    # The defenses notebook attacks the secret with the runs of the extraction and Copycat
+    # notebooks (seed 0): it runs after them and reads their results back.
+    tasks.append(Task(f"defenses/{tag}", NOTEBOOKS["defenses"], {**common, "dataset": ds, "arch": arch},
+                      deps=[f"secret/{tag}", f"copycat/{tag}", *(f"extraction/{tag}-{s}" for s in prof.strategies)],
+                      outputs=[layout.defenses_dir(results, prof.name, ds, arch)]))
+    tasks.append(Task(f"interactive/{tag}", NOTEBOOKS["interactive"], {**common, "dataset": ds, "arch": arch},
+                      deps=[f"secret/{tag}"]))
+    # The results chapter reads every other task's files, so it depends on all of them.
+    tasks.append(Task("results/results", NOTEBOOKS["results"], dict(common), deps=[t.id for t in tasks]))
+    return tasks
+
+
+def _code_hash(nb_path: Path) -> str:
+    """Hash of a notebook's code cells and their tags (narrative edits rerun too: the text is in the book)."""
+    nb = json.loads(nb_path.read_text())
+    cells = [(c["cell_type"], "".join(c["source"]), sorted(c.get("metadata", {}).get("tags", [])))
+             for c in nb["cells"]]
+    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
+
+
+# Modules that only present results (figures, tables, the book, the CLI, the server): changing
+# them re-executes notebooks but keeps their computed results.
+PRESENTATION_MODULES = frozenset({"plots.py", "results.py", "pipeline.py", "bookcheck.py", "sphinxext.py",
+                                  "cli.py", "server.py", "layout.py"})
+
+
+def package_hash(presentation: bool = False) -> str:
+    """Hash of the ``stealnb`` package's source: the modules that compute results, or (with
+    ``presentation=True``) the presentation modules only."""
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for p in sorted(pkg.rglob("*")):
+        if not (p.is_file() and p.suffix in (".py", ".json") and "__pycache__" not in p.parts):
+            continue
+        if (p.name in PRESENTATION_MODULES and p.parent == pkg) != presentation:
+            continue
+        h.update(str(p.relative_to(pkg)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _sha(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def assign_keys(tasks: list[Task], prof: Profile, notebooks_dir: Path) -> None:
+    """Set each task's ``results_key`` and ``key`` (the notebook key); see the module docstring."""
+    nb_missing = sorted({t.notebook for t in tasks if not (notebooks_dir / t.notebook).is_file()})
+    if nb_missing:
+        raise FileNotFoundError(f"notebooks missing from {notebooks_dir}: {', '.join(nb_missing)}")
+    compute, present = package_hash(False), package_hash(True)
+    by_id = {}
+    for t in tasks:
+        t.results_key = _sha({
+            "notebook": _code_hash(notebooks_dir / t.notebook),
+            "params": t.params,
+            "profile": prof.to_dict(),
+            "package": compute,
+            "deps": [by_id[d].results_key for d in t.deps],
+        })
+        t.key = _sha({"results": t.results_key, "presentation": present, "deps": [by_id[d].key for d in t.deps]})
+        by_id[t.id] = t
+
+
+def _stamp_path(run_dir: Path, task: Task) -> Path:
+    return run_dir / "stamps" / (task.id.replace("/", "__") + ".json")
+
+
+def _executed_path(run_dir: Path, task: Task) -> Path:
+    return run_dir / "notebooks" / task.chapter / f"{task.name}.ipynb"
+
+
+def _stamp(run_dir: Path, task: Task) -> dict:
+    try:
+        return json.loads(_stamp_path(run_dir, task).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return {}
+
+
+def is_current(run_dir: Path, task: Task) -> bool:
+    """The task's notebook ran successfully with the same notebook key."""
+    return _executed_path(run_dir, task).is_file() and _stamp(run_dir, task).get("key") == task.key
+
+
+def results_current(run_dir: Path, task: Task) -> bool:
+    """The task's results were computed (and finished) with the same results key."""
+    return _stamp(run_dir, task).get("results_key") == task.results_key
+
+
+def _kernel_env() -> dict:
+    env = dict(os.environ)
+    # The kernel must be this interpreter (the venv's), even when the venv is not activated.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    # TensorFlow's C++ logging (level 3 also hides spurious "NodeDef ... use_unbounded_threadpool"
+    # error lines) would otherwise end up in the book's pages; Python exceptions still show.
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    return env
+
+
+def _start(task: Task, root: Path, run_dir: Path, log_dir: Path) -> tuple[subprocess.Popen, Path]:
+    out = _executed_path(run_dir, task)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = run_dir / "params" / (task.id.replace("/", "__") + ".json")
+    params.parent.mkdir(parents=True, exist_ok=True)
+    params.write_text(json.dumps(task.params, indent=2))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / (task.id.replace("/", "__") + ".log")
+    cmd = [sys.executable, "-m", "papermill", str(root / "notebooks" / task.notebook), str(out),
+           "-f", str(params), "--cwd", str(root / "notebooks"), "-k", "python3",
+           "--no-progress-bar", "--log-output"]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_kernel_env(), cwd=root)
+    return proc, log
+
+
+def execute(tasks: list[Task], *, root: Path, run_dir: Path, jobs: int = 1, force: bool = False,
+            progress: bool = True) -> dict:
+    """Run the tasks that are not current, ``jobs`` at a time, respecting dependencies.
+
+    Returns ``{"ran": [...], "skipped": [...], "failed": [...], "blocked": [...], "seconds": {...}}``.
+    A failed task's dependants are not started; independent tasks still run.
+    """
+    from tqdm.auto import tqdm
+
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    status: dict[str, str] = {}
+    report = {"ran": [], "skipped": [], "failed": [], "blocked": [], "seconds": {}}
+    for t in tasks:
+        if not force and is_current(run_dir, t):
+            status[t.id] = "done"
+            report["skipped"].append(t.id)
+    pending = [t for t in tasks if t.id not in status]
+    running: dict[str, tuple[subprocess.Popen, Path, float, Task]] = {}
+    log_dir = run_dir / "logs"
+    bar = tqdm(total=len(tasks), initial=len(report["skipped"]), desc="notebooks", unit="nb",
+               disable=not progress, file=sys.stdout)
+    if progress and report["skipped"]:
+        bar.write(f"skipping {len(report['skipped'])} unchanged notebook(s)")
+    try:
+        while pending or running:
+            # Start whatever is ready.
+            for t in list(pending):
+                if len(running) >= jobs:
+                    break
+                dep_states = [status.get(d) for d in t.deps]
+                if any(s in ("failed", "blocked") for s in dep_states):
+                    status[t.id] = "blocked"
+                    report["blocked"].append(t.id)
+                    pending.remove(t)
+                    bar.update(1)
+                    continue
+                if all(s == "done" for s in dep_states):
+                    if force or not results_current(run_dir, t):
+                        # Results of other code or settings are not reused.
+                        for o in t.outputs:
+                            if o.exists():
+                                shutil.rmtree(o)
+                    # Recorded before running: if this run dies (a crash, Ctrl-C, kill -9), the next
+                    # one keeps the partial results and the notebook resumes them (same results key).
+                    stamp = _stamp_path(run_dir, t)
+                    stamp.parent.mkdir(parents=True, exist_ok=True)
+                    stamp.write_text(json.dumps({"key": None, "results_key": t.results_key, "started": time.time()}))
+                    proc, log = _start(t, root, run_dir, log_dir)
+                    running[t.id] = (proc, log, time.perf_counter(), t)
+                    pending.remove(t)
+                    bar.set_postfix_str(", ".join(running), refresh=True)
+            if not running and pending:
+                # Nothing can start: every pending task waits on a blocked or failed one.
+                for t in pending:
+                    status[t.id] = "blocked"
+                    report["blocked"].append(t.id)
+                    bar.update(1)
+                pending = []
+                break
+            time.sleep(0.5)
+            for tid, (proc, log, t0, t) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                secs = round(time.perf_counter() - t0, 1)
+                report["seconds"][tid] = secs
+                del running[tid]
+                if rc == 0:
+                    status[tid] = "done"
+                    report["ran"].append(tid)
+                    stamp = _stamp_path(run_dir, t)
+                    stamp.parent.mkdir(parents=True, exist_ok=True)
+                    stamp.write_text(json.dumps({"key": t.key, "results_key": t.results_key, "seconds": secs,
+                                                 "params": t.params}, indent=2))
+                    bar.write(f"  ran    {tid} ({secs:.0f} s)")
+                else:
+                    status[tid] = "failed"
+                    report["failed"].append(tid)
+                    bar.write(f"  FAILED {tid} after {secs:.0f} s (exit {rc}); log: {log}")
+                bar.update(1)
+                bar.set_postfix_str(", ".join(running), refresh=True)
+    finally:
+        for proc, *_ in running.values():
+            proc.kill()
+        bar.close()
+    return report
+
+
+def assemble_book(tasks: list[Task], *, root: Path, run_dir: Path) -> Path:
+    """Copy this run's executed notebooks into ``book/generated/`` (replacing any earlier run's)."""
+    gen = root / BOOK_GENERATED
+    if gen.exists():
+        shutil.rmtree(gen)
+    for t in tasks:
+        src = _executed_path(run_dir, t)
+        if src.is_file():
+            dst = gen / t.chapter / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            nb = json.loads(src.read_text())
+            _retitle(nb, t)
+            # Widget state (~10 MB for the interactive panel) cannot render in a static, offline
+            # page (its JavaScript would come from a CDN); the notebooks show static figures.
+            nb.get("metadata", {}).pop("widgets", None)
+            dst.write_text(json.dumps(nb))
+    return gen
+
+
+def _retitle(nb: dict, task: Task) -> None:
+    """Give each executed copy a title naming its parameters (the book lists many copies of the
+    same notebook): ``# Extraction`` becomes ``# Extraction: digits / cnn-tiny / kcenter``."""
+    label = " / ".join(str(task.params[k]) for k in ("dataset", "arch", "strategy") if task.params.get(k))
+    if not label:
+        return
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "markdown":
+            continue
+        src = "".join(cell.get("source", []))
+        if src.startswith("# "):
+            first, _, rest = src.partition("\n")
+            cell["source"] = f"{first}: {label}" + ("\n" + rest if rest else "")
+        return
+
+
+def build_book(root: Path, *, warnings_as_errors: bool = True, log: Path | None = None) -> Path:
+    """``jupyter-book build`` (Sphinx, HTML) of ``root``; returns the path of ``index.html``."""
+    exe = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(root), "--builder", "html"]
+    if warnings_as_errors:
+        cmd += ["-W", "-n", "--keep-going"]
+    res = subprocess.run(cmd, cwd=root, env=_kernel_env(), capture_output=True, text=True)
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(res.stdout + "\n" + res.stderr)
+    if res.returncode != 0:
+        tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-30:])
+        raise RuntimeError(f"jupyter-book build failed (exit {res.returncode}):\n{tail}")
+    return root / "_build" / "html" / "index.html"
+
+
+def run(profile: str = "demo", *, results="results", data_root=None, jobs: int = 1, force: bool = False,
+        book: bool = True, only: str | None = None, progress: bool = True, root=None,
+        optional: bool = False) -> dict:
+    """Execute ``profile``'s grid and build the book; returns the execution report (+ ``book``).
+
+    ``root`` is the project folder (``_config.yml``, ``_toc.yml``, ``book/``, ``notebooks/``);
+    default: the source checkout this package is installed from."""
+    root = project_root() if root is None else Path(root).resolve()
+    prof = get_profile(profile)
+    results = Path(results)
+    if not results.is_absolute():
+        results = (Path.cwd() / results)
+    run_dir = layout.profile_dir(results, prof.name)
+    tasks = plan(prof, results, data_root, optional)
+    assign_keys(tasks, prof, root / "notebooks")
+    selected = tasks
+    if only:
+        keep = {t.id for t in tasks if only in t.id}
+        if not keep:
+            raise ValueError(f"--only {only!r} matches no task; tasks are: {', '.join(t.id for t in tasks)}")
+        # A selected task needs its dependencies too.
+        by_id = {t.id: t for t in tasks}
+        stack = list(keep)
+        while stack:
+            for d in by_id[stack.pop()].deps:
+                if d not in keep:
+                    keep.add(d)
+                    stack.append(d)
+        selected = [t for t in tasks if t.id in keep]
+    t0 = time.perf_counter()
+    report = execute(selected, root=root, run_dir=run_dir, jobs=jobs, force=force, progress=progress)
+    report["notebook_seconds"] = round(time.perf_counter() - t0, 1)
+    report["book"] = None
+    if book and not report["failed"] and not report["blocked"]:
+        if only:
+            raise ValueError("--only runs part of the grid; build the book from a full run (drop --only or add --no-book)")
+        assemble_book(tasks, root=root, run_dir=run_dir)
+        t1 = time.perf_counter()
+        report["book"] = str(build_book(root, log=run_dir / "logs" / "book.log"))
+        report["book_seconds"] = round(time.perf_counter() - t1, 1)
+    report["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    (run_dir / "pipeline.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _cmd_run(args) -> int:
+    rep = run(args.profile, results=args.results, data_root=args.data_root, jobs=args.jobs, force=args.force,
+              book=not args.no_book, only=args.only, progress=not args.quiet, optional=args.with_optional)
+    print(f"{len(rep['ran'])} notebook(s) executed, {len(rep['skipped'])} unchanged and skipped, "
+          f"{len(rep['failed'])} failed, {len(rep['blocked'])} blocked; {rep['seconds']['total']:.0f} s")
+    if rep["failed"] or rep["blocked"]:
+        for t in rep["failed"]:
+            print(f"  failed: {t}")
+        for t in rep["blocked"]:
+            print(f"  blocked (a dependency failed): {t}")
+        return 1
+    if rep["book"]:
+        print(f"book: {rep['book']}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    r = subparsers.add_parser("run", help="execute a profile's notebook grid with papermill, then build the book")
+    r.add_argument("--profile", default="demo", choices=["ci", "demo", "paper"])
+    r.add_argument("--results", type=Path, default=Path("results"), help="results root (default: ./results)")
+    r.add_argument("--jobs", type=int, default=1, help="notebooks executed in parallel processes")
+    r.add_argument("--force", action="store_true", help="rerun every notebook, even unchanged ones")
+    r.add_argument("--no-book", action="store_true", help="execute the notebooks only")
+    r.add_argument("--only", default=None, help="run only tasks whose id contains this text (and their dependencies)")
+    r.add_argument("--with-optional", action="store_true",
+                   help="add the profile's optional secrets whose data is present (demo: Fashion-MNIST, "
+                        "about 35 more minutes on 2 cores)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_run)

@@ -1,0 +1,157 @@
+"""stealnb.pipeline: the grid, the keys that decide what reruns, and the scheduler (on tiny notebooks)."""
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from stealnb import layout, pipeline
+from stealnb.profiles import PROFILES
+
+
+def test_plan_covers_the_grid_in_dependency_order(tmp_path):
+    prof = PROFILES["ci"]
+    tasks = pipeline.plan(prof, tmp_path)
+    ids = [t.id for t in tasks]
+    assert len(ids) == len(set(ids))
+    ds, arch = prof.secrets[0]
+    for strat in prof.strategies:
+        assert f"extraction/{ds}-{arch}-{strat}" in ids
+    for prefix in ("eda/", "secret/", "copycat/", "defenses/", "interactive/"):
+        assert any(i.startswith(prefix) for i in ids), prefix
+    assert ids[-1] == "results/results"
+    seen = set()
+    for t in tasks:  # every dependency comes earlier
+        assert set(t.deps) <= seen, t.id
+        seen.add(t.id)
+    ex = next(t for t in tasks if t.chapter == "extraction")
+    assert ex.params["profile"] == "ci" and ex.params["results_dir"] == str(tmp_path.resolve())
+    assert ex.params["seeds"] == list(prof.seeds)
+    assert ex.outputs == [layout.extraction_dir(tmp_path.resolve(), "ci", ds, arch, ex.params["strategy"], 0).parent]
+    for t in tasks:  # every notebook the plan names exists
+        assert (Path(pipeline.__file__).parents[1] / "notebooks" / t.notebook).is_file(), t.notebook
+
+
+def test_optional_secret_joins_only_when_its_data_is_present(tmp_path, monkeypatch):
+    prof = PROFILES["demo"]
+    assert prof.optional_secrets
+    monkeypatch.setattr(pipeline, "_present_datasets", lambda root: set())
+    assert pipeline.secrets_of(prof) == list(prof.secrets)
+    monkeypatch.setattr(pipeline, "_present_datasets", lambda root: {d for d, _ in prof.optional_secrets})
+    assert pipeline.secrets_of(prof) == list(prof.secrets) + list(prof.optional_secrets)
+    assert pipeline.secrets_of(prof, optional=False) == list(prof.secrets)
+    ids = [t.id for t in pipeline.plan(prof, tmp_path, optional=True)]
+    ds, arch = prof.optional_secrets[0]
+    assert f"secret/{ds}-{arch}" in ids and f"eda/{ds}" in ids
+    assert f"secret/{ds}-{arch}" not in [t.id for t in pipeline.plan(prof, tmp_path)]
+
+
+def _notebook(path: Path, code: str, param_src: str = "x = 1\nout = None") -> None:
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell(param_src)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# Tiny"), p, nbformat.v4.new_code_cell(code)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    root = tmp_path / "proj"
+    nbs = root / "notebooks"
+    # "a" writes a file into its output folder (counting its executions), "b" reads it, "bad" fails.
+    _notebook(nbs / "a.ipynb", "import pathlib\np = pathlib.Path(out); p.mkdir(parents=True, exist_ok=True)\n"
+                               "f = p / 'runs.txt'\nf.write_text(f.read_text() + 'x' if f.exists() else 'x')\n"
+                               "print('a ran with x =', x)")
+    _notebook(nbs / "b.ipynb", "import pathlib\nassert pathlib.Path(out, 'runs.txt').exists()")
+    _notebook(nbs / "bad.ipynb", "raise RuntimeError('boom')")
+    out_a = tmp_path / "res" / "a"
+
+    def tasks(x=1):
+        ts = [pipeline.Task("one/a", "a.ipynb", {"x": x, "out": str(out_a)}, outputs=[out_a]),
+              pipeline.Task("two/b", "b.ipynb", {"out": str(out_a)}, deps=["one/a"]),
+              pipeline.Task("three/bad", "bad.ipynb", {}),
+              pipeline.Task("four/after-bad", "b.ipynb", {"out": str(out_a)}, deps=["three/bad"])]
+        pipeline.assign_keys(ts, PROFILES["ci"], nbs)
+        return ts
+
+    return root, tmp_path / "run", out_a, tasks
+
+
+def test_execute_runs_in_order_skips_unchanged_and_blocks_dependants_of_failures(tiny):
+    root, run_dir, out_a, tasks = tiny
+    rep = pipeline.execute(tasks(), root=root, run_dir=run_dir, jobs=2, progress=False)
+    assert rep["ran"] == ["one/a", "two/b"] or set(rep["ran"]) == {"one/a", "two/b"}
+    assert rep["failed"] == ["three/bad"] and rep["blocked"] == ["four/after-bad"]
+    assert (out_a / "runs.txt").read_text() == "x"
+    executed = nbformat.read(run_dir / "notebooks" / "one" / "a.ipynb", as_version=4)
+    assert any("a ran with x = 1" in o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "boom" in (run_dir / "logs" / "three__bad.log").read_text()
+
+    # Unchanged: nothing reruns (the failed task is retried, and fails again).
+    rep = pipeline.execute(tasks(), root=root, run_dir=run_dir, jobs=1, progress=False)
+    assert set(rep["skipped"]) == {"one/a", "two/b"} and rep["ran"] == []
+    assert (out_a / "runs.txt").read_text() == "x"
+
+    # A changed parameter changes a's key and its dependant's: both rerun, a's old results are
+    # deleted first (runs.txt starts again from one run).
+    rep = pipeline.execute(tasks(x=2), root=root, run_dir=run_dir, jobs=1, progress=False)
+    assert set(rep["ran"]) == {"one/a", "two/b"}
+    assert (out_a / "runs.txt").read_text() == "x"
+
+    # --force reruns what is current.
+    rep = pipeline.execute(tasks(x=2), root=root, run_dir=run_dir, jobs=1, force=True, progress=False)
+    assert set(rep["ran"]) == {"one/a", "two/b"}
+
+
+def test_key_follows_notebook_code_params_and_dependencies(tiny):
+    root, run_dir, out_a, tasks = tiny
+    k1 = {t.id: t.key for t in tasks()}
+    assert {t.id: t.key for t in tasks()} == k1
+    k2 = {t.id: t.key for t in tasks(x=3)}
+    assert k2["one/a"] != k1["one/a"] and k2["two/b"] != k1["two/b"] and k2["three/bad"] == k1["three/bad"]
+    nb = root / "notebooks" / "bad.ipynb"
+    _notebook(nb, "raise RuntimeError('boom!')")
+    assert {t.id: t.key for t in tasks()}["three/bad"] != k1["three/bad"]
+
+
+def test_only_unknown_pattern_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="matches no task"):
+        pipeline.run("ci", results=tmp_path, only="no-such-task", book=False, progress=False)
+
+
+def test_cli_has_run_command():
+    from stealnb.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--profile", "ci", "--jobs", "2", "--no-book"])
+    assert args.profile == "ci" and args.jobs == 2 and args.no_book and args.func is pipeline._cmd_run
+
+
+def test_presentation_change_reruns_notebook_but_keeps_results(tiny, monkeypatch):
+    root, run_dir, out_a, tasks = tiny
+    pipeline.execute(tasks()[:2], root=root, run_dir=run_dir, progress=False)
+    assert (out_a / "runs.txt").read_text() == "x"
+    real = pipeline.package_hash
+    monkeypatch.setattr(pipeline, "package_hash", lambda presentation=False: real(presentation) + ("p" if presentation else ""))
+    ts = tasks()[:2]
+    rep = pipeline.execute(ts, root=root, run_dir=run_dir, progress=False)
+    assert set(rep["ran"]) == {"one/a", "two/b"}
+    assert (out_a / "runs.txt").read_text() == "xx"  # re-executed on the kept results
+    monkeypatch.setattr(pipeline, "package_hash", lambda presentation=False: real(presentation) + "c")
+    rep = pipeline.execute(tasks()[:2], root=root, run_dir=run_dir, progress=False)
+    assert (out_a / "runs.txt").read_text() == "x"  # compute code changed: results recomputed
+
+
+def test_interrupted_task_keeps_partial_results_for_resume(tiny):
+    root, run_dir, out_a, tasks = tiny
+    ts = tasks()[:1]
+    # Simulate a run that died mid-notebook: stamp written at start, partial output present.
+    stamp = run_dir / "stamps" / "one__a.json"
+    stamp.parent.mkdir(parents=True)
+    stamp.write_text(json.dumps({"key": None, "results_key": ts[0].results_key, "started": 0}))
+    out_a.mkdir(parents=True)
+    (out_a / "runs.txt").write_text("partial:")
+    rep = pipeline.execute(ts, root=root, run_dir=run_dir, progress=False)
+    assert rep["ran"] == ["one/a"]
+    assert (out_a / "runs.txt").read_text() == "partial:x"
