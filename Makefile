@@ -25,7 +25,7 @@ sysdeps:
 	else echo "sysdeps: not root; run 'sudo apt-get install dataset-fashion-mnist chromium' for the full demo and browser test"; fi
 
 demo: setup sysdeps
-	$(BIN)/stealnb run --profile $(PROFILE)
+	$(BIN)/stealnb run --profile $(PROFILE) --jobs 2
 
 test: setup sysdeps
 	$(BIN)/python -m pytest

@@ -187,7 +187,7 @@ class Oracle:
         Raises :class:`BudgetExceeded`, answering and charging nothing, if the new samples do not
         fit the remaining budget.
         """
-        x = check_images(x, "x")
+        x = self._check(x)
         fps = _digests(x)
         new: dict[bytes, int] = {}
         for i, fp in enumerate(fps):
@@ -195,13 +195,15 @@ class Oracle:
                 new[fp] = i
         if self.budget is not None and self.spent + len(new) > self.budget:
             raise BudgetExceeded(self.budget, self.spent, len(new))
-        if new:
-            fresh = self._answer(x[list(new.values())], list(new))
+        keys, where = list(new), list(new.values())
+        step = self._request_size or max(len(keys), 1)
+        for s in range(0, len(keys), step):  # each answered request is in the ledger before the next
+            fresh = self._answer(x[where[s:s + step]], keys[s:s + step])
             if self.ledger is not None:
                 self._append(fresh)
             base = len(self._answers)
             self._answers = np.concatenate([self._answers, fresh])
-            self._rows.update((fp, base + j) for j, fp in enumerate(new))
+            self._rows.update((fp, base + j) for j, fp in enumerate(keys[s:s + step]))
         self.replayed += len(x) - len(new)
         self.num_queries += 1
         rows = self._answers[np.fromiter((self._rows[fp] for fp in fps), dtype=np.intp, count=len(fps))]
@@ -212,6 +214,11 @@ class Oracle:
         return rows["prob"].astype(np.float32)
 
     # -- internals ---------------------------------------------------------------------------------
+    _request_size: int | None = None  # new samples answered per call of _answer (None: all at once)
+
+    def _check(self, x) -> np.ndarray:
+        return check_images(x, "x")
+
     def _model_classes(self, num_classes):
         shape = getattr(self.model, "output_shape", None)
         from_model = int(shape[-1]) if isinstance(shape, tuple) and shape and shape[-1] is not None else None
@@ -569,32 +576,13 @@ class HttpOracle(Oracle):
             rows["prob"] = prob
         return rows
 
-    def query(self, x: np.ndarray):
-        """As :meth:`Oracle.query`: new samples are sent to the server (``batch_size`` per request)
-        and recorded in the ledger request by request; known ones are answered from the ledger."""
-        x = check_images(x, "x", shape=self.input_shape)
-        fps = _digests(x)
-        new: dict[bytes, int] = {}
-        for i, fp in enumerate(fps):
-            if fp not in self._rows and fp not in new:
-                new[fp] = i
-        if self.budget is not None and self.spent + len(new) > self.budget:
-            raise BudgetExceeded(self.budget, self.spent, len(new))
-        items = list(new.items())
-        for s in range(0, len(items), self.batch_size):
-            chunk = items[s : s + self.batch_size]
-            keys = [fp for fp, _ in chunk]
-            fresh = self._rows_from(self._predict(x[[i for _, i in chunk]]), keys)
-            if self.ledger is not None:
-                self._append(fresh)
-            base = len(self._answers)
-            self._answers = np.concatenate([self._answers, fresh])
-            self._rows.update((fp, base + j) for j, fp in enumerate(keys))
-        self.replayed += len(x) - len(new)
-        self.num_queries += 1
-        rows = self._answers[np.fromiter((self._rows[fp] for fp in fps), dtype=np.intp, count=len(fps))]
-        if self.output == "label":
-            return rows["label"].astype(np.int64)
-        if self.output == "topk":
-            return rows["idx"].astype(np.int64), rows["prob"].astype(np.float32)
-        return rows["prob"].astype(np.float32)
+    @property
+    def _request_size(self) -> int:
+        return self.batch_size
+
+    def _check(self, x) -> np.ndarray:
+        return check_images(x, "x", shape=self.input_shape)
+
+    def _answer(self, x: np.ndarray, fps: list[bytes]) -> np.ndarray:
+        """One request to the server (``batch_size`` new samples at most), as ledger rows."""
+        return self._rows_from(self._predict(x), fps)

@@ -392,21 +392,27 @@ def agreement_table(rounds):
     if rows.empty:
         return pd.DataFrame(columns=cols)
     out = _agg(rows, ("agreement", "accuracy", "macro_f1"))
-    info = _settings(rows)
-    th = {k: [] for k in ("thesis_dataset", "thesis_arch", "thesis_budget", "thesis_agreement", "thesis_match")}
+    _add_thesis_columns(out, _settings(rows), "thesis_agreement",
+                        lambda st, r: _thesis_agreement(st["thesis_dataset"], st["thesis_arch"], r.strategy,
+                                                        st["thesis_budget"]))
+    return _sort(out[cols], ["dataset", "arch", "strategy", "budget"])
+
+
+def _add_thesis_columns(out, info, value_col: str, value) -> None:
+    """Add ``thesis_dataset/arch/budget/match`` and ``value_col`` (``value(setting, row)``, None
+    without a thesis setting) to the aggregated table ``out``, in place."""
+    import pandas as pd
+
+    th = {k: [] for k in ("thesis_dataset", "thesis_arch", "thesis_budget", value_col, "thesis_match")}
     for r in out.itertuples():
         top, sub = info[(r.dataset, r.arch, r.strategy, int(r.budget))]
         st = thesis_setting(r.dataset, r.arch, int(r.budget), (top,), substitute=sub)
-        th["thesis_dataset"].append(st and st["thesis_dataset"])
-        th["thesis_arch"].append(st and st["thesis_arch"])
-        th["thesis_budget"].append(st and st["thesis_budget"])
-        th["thesis_agreement"].append(
-            _thesis_agreement(st["thesis_dataset"], st["thesis_arch"], r.strategy, st["thesis_budget"]) if st else None)
-        th["thesis_match"].append(st and st["thesis_match"])
+        for k in ("thesis_dataset", "thesis_arch", "thesis_budget", "thesis_match"):
+            th[k].append(st and st[k])
+        th[value_col].append(value(st, r) if st else None)
     for k, v in th.items():
         out[k] = v
-    out["thesis_agreement"] = pd.to_numeric(out["thesis_agreement"], errors="coerce").astype("float64")
-    return _sort(out[cols], ["dataset", "arch", "strategy", "budget"])
+    out[value_col] = pd.to_numeric(out[value_col], errors="coerce").astype("float64")
 
 
 def transferability_table(rounds):
@@ -429,21 +435,9 @@ def transferability_table(rounds):
         return pd.DataFrame(columns=cols)
     out = _agg(rows, ("transfer_rate", "secret_error_under_transfer", "fooled_substitute"))
     out = out.drop(columns=["fooled_substitute_std"])
-    info = _settings(rows)
-    th = {k: [] for k in ("thesis_dataset", "thesis_arch", "thesis_budget", "thesis_transferability", "thesis_match")}
-    for r in out.itertuples():
-        top, sub = info[(r.dataset, r.arch, r.strategy, int(r.budget))]
-        st = thesis_setting(r.dataset, r.arch, int(r.budget), (top,), substitute=sub)
-        at_10k = st is not None and st["thesis_budget"] == THESIS_BUDGETS[-1]
-        th["thesis_dataset"].append(st and st["thesis_dataset"])
-        th["thesis_arch"].append(st and st["thesis_arch"])
-        th["thesis_budget"].append(st and st["thesis_budget"])
-        th["thesis_transferability"].append(
-            _thesis_transfer(st["thesis_dataset"], st["thesis_arch"], r.strategy) if at_10k else None)
-        th["thesis_match"].append(st and st["thesis_match"])
-    for k, v in th.items():
-        out[k] = v
-    out["thesis_transferability"] = pd.to_numeric(out["thesis_transferability"], errors="coerce").astype("float64")
+    _add_thesis_columns(out, _settings(rows), "thesis_transferability",
+                        lambda st, r: _thesis_transfer(st["thesis_dataset"], st["thesis_arch"], r.strategy)
+                        if st["thesis_budget"] == THESIS_BUDGETS[-1] else None)
     return _sort(out[cols], ["dataset", "arch", "strategy", "budget"])
 
 
