@@ -45,6 +45,7 @@ import numpy as np
 
 from . import metrics, models
 from ._checks import check_images, check_labels, check_positive_int
+from .cli import _budgets
 from .extraction import Extraction, ExtractionConfig, _atomic_write
 from .train import fit
 
@@ -457,19 +458,13 @@ def run_copycat(dataset: str, arch: str, variant: str, profile="demo", *, seed: 
     from . import data, layout
     from .oracle import Oracle
     from .profiles import get_profile
-    from .train import ensure_secret, load_secret
+    from .extraction import prepare_run
 
     prof = get_profile(profile) if isinstance(profile, str) else profile
     config = CopycatConfig.from_profile(prof, variant, seed=seed, **overrides)
     out = Path(out) if out is not None else layout.copycat_dir(results, prof.name, dataset, arch, variant, seed)
-    if not resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if secret_dir is not None:
-        secret, _ = load_secret(secret_dir)
-    else:
-        secret, _ = ensure_secret(dataset, arch, prof, results, data_root=data_root, progress=progress)
-    ds = data.load_dataset(dataset, root=data_root)
+    secret, ds = prepare_run(out, resume, dataset, arch, prof, results, secret_dir=secret_dir,
+                             data_root=data_root, progress=progress)
     pool_name = pool or prof.pool
     thief = data.load_pool(pool_name, root=data_root, n=prof.pool_size, seed=0)
     pdd_idx = select_pdd(ds.x_train, config.pdd_size, seed) if config.pdd_size else np.zeros(0, np.int64)
@@ -666,15 +661,6 @@ def comparison_table(results, profile: str, dataset: str, arch: str):
 
 
 # -- CLI -------------------------------------------------------------------------------------------
-
-def _budgets(text: str) -> tuple[int, ...]:
-    import argparse
-
-    try:
-        return tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated query counts like 500,1000,2000, got {text!r}") from None
-
 
 def _cmd_copycat(args) -> int:
     from . import layout, profiles, train

@@ -280,6 +280,26 @@ class Extraction:
         }
 
 
+def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results, *, secret_dir=None,
+                data_root=None, progress: bool = False):
+    """Set-up shared by :func:`run_extraction` and :func:`stealnb.copycat.run_copycat`: delete
+    ``out`` unless resuming, create it, get the secret (from ``secret_dir``, else trained or
+    loaded under ``results``) and load the dataset. Returns ``(secret, dataset)``."""
+    import shutil
+
+    from . import data
+    from .train import ensure_secret, load_secret
+
+    if not resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if secret_dir is not None:
+        secret, _ = load_secret(secret_dir)
+    else:
+        secret, _ = ensure_secret(dataset, arch, prof, results, data_root=data_root, progress=progress)
+    return secret, data.load_dataset(dataset, root=data_root)
+
+
 def run_extraction(dataset: str, arch: str, strategy: str, profile="demo", *, seed: int = 0,
                    results="results", out=None, data_root=None, resume: bool = True,
                    progress: bool = False, oracle=None, secret_dir=None, **overrides) -> Extraction:
@@ -293,25 +313,14 @@ def run_extraction(dataset: str, arch: str, strategy: str, profile="demo", *, se
     With ``resume=False`` an earlier run in ``out`` (ledger included) is deleted first.
     Returns the finished :class:`Extraction` (``.summary()``, ``.records``, ``.substitute``).
     """
-    import shutil
-
     from . import data, layout
     from .oracle import Oracle
     from .profiles import get_profile
-    from .train import ensure_secret
 
     prof = get_profile(profile) if isinstance(profile, str) else profile
     out = Path(out) if out is not None else layout.extraction_dir(results, prof.name, dataset, arch, strategy, seed)
-    if not resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if secret_dir is not None:
-        from .train import load_secret
-
-        secret, _ = load_secret(secret_dir)
-    else:
-        secret, _ = ensure_secret(dataset, arch, prof, results, data_root=data_root, progress=progress)
-    ds = data.load_dataset(dataset, root=data_root)
+    secret, ds = prepare_run(out, resume, dataset, arch, prof, results, secret_dir=secret_dir,
+                             data_root=data_root, progress=progress)
     # One pool per profile (seed 0): every strategy and seed draws from the same thief images.
     pool = data.load_pool(prof.pool, root=data_root, n=prof.pool_size, seed=0)
     config = ExtractionConfig.from_profile(prof, strategy, seed=seed, **overrides)
