@@ -56,6 +56,22 @@ def _budgets(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated query counts like 500,1000,2000, got {text!r}") from None
 
 
+def http_oracle(args, out, budget: int):
+    """The ``--oracle-url`` client shared by ``stealnb extract`` and ``stealnb copycat``: a fresh run
+    (no ``--resume``) clears ``out`` first, then the :class:`~stealnb.oracle.HttpOracle` opens its
+    ledger in ``out`` -- so a resumed run, or a restarted server, never pays for a query twice."""
+    import shutil
+
+    from .oracle import HttpOracle
+
+    out = Path(out)
+    if not args.resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return HttpOracle(args.oracle_url, model=args.model_name, api_key=args.api_key,
+                      ledger=out / "ledger.bin", budget=budget)
+
+
 def _cmd_extract(args) -> int:
     from . import extraction, profiles, train
 
@@ -78,20 +94,10 @@ def _cmd_extract(args) -> int:
         dataset, arch = summary["dataset"], summary["arch"]
     elif not (dataset and arch):
         raise ValueError("extract: give --secret DIR, or --dataset and --arch (trained on demand)")
-    oracle = None
-    resume = args.resume
+    oracle, resume = None, args.resume
     if args.oracle_url:
-        import shutil
-
-        from .oracle import HttpOracle
-
-        if not resume and args.out.exists():  # a fresh run: clear it before the client opens its ledger
-            shutil.rmtree(args.out)
-        resume = True  # nothing left to resume; keeps run_extraction from deleting the new ledger
-        budgets = overrides.get("budgets", prof.budgets)
-        args.out.mkdir(parents=True, exist_ok=True)
-        oracle = HttpOracle(args.oracle_url, model=args.model_name, api_key=args.api_key,
-                            ledger=args.out / "ledger.bin", budget=budgets[-1])
+        oracle = http_oracle(args, args.out, budget=overrides.get("budgets", prof.budgets)[-1])
+        resume = True  # cleared or resumed above; keeps run_extraction from deleting the new ledger
     ex = extraction.run_extraction(
         dataset, arch, args.strategy, prof, seed=args.seed, results=args.results,
         out=args.out, data_root=args.data_root, resume=resume, progress=not args.quiet,

@@ -677,18 +677,15 @@ def _cmd_copycat(args) -> int:
     elif not (dataset and arch):
         raise ValueError("copycat: give --secret DIR, or --dataset and --arch (trained on demand)")
     out = args.out or layout.copycat_dir(args.results, prof.name, dataset, arch, args.variant, args.seed)
-    oracle = None
+    oracle, resume = None, args.resume
     if args.oracle_url:
-        from .oracle import HttpOracle
+        from .cli import http_oracle
 
-        if not args.resume and Path(out).exists():
-            shutil.rmtree(out)  # as run_copycat would, but before the client opens the ledger in it
-        Path(out).mkdir(parents=True, exist_ok=True)
         cfg = CopycatConfig.from_profile(prof, args.variant, seed=args.seed, **overrides)
-        oracle = HttpOracle(args.oracle_url, model=args.model_name, api_key=args.api_key,
-                            ledger=Path(out) / "ledger.bin", budget=cfg.budgets[-1] + cfg.pdd_size)
+        oracle = http_oracle(args, out, budget=cfg.budgets[-1] + cfg.pdd_size)
+        resume = True  # cleared or resumed above; keeps run_copycat from deleting the new ledger
     cc = run_copycat(dataset, arch, args.variant, prof, seed=args.seed, results=args.results, out=out,
-                     data_root=args.data_root, resume=args.resume, progress=not args.quiet,
+                     data_root=args.data_root, resume=resume, progress=not args.quiet,
                      secret_dir=args.secret, pool=args.pool, oracle=oracle, **overrides)
     s = cc.summary()
     print(f"copycat {args.variant} of {dataset}/{arch} ({prof.name}, seed {args.seed}): {s['oracle_spent']} queries, "

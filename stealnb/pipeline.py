@@ -54,6 +54,13 @@ NOTEBOOKS = {
     "interactive": "07_interactive.ipynb",
 }
 BOOK_GENERATED = Path("book") / "generated"
+# The attacks the defenses chapter runs each defense against (issue 6: random, K-center, DFAL, Copycat).
+DEFENSE_ATTACKS = ("random", "kcenter", "dfal", "copycat")
+# Rough wall seconds per notebook on the demo profile (README, Timings), used only to order the
+# tasks that are ready to start when no earlier run's time is recorded (see ``critical_path``).
+_COST_HINT = {"eda": 25, "secret": 50, "extraction": 300, "copycat": 590, "defenses": 470,
+              "interactive": 20, "results": 5}
+_STRATEGY_COST_HINT = {"random": 230, "uncertainty": 300, "kcenter": 350, "dfal": 520, "dfal+kcenter": 530}
 
 
 def project_root() -> Path:
@@ -130,9 +137,12 @@ def plan(profile: str | Profile, results, data_root=None, optional: bool = False
     ds, arch = secrets[0]
     tag = f"{ds}-{arch}"
     # The defenses notebook attacks the secret with the runs of the extraction and Copycat
-    # notebooks (seed 0): it runs after them and reads their results back.
-    tasks.append(Task(f"defenses/{tag}", NOTEBOOKS["defenses"], {**common, "dataset": ds, "arch": arch},
-                      deps=[f"secret/{tag}", f"copycat/{tag}", *(f"extraction/{tag}-{s}" for s in prof.strategies)],
+    # notebooks (seed 0): it runs after those it uses and reads their results back.
+    attacks = [a for a in DEFENSE_ATTACKS if a == "copycat" or a in prof.strategies]
+    tasks.append(Task(f"defenses/{tag}", NOTEBOOKS["defenses"], {**common, "dataset": ds, "arch": arch,
+                                                                 "attacks": attacks},
+                      deps=[f"secret/{tag}", *(f"copycat/{tag}" if a == "copycat" else f"extraction/{tag}-{a}"
+                                               for a in attacks)],
                       outputs=[layout.defenses_dir(results, prof.name, ds, arch)]))
     tasks.append(Task(f"interactive/{tag}", NOTEBOOKS["interactive"], {**common, "dataset": ds, "arch": arch},
                       deps=[f"secret/{tag}"]))
@@ -245,11 +255,37 @@ def _start(task: Task, root: Path, run_dir: Path, log_dir: Path) -> tuple[subpro
     return proc, log
 
 
+def critical_path(tasks: list[Task], run_dir: Path) -> dict[str, float]:
+    """For each task, the estimated seconds from its start to the end of the longest chain of
+    tasks that wait for it (its own cost included). A task's cost is its last recorded run time
+    (stamp), else a per-notebook hint. ``execute`` starts the ready task with the longest chain
+    first, so the long chains (secret -> Copycat -> defenses) never wait behind short tasks."""
+    def cost(t: Task) -> float:
+        secs = _stamp(run_dir, t).get("seconds")
+        if isinstance(secs, (int, float)):
+            return float(secs)
+        if t.chapter == "extraction":
+            return _STRATEGY_COST_HINT.get(t.params.get("strategy"), _COST_HINT["extraction"])
+        return _COST_HINT.get(t.chapter, 60)
+
+    dependants: dict[str, list[str]] = {t.id: [] for t in tasks}
+    for t in tasks:
+        for d in t.deps:
+            if d in dependants:
+                dependants[d].append(t.id)
+    out: dict[str, float] = {}
+    for t in reversed(tasks):  # plan order is topological: dependants come later
+        out[t.id] = cost(t) + max((out[d] for d in dependants[t.id]), default=0.0)
+    return out
+
+
 def execute(tasks: list[Task], *, root: Path, run_dir: Path, jobs: int = 1, force: bool = False,
             progress: bool = True) -> dict:
     """Run the tasks that are not current, ``jobs`` at a time, respecting dependencies.
 
-    Returns ``{"ran": [...], "skipped": [...], "failed": [...], "blocked": [...], "seconds": {...}}``.
+    Of the tasks ready to start, the one heading the longest chain of waiting work goes first
+    (:func:`critical_path`). Returns ``{"ran": [...], "skipped": [...], "failed": [...],
+    "blocked": [...], "seconds": {...}}``.
     A failed task's dependants are not started; independent tasks still run.
     """
     from tqdm.auto import tqdm
@@ -262,7 +298,8 @@ def execute(tasks: list[Task], *, root: Path, run_dir: Path, jobs: int = 1, forc
         if not force and is_current(run_dir, t):
             status[t.id] = "done"
             report["skipped"].append(t.id)
-    pending = [t for t in tasks if t.id not in status]
+    chain = critical_path(tasks, run_dir)
+    pending = sorted((t for t in tasks if t.id not in status), key=lambda t: -chain[t.id])  # stable
     running: dict[str, tuple[subprocess.Popen, Path, float, Task]] = {}
     log_dir = run_dir / "logs"
     bar = tqdm(total=len(tasks), initial=len(report["skipped"]), desc="notebooks", unit="nb",

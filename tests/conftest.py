@@ -19,3 +19,14 @@ def tiny_model():
     from stealnb import models
 
     return models.build("cnn-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def secret_dir(tmp_path_factory):
+    """A quickly trained cnn-tiny digits secret (ci profile, 2 epochs), saved like
+    `stealnb train-secret` does; shared by the extraction, Copycat and server tests."""
+    from stealnb import data, profiles, train
+
+    prof = profiles.get_profile("ci").with_(epochs=2)
+    res = train.train_secret(data.load_dataset("digits"), "cnn-tiny", prof, seed=0, progress=False)
+    return res.save(tmp_path_factory.mktemp("secret"))

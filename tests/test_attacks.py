@@ -326,3 +326,27 @@ def test_fgsm_rejects_bad_parameters(tiny_model, kwargs, exc):
     x = np.full((2, 32, 32, 3), 0.5, np.float32)
     with pytest.raises(exc):
         fgsm(tiny_model, x, **kwargs)
+
+
+# ----------------------------------------------------------------- JbDA (PRADA's positive control)
+def test_jbda_queries_are_sign_steps_of_the_seeds():
+    seeds = _mid_images(8, seed=5)
+    calls = []
+
+    def oracle(z):
+        calls.append(len(z))
+        return (z.reshape(len(z), -1).mean(axis=1) * 40).astype(np.int64) % 10
+
+    xq, yq = attacks.jbda_queries(oracle, seeds, "cnn-tiny", rounds=3, lam=0.1, epochs=1, seed=0, max_queries=28,
+                                  num_classes=10)
+    assert xq.shape == (28, 32, 32, 3) and xq.dtype == np.float32 and calls == [8, 8, 12]
+    np.testing.assert_array_equal(xq[:8], seeds)
+    np.testing.assert_array_equal(yq, oracle(xq))
+    step = xq[8:16] - seeds  # round 1: pixels in [0.3, 0.7] move by exactly +-lam (or 0 on a zero gradient)
+    assert np.isclose(np.abs(step), 0.1, atol=1e-6).mean() > 0.3
+    assert np.isclose(np.abs(step), 0.1, atol=1e-6).sum() + (step == 0).sum() == step.size
+    assert xq.min() >= 0 and xq.max() <= 1
+    with pytest.raises(ValueError, match=r"lam: expected a step size in \(0, 1\]"):
+        attacks.jbda_queries(oracle, seeds, "cnn-tiny", rounds=1, lam=1.5)
+    with pytest.raises(ValueError, match="max_queries"):
+        attacks.jbda_queries(oracle, seeds, "cnn-tiny", rounds=1, max_queries=4)

@@ -11,13 +11,6 @@ TINY = dict(budgets=BUDGETS, seed_size=40, val_size=20, epochs=2, patience=None,
 
 
 @pytest.fixture(scope="module")
-def secret_dir(tmp_path_factory):
-    prof = profiles.get_profile("ci").with_(epochs=2)
-    res = train.train_secret(data.load_dataset("digits"), "cnn-tiny", prof, seed=0, progress=False)
-    return res.save(tmp_path_factory.mktemp("secret"))
-
-
-@pytest.fixture(scope="module")
 def tiny_prof():
     return profiles.get_profile("ci").with_(pool_size=400)
 

@@ -533,26 +533,6 @@ def test_prada_rates_and_calibration_separate_attack_from_benign():
         D.prada_benign_clients(pool, label(pool), n_clients=1, client_size=601, seed=0)
 
 
-def test_jbda_queries_are_sign_steps_of_the_seeds(rng):
-    x, y = _digits32()
-    seeds = x[:8]
-    calls = []
-
-    def oracle(z):
-        calls.append(len(z))
-        return (z.reshape(len(z), -1).mean(axis=1) * 40).astype(np.int64) % 10
-
-    xq, yq = D.jbda_queries(oracle, seeds, "cnn-tiny", rounds=3, lam=0.1, epochs=1, seed=0, max_queries=28,
-                            num_classes=10)
-    assert xq.shape == (28, 32, 32, 3) and xq.dtype == np.float32 and calls == [8, 8, 12]
-    np.testing.assert_array_equal(xq[:8], seeds)
-    np.testing.assert_array_equal(yq, oracle(xq))
-    step = xq[8:16] - seeds  # round 1: every pixel moved by +-lam unless it hit 0 or 1
-    moved = np.isclose(np.abs(step), 0.1, atol=1e-6)
-    assert ((moved) | np.isin(xq[8:16], (0.0, 1.0))).all() and moved.mean() > 0.3
-    assert xq.min() >= 0 and xq.max() <= 1
-
-
 def test_replay_copy_and_admis_tradeoff_extremes(tiny_model, rng):
     x, y = _digits32()
     mis = models.build("cnn-tiny", seed=1)

@@ -14,14 +14,6 @@ from stealnb import data, extraction, oracle, profiles, train
 
 
 @pytest.fixture(scope="module")
-def secret_dir(tmp_path_factory):
-    """A quickly trained cnn-tiny digits secret saved like `stealnb train-secret` does."""
-    prof = profiles.get_profile("ci").with_(epochs=2)
-    res = train.train_secret(data.load_dataset("digits"), "cnn-tiny", prof, seed=0, progress=False)
-    return res.save(tmp_path_factory.mktemp("secret"))
-
-
-@pytest.fixture(scope="module")
 def setup(secret_dir):
     model, _ = train.load_secret(secret_dir)
     ds = data.load_dataset("digits")

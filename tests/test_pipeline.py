@@ -155,3 +155,48 @@ def test_interrupted_task_keeps_partial_results_for_resume(tiny):
     rep = pipeline.execute(ts, root=root, run_dir=run_dir, progress=False)
     assert rep["ran"] == ["one/a"]
     assert (out_a / "runs.txt").read_text() == "partial:x"
+
+
+def test_defenses_wait_only_for_the_attacks_they_use(tmp_path):
+    prof = PROFILES["demo"]
+    tasks = {t.id: t for t in pipeline.plan(prof, tmp_path)}
+    ds, arch = prof.secrets[0]
+    d = tasks[f"defenses/{ds}-{arch}"]
+    assert d.params["attacks"] == ["random", "kcenter", "dfal", "copycat"]
+    assert set(d.deps) == {f"secret/{ds}-{arch}", f"copycat/{ds}-{arch}",
+                           *(f"extraction/{ds}-{arch}-{s}" for s in ("random", "kcenter", "dfal"))}
+    # a profile without DFAL: the defenses chapter neither runs it nor waits for it
+    no_dfal = prof.with_(strategies=("random", "kcenter"))
+    d = next(t for t in pipeline.plan(no_dfal, tmp_path) if t.chapter == "defenses")
+    assert d.params["attacks"] == ["random", "kcenter", "copycat"]
+    assert not any("dfal" in x for x in d.deps)
+
+
+def test_critical_path_prefers_long_chains_and_learns_recorded_times(tmp_path):
+    run_dir = tmp_path / "run"
+    prof = PROFILES["demo"]
+    tasks = pipeline.plan(prof, tmp_path)
+    chain = pipeline.critical_path(tasks, run_dir)
+    ds, arch = prof.secrets[0]
+    tag = f"{ds}-{arch}"
+    # the secret heads everything; Copycat and DFAL (which defenses wait for) outrank uncertainty
+    assert chain[f"secret/{tag}"] == max(chain.values())
+    assert chain[f"copycat/{tag}"] > chain[f"extraction/{tag}-dfal"] > chain[f"extraction/{tag}-uncertainty"]
+    assert chain["results/results"] == pipeline._COST_HINT["results"]
+    # a recorded run time replaces the hint
+    t = next(t for t in tasks if t.id == f"extraction/{tag}-uncertainty")
+    stamp = pipeline._stamp_path(run_dir, t)
+    stamp.parent.mkdir(parents=True)
+    stamp.write_text(json.dumps({"key": "k", "results_key": "r", "seconds": 5000.0}))
+    chain = pipeline.critical_path(tasks, run_dir)
+    assert chain[t.id] == 5000.0 + chain["results/results"]
+    assert chain[t.id] > chain[f"copycat/{tag}"]
+
+
+def test_execute_starts_the_longest_chain_first(tiny):
+    root, run_dir, out_a, tasks = tiny
+    ts = tasks()
+    bad_first = [ts[2], ts[0], ts[1]]  # "bad" is listed first, but a -> b is the longer chain
+    rep = pipeline.execute(bad_first, root=root, run_dir=run_dir, jobs=1, progress=False)
+    assert rep["ran"] == ["one/a", "two/b"] and rep["failed"] == ["three/bad"]
+    assert list(rep["seconds"])[0] == "one/a"

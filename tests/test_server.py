@@ -309,13 +309,6 @@ def test_http_oracle_gives_up_and_reports_4xx_at_once(tiny):
 
 
 # -- an extraction over real HTTP, with the server killed mid-attack ------------------------------
-@pytest.fixture(scope="module")
-def secret_dir(tmp_path_factory):
-    prof = profiles.get_profile("ci").with_(epochs=1)
-    res = train.train_secret(data.load_dataset("digits"), "cnn-tiny", prof, seed=0, progress=False)
-    return res.save(tmp_path_factory.mktemp("secret"))
-
-
 def _config():
     return extraction.ExtractionConfig(strategy="kcenter", substitute="cnn-tiny", budgets=(80, 100), seed_size=40,
                                        val_size=20, round_size=20, epochs=2, patience=None, seed=3)
@@ -406,6 +399,38 @@ def test_copycat_cli_takes_an_oracle_url():
     args = cli.build_parser().parse_args(["copycat", "--variant", "npdd", "--secret", "s", "--oracle-url",
                                           "http://127.0.0.1:8500", "--model-name", "m", "--api-key", "k"])
     assert (args.oracle_url, args.model_name, args.api_key) == ("http://127.0.0.1:8500", "m", "k")
+
+
+@pytest.mark.parametrize("command", [
+    ["extract", "--strategy", "random", "--budgets", "60,80", "--round-size", "20", "--seed-size", "40",
+     "--val-size", "20"],
+    ["copycat", "--variant", "npdd", "--budgets", "60,80", "--seed-size", "40", "--val-size", "20"],
+])
+def test_cli_over_http_keeps_its_ledger_and_a_resumed_run_pays_nothing(secret_dir, tmp_path, monkeypatch, command):
+    """`stealnb extract|copycat --oracle-url`: the client's ledger in --out survives the run's own
+    set-up (a fresh run clears --out *before* the client opens it), and rerunning with --resume
+    asks the server for nothing new."""
+    from stealnb import cli
+
+    model, _ = train.load_secret(secret_dir)
+    _, client = app_client(model, keys={ALICE: {"budget": 200}})
+    real = oracle.HttpOracle
+    monkeypatch.setattr(oracle, "HttpOracle", lambda *a, **kw: real(*a, transport=transport_for(client), **kw))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier run")
+    argv = command + ["--secret", str(secret_dir), "--profile", "ci", "--pool-size", "300", "--epochs", "1",
+                      "--out", str(out), "--oracle-url", "http://srv", "--api-key", ALICE, "--quiet"]
+    assert cli.main(argv) == 0
+    assert not (out / "stale.txt").exists()  # a fresh run starts from an empty folder
+    summary = json.loads((out / "summary.json").read_text())
+    spent = summary["oracle_spent"]
+    assert spent == 80  # the last budget, validation split included
+    assert len(oracle.read_ledger(out / "ledger.bin")[0]) - 1 == spent
+    status = lambda: client.get("/v1/models/secret", headers=auth(ALICE)).json()["stealnb"]["key"]["spent"]  # noqa: E731
+    assert status() == spent
+    assert cli.main(argv + ["--resume"]) == 0
+    assert status() == spent and json.loads((out / "summary.json").read_text())["oracle_spent"] == spent
 
 
 def test_output_defenses_in_the_server(tiny):
