@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stealnb import data, extraction, oracle, profiles, train
+from stealnb import data, extraction, oracle, train
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 
 import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from stealnb import data, extraction, models, oracle, profiles, server, train
+from stealnb import data, extraction, models, oracle, server, train
 from stealnb.oracle import BudgetExceeded, HttpOracle, Oracle, OracleHTTPError
 
 ALICE, BOB = "alice-key-0001", "bob-key-00002"
