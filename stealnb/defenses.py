@@ -734,14 +734,16 @@ def ownership_test(
 def prada_scan(x: np.ndarray, predicted_labels: np.ndarray, **detector_kw) -> dict:
     """Run one :class:`PradaDetector` over the query stream ``x`` (in query order) with the
     model's ``predicted_labels``; returns ``flagged_at`` (1-based, ``None`` if never),
-    ``n_queries``, ``min_w`` (lowest W of any test, ``None`` if never tested) and ``w_history``
+    ``n_queries``, ``min_w`` (lowest W of any test, ``None`` if never tested), ``w_history``
     (``[(query index, W), ...]``), from which :func:`prada_flag_index` reads the alarm for any
-    other threshold ``delta`` without re-running the detector."""
+    other threshold ``delta`` without re-running the detector, and ``distances`` (the final
+    minimum-distance set D that W is computed on)."""
     det = PradaDetector(**detector_kw)
     det.observe(x, predicted_labels)
     ws = [w for _, w in det.w_history]
     return {"flagged_at": det.flagged_at, "n_queries": det.n_queries, "min_w": min(ws) if ws else None,
-            "w_history": [(int(q), float(w)) for q, w in det.w_history], "delta": det.delta}
+            "w_history": [(int(q), float(w)) for q, w in det.w_history], "delta": det.delta,
+            "distances": [float(d) for d in det.distances]}
 
 
 def prada_flag_index(w_history, delta: float) -> int | None:
@@ -802,31 +804,76 @@ def replay_copy(label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, subs
     epochs). "Static replay": the queries are those the attack chose against the undefended
     oracle -- exact for label-independent selection (random, Copycat), an approximation for
     active learning (its later selections would depend on the defended labels)."""
+    check_images(x_train, "x_train")
+    y = np.asarray(label_fn(x_train), np.int64)
+    y_val = np.asarray(label_fn(x_val), np.int64) if x_val is not None and len(x_val) else None
+    return _fit_copy(x_train, y, x_val, y_val, substitute=substitute, num_classes=num_classes, epochs=epochs,
+                     patience=patience, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+
+
+def _fit_copy(x_train, y, x_val, y_val, *, substitute, num_classes, epochs, patience, batch_size, learning_rate,
+              seed):
     from . import models
     from .train import fit
 
-    check_images(x_train, "x_train")
-    y = np.asarray(label_fn(x_train), np.int64)
-    validation = None
-    if x_val is not None and len(x_val):
-        validation = (x_val, np.asarray(label_fn(x_val), np.int64))
+    validation = None if y_val is None else (x_val, y_val)
     model = models.build(substitute, num_classes=int(num_classes), seed=int(seed))
     fit(model, x_train, y, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, validation=validation,
         patience=patience if validation is not None else None, seed=int(seed))
     return model
 
 
+class ReplayCache:
+    """:func:`replay_copy` with memory: a copy is trained once per distinct (queries, labels they
+    got, validation queries and labels, training settings) and reused after that. Two defended
+    oracles that answer an attack's queries identically (ADMIS at a τ that misinforms no query,
+    and the undefended secret that EWE's null copies are stolen from) get the *same* copy,
+    which training the same data with the same seed would have reproduced anyway. ``hits`` and
+    ``misses`` count the calls answered from memory and the copies trained."""
+
+    def __init__(self):
+        self._copies: dict[str, object] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, substitute: str,
+                 num_classes: int, epochs: int, patience: int | None = None, batch_size: int = 128,
+                 learning_rate: float = 1e-3, seed: int = 0):
+        import hashlib
+
+        check_images(x_train, "x_train")
+        y = np.asarray(label_fn(x_train), np.int64)
+        y_val = np.asarray(label_fn(x_val), np.int64) if x_val is not None and len(x_val) else None
+        settings = (substitute, int(num_classes), int(epochs), patience, int(batch_size), float(learning_rate),
+                    int(seed))
+        h = hashlib.sha256(repr(settings).encode())
+        for a in (x_train, y) if y_val is None else (x_train, y, x_val, y_val):
+            h.update(repr((a.dtype.str, a.shape)).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        key = h.hexdigest()
+        if key in self._copies:
+            self.hits += 1
+        else:
+            self.misses += 1
+            self._copies[key] = _fit_copy(x_train, y, x_val if y_val is not None else None, y_val,
+                                          substitute=substitute, num_classes=num_classes, epochs=epochs,
+                                          patience=patience, batch_size=batch_size, learning_rate=learning_rate,
+                                          seed=seed)
+        return self._copies[key]
+
 def admis_tradeoff(model, misinformation_model, x_test: np.ndarray, y_test: np.ndarray, attacks: dict, taus,
                    *, substitute: str, epochs: int, patience: int | None = None, nu: float = 1000.0, seed: int = 0,
-                   batch_size: int = 128) -> list[dict]:
+                   batch_size: int = 128, replay=None) -> list[dict]:
     """Adaptive Misinformation's trade-off over thresholds ``taus`` (Kariyappa & Qureshi 2020, Fig. 5;
     thesis 002 §6.2.1): for each ``tau`` the defender's accuracy on in-distribution ``x_test``
     (top-1 of the defended outputs against ``y_test``) and, for each attack ``name -> (x_train,
     x_val)``, the share of its queries that get misinformation (``alpha > 0.5``) and the test
     agreement with the *undefended* model of a copy trained on the defended labels
-    (:func:`replay_copy`). One row per (tau, attack)."""
+    (``replay``: :func:`replay_copy` or a :class:`ReplayCache` shared with other experiments).
+    One row per (tau, attack)."""
     from . import metrics, models
 
+    replay = replay_copy if replay is None else replay
     truth = models.predict_labels(model, x_test)
     rows = []
     for tau in taus:
@@ -835,7 +882,7 @@ def admis_tradeoff(model, misinformation_model, x_test: np.ndarray, y_test: np.n
         for name, (x_train, x_val) in attacks.items():
             xq = x_train if x_val is None else np.concatenate([x_val, x_train])
             alpha = misinformation_alpha(_softmax_probs(model, xq, 512), adm.tau, adm.nu)
-            copy = replay_copy(adm.predict_labels, x_train, x_val, substitute=substitute,
+            copy = replay(adm.predict_labels, x_train, x_val, substitute=substitute,
                                num_classes=int(model.output_shape[-1]), epochs=epochs, patience=patience, seed=seed,
                                batch_size=batch_size)
             pred = models.predict_labels(copy, x_test)

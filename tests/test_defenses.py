@@ -509,6 +509,9 @@ def test_prada_scan_flag_index_matches_a_detector_at_that_delta():
     x = np.concatenate([_benign(250, rng), _attack(300, rng)])
     scan = D.prada_scan(x, label(x), delta=0.5)
     assert scan["n_queries"] == 550 and scan["min_w"] == min(w for _, w in scan["w_history"])
+    det = D.PradaDetector()
+    det.observe(x, label(x))
+    assert scan["distances"] == det.distances and len(scan["distances"]) == 550 - len(det.growing_set_sizes)
     for delta in (0.5, 0.8, 0.9, 0.95):
         det = D.PradaDetector(delta=delta)
         det.observe(x, label(x))
@@ -549,6 +552,34 @@ def test_replay_copy_and_admis_tradeoff_extremes(tiny_model, rng):
     c2 = D.replay_copy(lambda z: models.predict_labels(tiny_model, z), x[:60], x[60:80], substitute="cnn-tiny",
                        num_classes=10, epochs=2, patience=1, seed=5)
     np.testing.assert_array_equal(models.predict_labels(c1, x[100:150]), models.predict_labels(c2, x[100:150]))
+
+
+def test_replay_cache_trains_once_per_labelled_query_set(tiny_model, monkeypatch):
+    x, y = _digits32()
+    secret = lambda z: models.predict_labels(tiny_model, z)  # noqa: E731
+    flipped = lambda z: (secret(z) + 1) % 10  # noqa: E731
+    trained = []
+    real_fit = D._fit_copy
+    monkeypatch.setattr(D, "_fit_copy", lambda *a, **k: trained.append(a[1].copy()) or real_fit(*a, **k))
+    cache = D.ReplayCache()
+    kw = dict(substitute="cnn-tiny", num_classes=10, epochs=1, seed=5)
+    c1 = cache(secret, x[:60], x[60:80], **kw)
+    assert cache(secret, x[:60].copy(), x[60:80].copy(), **kw) is c1  # same queries, same answers: reused
+    assert (cache.hits, cache.misses) == (1, 1)
+    # anything that changes the training data or settings trains a new copy
+    assert cache(flipped, x[:60], x[60:80], **kw) is not c1  # other labels
+    assert cache(secret, x[1:61], x[60:80], **kw) is not c1  # other queries
+    assert cache(secret, x[:60], None, **kw) is not c1  # no validation split
+    assert cache(secret, x[:60], x[60:80], **{**kw, "seed": 6}) is not c1
+    assert (cache.hits, cache.misses) == (1, 5) and len(trained) == 5
+    np.testing.assert_array_equal(trained[1], (trained[0] + 1) % 10)
+    # ADMIS at tau = 0 misinforms no query, so its copies are the undefended ones
+    mis = models.build("cnn-tiny", seed=1)
+    D.admis_tradeoff(tiny_model, mis, x[100:200], y[100:200], {"a": (x[:60], x[60:80])}, [0.0], substitute="cnn-tiny",
+                     epochs=1, seed=5, replay=cache)
+    assert (cache.hits, cache.misses) == (2, 5)
+    with pytest.raises(ValueError, match="x_train"):
+        cache(secret, x[:60] * 2, None, **kw)
 
 
 def _patch_model(target, constant=False):

@@ -163,13 +163,15 @@ def test_defenses_wait_only_for_the_attacks_they_use(tmp_path):
     ds, arch = prof.secrets[0]
     d = tasks[f"defenses/{ds}-{arch}"]
     assert d.params["attacks"] == ["random", "kcenter", "dfal", "copycat"]
+    assert d.params["prada_only"] == ["uncertainty"]
     assert set(d.deps) == {f"secret/{ds}-{arch}", f"copycat/{ds}-{arch}",
-                           *(f"extraction/{ds}-{arch}-{s}" for s in ("random", "kcenter", "dfal"))}
-    # a profile without DFAL: the defenses chapter neither runs it nor waits for it
+                           *(f"extraction/{ds}-{arch}-{s}" for s in ("random", "kcenter", "dfal", "uncertainty"))}
+    assert f"extraction/{ds}-{arch}-dfal+kcenter" in tasks  # run for the results chapter, not waited for
+    # a profile without DFAL or uncertainty: the defenses chapter neither runs them nor waits for them
     no_dfal = prof.with_(strategies=("random", "kcenter"))
     d = next(t for t in pipeline.plan(no_dfal, tmp_path) if t.chapter == "defenses")
-    assert d.params["attacks"] == ["random", "kcenter", "copycat"]
-    assert not any("dfal" in x for x in d.deps)
+    assert d.params["attacks"] == ["random", "kcenter", "copycat"] and d.params["prada_only"] == []
+    assert not any("dfal" in x or "uncertainty" in x for x in d.deps)
 
 
 def test_critical_path_prefers_long_chains_and_learns_recorded_times(tmp_path):
@@ -179,12 +181,13 @@ def test_critical_path_prefers_long_chains_and_learns_recorded_times(tmp_path):
     chain = pipeline.critical_path(tasks, run_dir)
     ds, arch = prof.secrets[0]
     tag = f"{ds}-{arch}"
-    # the secret heads everything; Copycat and DFAL (which defenses wait for) outrank uncertainty
+    # the secret heads everything; Copycat and DFAL (which defenses wait for) outrank DFAL+K-center
+    # (which only the results chapter waits for), although that one alone takes longer
     assert chain[f"secret/{tag}"] == max(chain.values())
-    assert chain[f"copycat/{tag}"] > chain[f"extraction/{tag}-dfal"] > chain[f"extraction/{tag}-uncertainty"]
+    assert chain[f"copycat/{tag}"] > chain[f"extraction/{tag}-dfal"] > chain[f"extraction/{tag}-dfal+kcenter"]
     assert chain["results/results"] == pipeline._COST_HINT["results"]
     # a recorded run time replaces the hint
-    t = next(t for t in tasks if t.id == f"extraction/{tag}-uncertainty")
+    t = next(t for t in tasks if t.id == f"extraction/{tag}-dfal+kcenter")
     stamp = pipeline._stamp_path(run_dir, t)
     stamp.parent.mkdir(parents=True)
     stamp.write_text(json.dumps({"key": "k", "results_key": "r", "seconds": 5000.0}))
