@@ -463,7 +463,7 @@ def run_copycat(dataset: str, arch: str, variant: str, profile="demo", *, seed: 
     config = CopycatConfig.from_profile(prof, variant, seed=seed, **overrides)
     out = Path(out) if out is not None else layout.copycat_dir(results, prof.name, dataset, arch, variant, seed)
     secret, ds = prepare_run(out, resume, dataset, arch, prof, results, secret_dir=secret_dir,
-                             data_root=data_root, progress=progress)
+                             data_root=data_root, progress=progress, oracle=oracle)
     pool_name = pool or prof.pool
     thief = data.load_pool(pool_name, root=data_root, n=prof.pool_size, seed=0)
     pdd_idx = select_pdd(ds.x_train, config.pdd_size, seed) if config.pdd_size else np.zeros(0, np.int64)

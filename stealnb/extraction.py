@@ -281,16 +281,26 @@ class Extraction:
 
 
 def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results, *, secret_dir=None,
-                data_root=None, progress: bool = False):
+                data_root=None, progress: bool = False, oracle=None):
     """Set-up shared by :func:`run_extraction` and :func:`stealnb.copycat.run_copycat`: delete
     ``out`` unless resuming, create it, get the secret (from ``secret_dir``, else trained or
-    loaded under ``results``) and load the dataset. Returns ``(secret, dataset)``."""
+    loaded under ``results``) and load the dataset. Returns ``(secret, dataset)``.
+
+    An external ``oracle`` whose query ledger lives inside ``out`` (e.g. an ``HttpOracle`` opened
+    on ``out / "ledger.bin"``) already holds that file open: deleting ``out`` would throw away the
+    record of paid queries, so a fresh run (``resume=False``) is refused with a ``ValueError``."""
     import shutil
 
     from . import data
     from .train import ensure_secret, load_secret
 
     if not resume and out.exists():
+        ledger = getattr(oracle, "ledger", None)
+        if ledger is not None and Path(ledger).resolve().is_relative_to(out.resolve()):
+            raise ValueError(
+                f"resume=False would delete {out}, which holds the given oracle's query ledger {ledger}: "
+                f"clear {out} before opening the oracle (as `stealnb extract --oracle-url` does) and pass "
+                f"resume=True, or keep the ledger elsewhere")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if secret_dir is not None:
@@ -320,7 +330,7 @@ def run_extraction(dataset: str, arch: str, strategy: str, profile="demo", *, se
     prof = get_profile(profile) if isinstance(profile, str) else profile
     out = Path(out) if out is not None else layout.extraction_dir(results, prof.name, dataset, arch, strategy, seed)
     secret, ds = prepare_run(out, resume, dataset, arch, prof, results, secret_dir=secret_dir,
-                             data_root=data_root, progress=progress)
+                             data_root=data_root, progress=progress, oracle=oracle)
     # One pool per profile (seed 0): every strategy and seed draws from the same thief images.
     pool = data.load_pool(prof.pool, root=data_root, n=prof.pool_size, seed=0)
     config = ExtractionConfig.from_profile(prof, strategy, seed=seed, **overrides)

@@ -115,3 +115,27 @@ def test_resume_after_kill_equals_uninterrupted_run(secret_dir, tmp_path):
     payloads = oracle.read_ledger(cut / "ledger.bin")[0]
     assert len(payloads) - 1 == 130 >= paid_before
     assert json.loads((cut / "summary.json").read_text())["oracle_spent"] == 130
+
+
+@pytest.mark.parametrize("runner", ["extraction", "copycat"])
+def test_fresh_run_refuses_to_delete_an_external_oracles_ledger(setup, secret_dir, tmp_path, runner):
+    from stealnb import copycat
+
+    model, _, _ = setup
+    out = tmp_path / "run"
+    out.mkdir()
+    orc = oracle.Oracle(model, budget=200, ledger=out / "ledger.bin")
+    orc.query(np.zeros((3, 32, 32, 3), np.float32) + np.arange(3, dtype=np.float32)[:, None, None, None] / 4)
+    kw = dict(profile="ci", out=out, secret_dir=secret_dir, oracle=orc, resume=False)
+    run = (lambda: extraction.run_extraction("digits", "cnn-tiny", "random", **kw)) if runner == "extraction" else (
+        lambda: copycat.run_copycat("digits", "cnn-tiny", "npdd", **kw))
+    with pytest.raises(ValueError, match="query ledger"):
+        run()
+    assert (out / "ledger.bin").exists() and oracle.read_ledger(out / "ledger.bin")[0]  # nothing deleted
+    # a ledger kept elsewhere is not protected: the fresh run clears ``out`` as before (the tiny
+    # budget then stops the run right after its set-up)
+    (out / "old.txt").write_text("x")
+    kw["oracle"] = oracle.Oracle(model, budget=1, ledger=tmp_path / "elsewhere.bin")
+    with pytest.raises(ValueError, match="budget") as err:
+        run()
+    assert "query ledger" not in str(err.value) and not (out / "old.txt").exists()
