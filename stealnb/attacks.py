@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from ._checks import check_images, check_labels, check_positive_int
+from .models import weak_logits
 
 __all__ = ["fgsm", "deepfool", "DeepFoolResult", "jbda_queries"]
 
@@ -58,17 +59,6 @@ def _check_real(v, name: str, minimum: float = 0.0) -> float:
     return v
 
 
-def _weak_model_fn(model):
-    """``x -> logits`` calling ``model`` in inference mode through a weak reference, so the compiled
-    functions cached per model do not keep the model alive."""
-    ref = weakref.ref(model)
-
-    def logits(x):
-        return ref()(x, training=False)
-
-    return logits
-
-
 # ----------------------------------------------------------------------------------------- FGSM
 
 
@@ -77,7 +67,7 @@ def _fgsm_fn(model):
     if fn is None:
         from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
 
-        logits = _weak_model_fn(model)
+        logits = weak_logits(model)
 
         @tf.function(reduce_retracing=True)
         def fn(x, eps, y, clip_min, clip_max):
@@ -175,7 +165,7 @@ def _build_deepfool(model, ncand: int, jacobian: str = "batch_jacobian"):
     (x, overshoot, max_iter) -> (x_adv, converged, iterations), traced once for any batch size."""
     if jacobian not in _JACOBIANS:
         raise ValueError(f"jacobian: expected one of {_JACOBIANS}, got {jacobian!r}")
-    logits_fn = _weak_model_fn(model)
+    logits_fn = weak_logits(model)
     shape = _input_shape(model)
 
     @tf.function(input_signature=[

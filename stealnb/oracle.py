@@ -284,11 +284,14 @@ class Oracle:
         return answers
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
+        from .models import forward
+
         keras_like = hasattr(self.model, "predict_on_batch")
+        f = forward(self.model)
         out = []
         for i in range(0, len(x), self.batch_size):
             batch = x[i : i + self.batch_size]
-            out.append(np.asarray(self.model(batch, training=False) if keras_like else self.model(batch)))
+            out.append(np.asarray(f(batch, training=False) if keras_like else f(batch)))
         logits = np.concatenate(out)
         if logits.shape != (len(x), self.num_classes):
             raise ValueError(f"model: expected logits of shape ({len(x)}, {self.num_classes}), got {logits.shape}")

@@ -76,9 +76,12 @@ def predict_logits(model, pool, idx=None, batch_size: int = 1024, progress: bool
     out = None
     filled = 0
     where = _positions(n_pool, idx)
+    from .models import forward
+
+    f = forward(model)
     with _tqdm(len(idx), "substitute logits", progress) as bar:
         for chunk, x in pool.batches(batch_size=batch_size, idx=None if whole else idx):
-            z = np.asarray(model(x, training=False))
+            z = np.asarray(f(x, training=False))
             if z.ndim != 2 or len(z) != len(chunk):
                 raise ValueError(f"substitute: expected logits of shape ({len(chunk)}, C), got {z.shape}")
             if not np.isfinite(z).all():

@@ -320,7 +320,10 @@ def _load_model(path):
 
 
 def _logits(model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    out = [np.asarray(model(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+    from .models import forward
+
+    f = forward(model)
+    out = [np.asarray(f(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
     return np.concatenate(out)
 
 
