@@ -18,6 +18,7 @@ objects plug into an in-process oracle and an HTTP server alike.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from typing import Sequence
 
@@ -737,7 +738,7 @@ def prada_scan(x: np.ndarray, predicted_labels: np.ndarray, **detector_kw) -> di
     ``n_queries``, ``min_w`` (lowest W of any test, ``None`` if never tested), ``w_history``
     (``[(query index, W), ...]``), from which :func:`prada_flag_index` reads the alarm for any
     other threshold ``delta`` without re-running the detector, and ``distances`` (the final
-    minimum-distance set D that W is computed on)."""
+    minimum-distance set D, before the outlier removal that precedes each W)."""
     det = PradaDetector(**detector_kw)
     det.observe(x, predicted_labels)
     ws = [w for _, w in det.w_history]
@@ -811,8 +812,9 @@ def replay_copy(label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, subs
                      patience=patience, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
 
 
-def _fit_copy(x_train, y, x_val, y_val, *, substitute, num_classes, epochs, patience, batch_size, learning_rate,
-              seed):
+def _fit_copy(x_train: np.ndarray, y: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None, *,
+              substitute: str, num_classes: int, epochs: int, patience: int | None, batch_size: int,
+              learning_rate: float, seed: int):
     from . import models
     from .train import fit
 
@@ -824,42 +826,53 @@ def _fit_copy(x_train, y, x_val, y_val, *, substitute, num_classes, epochs, pati
 
 
 class ReplayCache:
-    """:func:`replay_copy` with memory: a copy is trained once per distinct (queries, labels they
-    got, validation queries and labels, training settings) and reused after that. Two defended
-    oracles that answer an attack's queries identically (ADMIS at a τ that misinforms no query,
-    and the undefended secret that EWE's null copies are stolen from) get the *same* copy,
-    which training the same data with the same seed would have reproduced anyway. ``hits`` and
-    ``misses`` count the calls answered from memory and the copies trained."""
+    """:func:`replay_copy` that remembers, for each query set (training and validation queries and
+    the training settings), the first copy it trains on it, and returns that copy again when the
+    same queries come back with the *same* labels. Two oracles that answer an attack's queries
+    identically -- ADMIS at a τ that misinforms no query, and the undefended secret that EWE's null
+    copies are stolen from -- then share one copy, which training the same data with the same
+    seed would have reproduced anyway. Copies trained on other labels are returned but not kept,
+    so the memory held is one copy per query set. Returned models are shared: do not train or
+    modify them. ``hits`` and ``misses`` count the calls answered from memory and the copies
+    trained."""
 
     def __init__(self):
-        self._copies: dict[str, object] = {}
+        self._first: dict[str, tuple[str, object]] = {}
         self.hits = 0
         self.misses = 0
+
+    @staticmethod
+    def _digest(arrays, extra=()) -> str:
+        h = hashlib.sha256(repr(tuple(extra)).encode())
+        for a in arrays:
+            a = np.ascontiguousarray(a)
+            h.update(repr((a.dtype.str, a.shape)).encode())
+            h.update(memoryview(a).cast("B"))
+        return h.hexdigest()
 
     def __call__(self, label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, substitute: str,
                  num_classes: int, epochs: int, patience: int | None = None, batch_size: int = 128,
                  learning_rate: float = 1e-3, seed: int = 0):
-        import hashlib
-
         check_images(x_train, "x_train")
+        if x_val is not None and not len(x_val):
+            x_val = None
         y = np.asarray(label_fn(x_train), np.int64)
-        y_val = np.asarray(label_fn(x_val), np.int64) if x_val is not None and len(x_val) else None
+        y_val = None if x_val is None else np.asarray(label_fn(x_val), np.int64)
         settings = (substitute, int(num_classes), int(epochs), patience, int(batch_size), float(learning_rate),
-                    int(seed))
-        h = hashlib.sha256(repr(settings).encode())
-        for a in (x_train, y) if y_val is None else (x_train, y, x_val, y_val):
-            h.update(repr((a.dtype.str, a.shape)).encode())
-            h.update(np.ascontiguousarray(a).tobytes())
-        key = h.hexdigest()
-        if key in self._copies:
+                    int(seed), x_val is None)
+        queries = self._digest([x_train] if x_val is None else [x_train, x_val], settings)
+        labels = self._digest([y] if y_val is None else [y, y_val])
+        first = self._first.get(queries)
+        if first is not None and first[0] == labels:
             self.hits += 1
-        else:
-            self.misses += 1
-            self._copies[key] = _fit_copy(x_train, y, x_val if y_val is not None else None, y_val,
-                                          substitute=substitute, num_classes=num_classes, epochs=epochs,
-                                          patience=patience, batch_size=batch_size, learning_rate=learning_rate,
-                                          seed=seed)
-        return self._copies[key]
+            return first[1]
+        self.misses += 1
+        model = _fit_copy(x_train, y, x_val, y_val, substitute=substitute, num_classes=num_classes, epochs=epochs,
+                          patience=patience, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+        if first is None:
+            self._first[queries] = (labels, model)
+        return model
+
 
 def admis_tradeoff(model, misinformation_model, x_test: np.ndarray, y_test: np.ndarray, attacks: dict, taus,
                    *, substitute: str, epochs: int, patience: int | None = None, nu: float = 1000.0, seed: int = 0,
@@ -883,8 +896,8 @@ def admis_tradeoff(model, misinformation_model, x_test: np.ndarray, y_test: np.n
             xq = x_train if x_val is None else np.concatenate([x_val, x_train])
             alpha = misinformation_alpha(_softmax_probs(model, xq, 512), adm.tau, adm.nu)
             copy = replay(adm.predict_labels, x_train, x_val, substitute=substitute,
-                               num_classes=int(model.output_shape[-1]), epochs=epochs, patience=patience, seed=seed,
-                               batch_size=batch_size)
+                          num_classes=int(model.output_shape[-1]), epochs=epochs, patience=patience, seed=seed,
+                          batch_size=batch_size)
             pred = models.predict_labels(copy, x_test)
             rows.append({"tau": float(tau), "attack": name, "defender_accuracy": acc,
                          "misinformed_queries": float(np.mean(alpha > 0.5)),

@@ -286,9 +286,10 @@ def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results,
     ``out`` unless resuming, create it, get the secret (from ``secret_dir``, else trained or
     loaded under ``results``) and load the dataset. Returns ``(secret, dataset)``.
 
-    An external ``oracle`` whose query ledger lives inside ``out`` (e.g. an ``HttpOracle`` opened
-    on ``out / "ledger.bin"``) already holds that file open: deleting ``out`` would throw away the
-    record of paid queries, so a fresh run (``resume=False``) is refused with a ``ValueError``."""
+    An external ``oracle`` whose query ledger already exists inside ``out`` (e.g. an ``HttpOracle``
+    opened on ``out / "ledger.bin"``) remembers those paid queries in memory: deleting ``out`` would
+    throw away their record on disk, so a fresh run (``resume=False``) is refused with a
+    ``ValueError``."""
     import shutil
 
     from . import data
@@ -296,7 +297,7 @@ def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results,
 
     if not resume and out.exists():
         ledger = getattr(oracle, "ledger", None)
-        if ledger is not None and Path(ledger).resolve().is_relative_to(out.resolve()):
+        if ledger is not None and Path(ledger).exists() and Path(ledger).resolve().is_relative_to(out.resolve()):
             raise ValueError(
                 f"resume=False would delete {out}, which holds the given oracle's query ledger {ledger}: "
                 f"clear {out} before opening the oracle (as `stealnb extract --oracle-url` does) and pass "

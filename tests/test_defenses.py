@@ -567,17 +567,19 @@ def test_replay_cache_trains_once_per_labelled_query_set(tiny_model, monkeypatch
     assert cache(secret, x[:60].copy(), x[60:80].copy(), **kw) is c1  # same queries, same answers: reused
     assert (cache.hits, cache.misses) == (1, 1)
     # anything that changes the training data or settings trains a new copy
-    assert cache(flipped, x[:60], x[60:80], **kw) is not c1  # other labels
+    c2 = cache(flipped, x[:60], x[60:80], **kw)  # other labels: trained, returned, not kept
+    assert c2 is not c1 and cache(flipped, x[:60], x[60:80], **kw) is not c2
+    assert cache(secret, x[:60], x[60:80], **kw) is c1  # the first copy of a query set stays
     assert cache(secret, x[1:61], x[60:80], **kw) is not c1  # other queries
     assert cache(secret, x[:60], None, **kw) is not c1  # no validation split
     assert cache(secret, x[:60], x[60:80], **{**kw, "seed": 6}) is not c1
-    assert (cache.hits, cache.misses) == (1, 5) and len(trained) == 5
+    assert (cache.hits, cache.misses) == (2, 6) and len(trained) == 6
     np.testing.assert_array_equal(trained[1], (trained[0] + 1) % 10)
     # ADMIS at tau = 0 misinforms no query, so its copies are the undefended ones
     mis = models.build("cnn-tiny", seed=1)
     D.admis_tradeoff(tiny_model, mis, x[100:200], y[100:200], {"a": (x[:60], x[60:80])}, [0.0], substitute="cnn-tiny",
                      epochs=1, seed=5, replay=cache)
-    assert (cache.hits, cache.misses) == (2, 5)
+    assert (cache.hits, cache.misses) == (3, 6)
     with pytest.raises(ValueError, match="x_train"):
         cache(secret, x[:60] * 2, None, **kw)
 
