@@ -23,13 +23,7 @@ import numpy as np
 from scipy import stats
 
 from stealnb import data, defenses, extraction, layout, models, profiles
-from stealnb.oracle import fingerprint
 from stealnb.train import load_secret
-
-
-def distinct(x: np.ndarray) -> np.ndarray:
-    _, first = np.unique(np.asarray(fingerprint(x)), return_index=True)
-    return x[np.sort(first)]
 
 
 def run(profile: str, dataset: str, arch: str, results: str, delta: float, clients: int, seed: int) -> dict:
@@ -54,7 +48,7 @@ def run(profile: str, dataset: str, arch: str, results: str, delta: float, clien
             ex = extraction.run_extraction(dataset, arch, strategy, prof, seed=s, results=results)  # read back
             if not ex.done:
                 raise RuntimeError(f"{run_dir}: the run is not finished; finish it first (make demo)")
-            x = distinct(ex.pool.get(np.concatenate([ex.val_idx, ex.labelled_idx])))
+            x = ex.query_stream()
             scan = defenses.prada_scan(x, label(x), delta=delta)
             picked = label(ex.pool.get(ex.labelled_idx[ex.config.seed_size:]))
             counts = np.bincount(picked, minlength=ds.num_classes)

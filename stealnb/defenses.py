@@ -805,11 +805,19 @@ def replay_copy(label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, subs
     epochs). "Static replay": the queries are those the attack chose against the undefended
     oracle -- exact for label-independent selection (random, Copycat), an approximation for
     active learning (its later selections would depend on the defended labels)."""
-    check_images(x_train, "x_train")
-    y = np.asarray(label_fn(x_train), np.int64)
-    y_val = np.asarray(label_fn(x_val), np.int64) if x_val is not None and len(x_val) else None
+    x_val, y, y_val = _replay_labels(label_fn, x_train, x_val)
     return _fit_copy(x_train, y, x_val, y_val, substitute=substitute, num_classes=num_classes, epochs=epochs,
                      patience=patience, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+
+
+def _replay_labels(label_fn, x_train: np.ndarray, x_val: np.ndarray | None):
+    """``(x_val, y, y_val)``: the labels ``label_fn`` gives the training and validation queries;
+    an empty validation split becomes ``None``."""
+    check_images(x_train, "x_train")
+    if x_val is not None and not len(x_val):
+        x_val = None
+    y = np.asarray(label_fn(x_train), np.int64)
+    return x_val, y, None if x_val is None else np.asarray(label_fn(x_val), np.int64)
 
 
 def _fit_copy(x_train: np.ndarray, y: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None, *,
@@ -853,11 +861,7 @@ class ReplayCache:
     def __call__(self, label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, substitute: str,
                  num_classes: int, epochs: int, patience: int | None = None, batch_size: int = 128,
                  learning_rate: float = 1e-3, seed: int = 0):
-        check_images(x_train, "x_train")
-        if x_val is not None and not len(x_val):
-            x_val = None
-        y = np.asarray(label_fn(x_train), np.int64)
-        y_val = None if x_val is None else np.asarray(label_fn(x_val), np.int64)
+        x_val, y, y_val = _replay_labels(label_fn, x_train, x_val)
         settings = (substitute, int(num_classes), int(epochs), patience, int(batch_size), float(learning_rate),
                     int(seed), x_val is None)
         queries = self._digest([x_train] if x_val is None else [x_train, x_val], settings)

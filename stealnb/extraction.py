@@ -178,6 +178,13 @@ class Extraction:
     def spent(self) -> int:
         return int(len(self.val_idx) + len(self.labelled_idx))
 
+    def query_stream(self) -> np.ndarray:
+        """The images the oracle was paid for, in query order: the validation split, the seed set,
+        then each round's picks, each distinct image once (:func:`stealnb.oracle.distinct`)."""
+        from .oracle import distinct
+
+        return distinct(self.pool.get(np.concatenate([self.val_idx, self.labelled_idx])))
+
     @property
     def done(self) -> bool:
         return self.spent >= self.config.budgets[-1] and len(self.records) > 0 and self.records[-1]["queries"] >= self.config.budgets[-1]

@@ -157,9 +157,9 @@ def forward(model):
     """``x -> model(x, training=False)`` for batched inference, compiled once per Keras model with
     ``tf.function`` (shape-generic, so batches of any size share one graph). Its logits match the
     eager call's (bit for bit on this project's CPU build; the extraction results did not change)
-    and it is about 1.5x faster on CPU over a 20k-image pool (5.1 s -> 3.4 s, cnn-small, 2 cores). Weights are read when
-    called, so a model trained further after the first call is seen as it is now. Anything that
-    is not a Keras model is returned unchanged."""
+    and it is about 1.5x faster on CPU over a 20k-image pool (5.1 s -> 3.4 s, cnn-small, 2 cores).
+    Weights are read when called, so a model trained further after the first call is seen as it
+    is now. Anything that is not a Keras model is returned unchanged."""
     if not isinstance(model, keras.Model):
         return model
     f = _FORWARD.get(model)

@@ -65,6 +65,13 @@ def fingerprint(x: np.ndarray) -> list[str]:
     return [d.hex() for d in _digests(check_images(x, "x"))]
 
 
+def distinct(x: np.ndarray) -> np.ndarray:
+    """The first occurrence of every distinct image of ``x``, in order: what a metered oracle is
+    paid for (a repeat is answered from the ledger), so the query stream a defender sees."""
+    _, first = np.unique(np.asarray(fingerprint(x)), return_index=True)
+    return x[np.sort(first)]
+
+
 def _digests(x: np.ndarray) -> list[bytes]:
     x = np.ascontiguousarray(x, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0
     rows = x.reshape(len(x), int(np.prod(x.shape[1:])))

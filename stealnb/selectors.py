@@ -69,6 +69,8 @@ def predict_logits(model, pool, idx=None, batch_size: int = 1024, progress: bool
 
     Images are read batch by batch through ``pool.batches``; only one batch is float32 at a time.
     """
+    from .models import forward
+
     batch_size = check_positive_int(batch_size, "batch_size")
     n_pool = len(pool)
     whole = idx is None
@@ -76,8 +78,6 @@ def predict_logits(model, pool, idx=None, batch_size: int = 1024, progress: bool
     out = None
     filled = 0
     where = _positions(n_pool, idx)
-    from .models import forward
-
     f = forward(model)
     with _tqdm(len(idx), "substitute logits", progress) as bar:
         for chunk, x in pool.batches(batch_size=batch_size, idx=None if whole else idx):

@@ -320,11 +320,9 @@ def _load_model(path):
 
 
 def _logits(model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    from .models import forward
+    from .models import predict_logits
 
-    f = forward(model)
-    out = [np.asarray(f(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
-    return np.concatenate(out)
+    return predict_logits(model, x, batch_size)
 
 
 def _poison_offsets(fps: list[bytes], num_classes: int) -> np.ndarray:

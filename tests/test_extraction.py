@@ -139,3 +139,16 @@ def test_fresh_run_refuses_to_delete_an_external_oracles_ledger(setup, secret_di
     with pytest.raises(ValueError, match="budget") as err:
         run()
     assert "query ledger" not in str(err.value) and not (out / "old.txt").exists()
+
+
+def test_query_stream_is_what_the_oracle_was_paid_for_in_order(setup, tmp_path):
+    model, ds, pool = setup
+    orc = oracle.Oracle(model, budget=130, ledger=tmp_path / "ledger.bin")
+    ex = extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
+    ex.run()
+    stream = ex.query_stream()
+    asked = ex.pool.get(np.concatenate([ex.val_idx, ex.labelled_idx]))
+    assert len(stream) == orc.spent == len(set(oracle.fingerprint(asked)))
+    np.testing.assert_array_equal(stream[:20], asked[:20])  # the validation split comes first
+    x = np.stack([asked[3], asked[1], asked[3], asked[0], asked[1]])
+    np.testing.assert_array_equal(oracle.distinct(x), x[[0, 1, 3]])  # first occurrences, in order
