@@ -63,8 +63,9 @@ PDD_DEFAULTS = {
 class CopycatConfig:
     """Settings of one Copycat run (see the module docstring).
 
-    ``budgets``, ``seed_size``, ``val_size``, ``epochs``, ``patience``, ``batch_size``,
-    ``learning_rate``, ``fgsm_eps`` and ``seed`` mean what they mean for
+    ``budgets``, ``seed_size``, ``val_size``, the training recipe (``epochs``, ``patience``,
+    ``batch_size``, ``learning_rate``, ``min_steps``, ``monitor``, ``class_weight``,
+    ``augment``), ``fgsm_eps`` and ``seed`` mean what they mean for
     :class:`~stealnb.extraction.ExtractionConfig` (NPDD queries). ``round_size=None`` trains
     only at the budgets. ``pdd_size`` is the number of problem-domain images the attacker has
     (0 for ``npdd``); ``finetune_epochs``/``finetune_learning_rate``/``finetune_batch_size``
@@ -80,8 +81,12 @@ class CopycatConfig:
     epochs: int
     patience: int | None = 4
     round_size: int | None = None
-    batch_size: int = 128
+    batch_size: int = 50
     learning_rate: float = 1e-3
+    min_steps: int = 0
+    monitor: str = "macro_f1"
+    class_weight: bool = False
+    augment: bool = False
     pdd_size: int = 0
     finetune_epochs: int = 10
     finetune_learning_rate: float = 1e-4
@@ -112,9 +117,10 @@ class CopycatConfig:
         budgets = tuple(int(b) for b in self.budgets)
         return ExtractionConfig(
             strategy="random", substitute=self.substitute, budgets=budgets, seed_size=self.seed_size,
-            val_size=self.val_size, round_size=self.round_size or max(budgets[-1], 1), epochs=self.epochs,
-            patience=self.patience, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            val_size=self.val_size, round_size=self.round_size or max(budgets[-1], 1),
             warm_start=False, fgsm_eps=self.fgsm_eps, seed=self.seed,
+            epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            min_steps=self.min_steps, monitor=self.monitor, class_weight=self.class_weight, augment=self.augment,
         )
 
     @classmethod
@@ -124,9 +130,8 @@ class CopycatConfig:
         extra = PDD_DEFAULTS.get(profile.name, PDD_DEFAULTS["demo"])
         kw = dict(
             variant=variant, substitute=profile.substitute, budgets=profile.budgets,
-            seed_size=profile.seed_size, val_size=profile.val_size, epochs=profile.substitute_epochs,
-            patience=profile.patience, fgsm_eps=profile.fgsm_eps,
-            pdd_size=0 if variant == "npdd" else extra["pdd_size"], finetune_epochs=extra["finetune_epochs"],
+            seed_size=profile.seed_size, val_size=profile.val_size, fgsm_eps=profile.fgsm_eps,
+            **profile.substitute_fit(), pdd_size=0 if variant == "npdd" else extra["pdd_size"], finetune_epochs=extra["finetune_epochs"],
         )
         kw.update(overrides)
         return cls(**kw)
@@ -140,11 +145,12 @@ def copy_scores(y_true, oracle_pred, copy_pred, num_classes: int) -> dict:
     """The thesis' copy metrics on a test set with original labels ``y_true`` (thesis 002 §5.4):
     ``macro_f1`` of the copy, ``relative_f1`` = copy macro-F1 / oracle macro-F1
     (:func:`stealnb.metrics.relative_f1`), plus ``agreement`` with the oracle's predictions
-    (ActiveThief's fidelity) and ``accuracy``."""
+    (ActiveThief's fidelity), ``accuracy`` and :func:`stealnb.metrics.collapse`."""
     f1 = metrics.macro_f1(y_true, copy_pred, num_classes)
     oracle_f1 = metrics.macro_f1(y_true, oracle_pred, num_classes)
     return {"agreement": metrics.agreement(oracle_pred, copy_pred), "accuracy": metrics.accuracy(y_true, copy_pred),
-            "macro_f1": f1, "relative_f1": metrics.relative_f1(f1, oracle_f1)}
+            "macro_f1": f1, "relative_f1": metrics.relative_f1(f1, oracle_f1),
+            **metrics.collapse(copy_pred, num_classes)}
 
 
 def select_pdd(x_train: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -314,7 +320,8 @@ class Copycat:
 
     def _variant_round(self, rec: dict) -> dict:
         cfg, t0 = self.config, time.perf_counter()
-        npdd_metrics = {k: rec[k] for k in ("agreement", "accuracy", "macro_f1")}
+        npdd_metrics = {k: rec.get(k) for k in ("agreement", "accuracy", "macro_f1", "top_class_share",
+                                                 "classes_predicted")}
         npdd_metrics["relative_f1"] = metrics.relative_f1(rec["macro_f1"], self.oracle_f1)
         pdd_queries = cfg.pdd_size if cfg.variant != "npdd" else 0
         row = {
@@ -331,7 +338,7 @@ class Copycat:
             self._checkpoint()
             return row
         y_pdd = np.asarray(self.oracle.query(self.x_pdd), np.int64)  # paid once, then replayed
-        x_lab = self.pool.get(self.ex.labelled_idx[: rec["labelled"]])
+        x_lab = self.pool.get(np.sort(self.ex.labelled_idx[: rec["labelled"]]))  # canonical order
         y_lab = np.asarray(self.oracle.query(x_lab), np.int64)
         val = None
         if len(self.ex.val_idx):
@@ -349,17 +356,18 @@ class Copycat:
                        seed=seed + 500, progress=self.progress, desc=f"fine-tune {rec['budget']}")
         else:  # npdd+pdd: from scratch on the union, early stopping on the NPDD validation split
             model = self._build(rec["round"])
+            options = self.ex.config.fit_options()
+            if val is None:
+                options.update(patience=None, monitor=None)
             hist = fit(model, np.concatenate([x_lab, self.x_pdd]), np.concatenate([y_lab, y_pdd]),
-                       epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                       validation=val, patience=cfg.patience if val is not None else None,
-                       seed=seed, progress=self.progress, desc=f"npdd+pdd {rec['budget']}")
+                       validation=val, seed=seed, progress=self.progress, desc=f"npdd+pdd {rec['budget']}", **options)
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.model = model
         row.update(self.evaluate(model))
         row.update(
             labelled=int(rec["labelled"] + len(self.x_pdd)), epochs_trained=len(hist["loss"]),
-            val_accuracy=float(hist["val_accuracy"][-1]) if "val_accuracy" in hist else None,
+            val_accuracy=hist["val_accuracy"][hist["best_epoch"]] if "best_epoch" in hist else None,
             npdd=npdd_metrics, finetune_gain_f1=row["macro_f1"] - npdd_metrics["macro_f1"],
             transfer=metrics.transferability(self.secret, model, self.x_test, self.y_test, eps=cfg.fgsm_eps),
         )
@@ -409,9 +417,9 @@ class Copycat:
             if row is None or row["budget"] is None:
                 continue
             tr = row["transfer"] or {}
-            entry = {k: row[k] for k in ("queries", "npdd_queries", "pdd_queries", "paid", "agreement", "accuracy",
-                                          "macro_f1", "relative_f1")}
-            entry.update(transfer_rate=tr.get("transfer_rate"),
+            entry = {k: row.get(k) for k in ("queries", "npdd_queries", "pdd_queries", "paid", "agreement", "accuracy",
+                                              "macro_f1", "relative_f1", "top_class_share", "classes_predicted")}
+            entry.update(adv_agreement=tr.get("adv_agreement"), transfer_rate=tr.get("transfer_rate"),
                          secret_error_under_transfer=tr.get("secret_error_under_transfer"),
                          seconds=round(elapsed, 3), round=row["round"])
             if "npdd" in row:

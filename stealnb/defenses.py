@@ -797,17 +797,17 @@ def calibrate_prada_delta(benign_scans: list, margin: float = 0.0) -> float:
 
 
 def replay_copy(label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, substitute: str, num_classes: int,
-                epochs: int, patience: int | None = None, batch_size: int = 128, learning_rate: float = 1e-3,
-                seed: int = 0):
+                seed: int = 0, **fit_options):
     """A stolen copy trained on an attack's queries labelled by ``label_fn`` (e.g. a defended
     oracle), the way the attack trains its final substitute: a fresh ``substitute`` on
     ``x_train`` with early stopping on ``x_val`` (also labelled by ``label_fn``; ``None``: fixed
-    epochs). "Static replay": the queries are those the attack chose against the undefended
+    epochs); ``fit_options``: the training recipe, :func:`stealnb.train.fit`'s keyword arguments
+    (e.g. ``**profile.substitute_fit()``). "Static replay": the queries are those the attack chose against the undefended
     oracle -- exact for label-independent selection (random, Copycat), an approximation for
     active learning (its later selections would depend on the defended labels)."""
     x_val, y, y_val = _replay_labels(label_fn, x_train, x_val)
-    return _fit_copy(x_train, y, x_val, y_val, substitute=substitute, num_classes=num_classes, epochs=epochs,
-                     patience=patience, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    return _fit_copy(x_train, y, x_val, y_val, substitute=substitute, num_classes=num_classes, seed=seed,
+                     **fit_options)
 
 
 def _replay_labels(label_fn, x_train: np.ndarray, x_val: np.ndarray | None):
@@ -821,15 +821,15 @@ def _replay_labels(label_fn, x_train: np.ndarray, x_val: np.ndarray | None):
 
 
 def _fit_copy(x_train: np.ndarray, y: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None, *,
-              substitute: str, num_classes: int, epochs: int, patience: int | None, batch_size: int,
-              learning_rate: float, seed: int):
+              substitute: str, num_classes: int, seed: int, **fit_options):
     from . import models
     from .train import fit
 
     validation = None if y_val is None else (x_val, y_val)
+    if validation is None:
+        fit_options = {**fit_options, "patience": None, "monitor": None}
     model = models.build(substitute, num_classes=int(num_classes), seed=int(seed))
-    fit(model, x_train, y, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, validation=validation,
-        patience=patience if validation is not None else None, seed=int(seed))
+    fit(model, x_train, y, validation=validation, seed=int(seed), **fit_options)
     return model
 
 
@@ -859,11 +859,9 @@ class ReplayCache:
         return h.hexdigest()
 
     def __call__(self, label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, substitute: str,
-                 num_classes: int, epochs: int, patience: int | None = None, batch_size: int = 128,
-                 learning_rate: float = 1e-3, seed: int = 0):
+                 num_classes: int, seed: int = 0, **fit_options):
         x_val, y, y_val = _replay_labels(label_fn, x_train, x_val)
-        settings = (substitute, int(num_classes), int(epochs), patience, int(batch_size), float(learning_rate),
-                    int(seed), x_val is None)
+        settings = (substitute, int(num_classes), int(seed), x_val is None, sorted(fit_options.items()))
         queries = self._digest([x_train] if x_val is None else [x_train, x_val], settings)
         labels = self._digest([y] if y_val is None else [y, y_val])
         first = self._first.get(queries)
@@ -871,23 +869,22 @@ class ReplayCache:
             self.hits += 1
             return first[1]
         self.misses += 1
-        model = _fit_copy(x_train, y, x_val, y_val, substitute=substitute, num_classes=num_classes, epochs=epochs,
-                          patience=patience, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+        model = _fit_copy(x_train, y, x_val, y_val, substitute=substitute, num_classes=num_classes, seed=seed,
+                          **fit_options)
         if first is None:
             self._first[queries] = (labels, model)
         return model
 
 
 def admis_tradeoff(model, misinformation_model, x_test: np.ndarray, y_test: np.ndarray, attacks: dict, taus,
-                   *, substitute: str, epochs: int, patience: int | None = None, nu: float = 1000.0, seed: int = 0,
-                   batch_size: int = 128, replay=None) -> list[dict]:
+                   *, substitute: str, nu: float = 1000.0, seed: int = 0, replay=None, **fit_options) -> list[dict]:
     """Adaptive Misinformation's trade-off over thresholds ``taus`` (Kariyappa & Qureshi 2020, Fig. 5;
     thesis 002 §6.2.1): for each ``tau`` the defender's accuracy on in-distribution ``x_test``
     (top-1 of the defended outputs against ``y_test``) and, for each attack ``name -> (x_train,
     x_val)``, the share of its queries that get misinformation (``alpha > 0.5``) and the test
     agreement with the *undefended* model of a copy trained on the defended labels
-    (``replay``: :func:`replay_copy` or a :class:`ReplayCache` shared with other experiments).
-    One row per (tau, attack)."""
+    (``replay``: :func:`replay_copy` or a :class:`ReplayCache` shared with other experiments;
+    ``fit_options``: its training recipe). One row per (tau, attack)."""
     from . import metrics, models
 
     replay = replay_copy if replay is None else replay
@@ -900,8 +897,7 @@ def admis_tradeoff(model, misinformation_model, x_test: np.ndarray, y_test: np.n
             xq = x_train if x_val is None else np.concatenate([x_val, x_train])
             alpha = misinformation_alpha(_softmax_probs(model, xq, 512), adm.tau, adm.nu)
             copy = replay(adm.predict_labels, x_train, x_val, substitute=substitute,
-                          num_classes=int(model.output_shape[-1]), epochs=epochs, patience=patience, seed=seed,
-                          batch_size=batch_size)
+                          num_classes=int(model.output_shape[-1]), seed=seed, **fit_options)
             pred = models.predict_labels(copy, x_test)
             rows.append({"tau": float(tau), "attack": name, "defender_accuracy": acc,
                          "misinformed_queries": float(np.mean(alpha > 0.5)),

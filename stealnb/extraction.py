@@ -30,13 +30,16 @@ from .train import enable_determinism, fit
 
 ROUND_FIELDS = (
     "round", "queries", "labelled", "k", "agreement", "accuracy", "macro_f1", "val_accuracy",
-    "epochs_trained", "seconds", "budget", "transfer",
+    "val_macro_f1", "epochs_trained", "best_epoch", "steps", "top_class_share", "classes_predicted", "seconds", "budget", "transfer",
 )
 
 
 @dataclass(frozen=True)
 class ExtractionConfig:
-    """What an extraction run needs besides the oracle, pool and test data."""
+    """What an extraction run needs besides the oracle, pool and test data.
+
+    ``epochs`` ... ``augment``: how the substitute is trained each round (:meth:`fit_options`,
+    the arguments of :func:`stealnb.train.fit`; from the profile, :meth:`from_profile`)."""
 
     strategy: str
     substitute: str
@@ -46,8 +49,12 @@ class ExtractionConfig:
     round_size: int
     epochs: int
     patience: int | None = 4
-    batch_size: int = 128
+    batch_size: int = 50
     learning_rate: float = 1e-3
+    min_steps: int = 0
+    monitor: str = "macro_f1"
+    class_weight: bool = False
+    augment: bool = False
     warm_start: bool = False
     fgsm_eps: float = 0.25
     seed: int = 0
@@ -67,12 +74,18 @@ class ExtractionConfig:
             )
         object.__setattr__(self, "budgets", budgets)
 
+    def fit_options(self) -> dict:
+        """The substitute's training recipe as keyword arguments of :func:`stealnb.train.fit`."""
+        return dict(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size,
+                    learning_rate=self.learning_rate, min_steps=self.min_steps, monitor=self.monitor,
+                    class_weight=self.class_weight, augment=self.augment)
+
     @classmethod
     def from_profile(cls, profile, strategy: str, **overrides) -> "ExtractionConfig":
         kw = dict(
             strategy=strategy, substitute=profile.substitute, budgets=profile.budgets,
             seed_size=profile.seed_size, val_size=profile.val_size, round_size=profile.round_size,
-            epochs=profile.substitute_epochs, patience=profile.patience, fgsm_eps=profile.fgsm_eps,
+            fgsm_eps=profile.fgsm_eps, **profile.substitute_fit(),
             strategy_options=dict(getattr(profile, "strategy_options", {}).get(strategy, {})),
         )
         kw.update(overrides)
@@ -206,11 +219,15 @@ class Extraction:
         if self.substitute is None or not cfg.warm_start:
             self.substitute = self._new_substitute()
         validation = (self.pool.get(self.val_idx), y_val) if y_val is not None else None
+        # Canonical order (sorted pool index): the substitute depends on the labelled set, not on
+        # the order the strategy picked it in, so strategies that pick the same set tie.
+        order = np.argsort(self.labelled_idx, kind="stable")
+        options = cfg.fit_options()
+        if validation is None:
+            options.update(patience=None, monitor=None)
         hist = fit(
-            self.substitute, self.pool.get(self.labelled_idx), y_lab, epochs=cfg.epochs,
-            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, validation=validation,
-            patience=cfg.patience if validation is not None else None,
-            seed=cfg.seed * 1000 + self.round, progress=self.progress, desc=f"round {self.round}",
+            self.substitute, self.pool.get(self.labelled_idx[order]), y_lab[order], validation=validation,
+            seed=cfg.seed * 1000 + self.round, progress=self.progress, desc=f"round {self.round}", **options,
         )
         t["train"] = time.perf_counter() - t0
 
@@ -224,8 +241,12 @@ class Extraction:
             "agreement": metrics.agreement(self.secret_test_labels, sub_test) if self.secret_test_labels is not None else None,
             "accuracy": metrics.accuracy(self.y_test, sub_test),
             "macro_f1": metrics.macro_f1(self.y_test, sub_test, self.num_classes),
-            "val_accuracy": float(hist["val_accuracy"][-1]) if "val_accuracy" in hist else None,
+            "val_accuracy": hist["val_accuracy"][hist["best_epoch"]] if "best_epoch" in hist else None,
+            "val_macro_f1": hist["val_macro_f1"][hist["best_epoch"]] if "best_epoch" in hist else None,
             "epochs_trained": len(hist["loss"]),
+            "best_epoch": hist.get("best_epoch"),
+            "steps": hist["steps"],
+            **metrics.collapse(sub_test, self.num_classes),
             "budget": self.spent if self.spent in cfg.budgets else None,
             "transfer": None,
         }
@@ -274,7 +295,9 @@ class Extraction:
                 tr = r["transfer"] or {}
                 per_budget[str(r["budget"])] = {
                     "queries": r["queries"], "agreement": r["agreement"], "accuracy": r["accuracy"],
-                    "macro_f1": r["macro_f1"], "transfer_rate": tr.get("transfer_rate"),
+                    "macro_f1": r["macro_f1"], "top_class_share": r.get("top_class_share"),
+                    "classes_predicted": r.get("classes_predicted"), "adv_agreement": tr.get("adv_agreement"),
+                    "transfer_rate": tr.get("transfer_rate"),
                     "secret_error_under_transfer": tr.get("secret_error_under_transfer"),
                     "seconds": round(elapsed, 3), "round": r["round"],
                 }

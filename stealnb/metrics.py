@@ -16,6 +16,19 @@ def _pair(a, b, names=("a", "b")):
     return a, b
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (max-shifted, so large logits do not overflow)."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def cross_entropy(y_true: np.ndarray, logits: np.ndarray) -> float:
+    """Mean categorical cross-entropy (nats) of int labels under softmax(``logits``)."""
+    check_labels(y_true, "y_true", n=len(logits), num_classes=np.shape(logits)[1])
+    return float(-np.mean(log_softmax(logits)[np.arange(len(y_true)), y_true]))
+
+
 def agreement(secret_labels: np.ndarray, substitute_labels: np.ndarray) -> float:
     """Fraction of test samples on which secret and substitute predict the same label
     (thesis 000 eq. 4.3.2; ActiveThief's agreement). In [0, 1]."""
@@ -37,6 +50,20 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = N
     return float(f1_score(a, b, labels=labels, average="macro", zero_division=0))
 
 
+COLLAPSE_SHARE = 0.6  # a top_class_share above this is reported as a collapsed substitute
+
+
+def collapse(predicted_labels: np.ndarray, num_classes: int) -> dict:
+    """How near a model is to a constant predictor on a test set: ``top_class_share``, the share
+    of samples in its most frequent predicted class (1.0 = constant), and ``classes_predicted``,
+    how many of the ``num_classes`` classes it predicts at all."""
+    check_labels(predicted_labels, "predicted_labels", num_classes=num_classes)
+    if len(predicted_labels) == 0:
+        raise ValueError("predicted_labels: expected at least one label, got an empty array")
+    counts = np.bincount(predicted_labels, minlength=num_classes)
+    return {"top_class_share": float(counts.max() / counts.sum()), "classes_predicted": int((counts > 0).sum())}
+
+
 def relative_f1(copy_f1: float, oracle_f1: float) -> float:
     """Copycat F1 divided by the oracle's F1 on the same test set (thesis 002 §4, 'relative F1')."""
     if not oracle_f1 > 0:
@@ -51,25 +78,28 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 
 def transfer_metrics(y_true, substitute_adv_labels, secret_adv_labels) -> dict:
-    """Transferability of adversarial examples crafted on the substitute (thesis 000 §4.3, Tables 9-11).
+    """Transferability of adversarial examples crafted on the substitute (thesis 000 §4.3, §7.2).
 
-    The thesis' definition is ambiguous, so two numbers are reported, named for what they are:
+    Three numbers, named for what they are; "fooled" means the substitute's label of the
+    adversarial example differs from the true label:
 
-    * ``transfer_rate``: among test samples whose adversarial example fools the substitute
-      (substitute label != true label), the fraction that also fools the secret
-      (ActiveThief's transferability);
+    * ``adv_agreement`` (**thesis §7.2, Tables 9-11**): among the examples that fool the
+      substitute, the fraction on which the secret gives *the same label as the substitute*;
+    * ``transfer_rate``: among the examples that fool the substitute, the fraction that also
+      fool the secret (secret label != true label; ActiveThief's transferability);
     * ``secret_error_under_transfer``: the fraction of *all* perturbed test samples that the
       secret misclassifies (the thesis' wording in §4.3).
-    ``fooled_substitute`` is the number the first rate is computed over (rate ``None`` if zero).
+
+    ``fooled_substitute`` is the count the first two are computed over (both ``None`` if zero).
     """
     y, sub = _pair(y_true, substitute_adv_labels, ("y_true", "substitute_adv_labels"))
     check_labels(secret_adv_labels, "secret_adv_labels", n=len(y))
     fooled_sub = sub != y
     fooled_sec = secret_adv_labels != y
     n_fooled = int(fooled_sub.sum())
-    rate = float(np.mean(fooled_sec[fooled_sub])) if n_fooled else None
     return {
-        "transfer_rate": rate,
+        "adv_agreement": float(np.mean(secret_adv_labels[fooled_sub] == sub[fooled_sub])) if n_fooled else None,
+        "transfer_rate": float(np.mean(fooled_sec[fooled_sub])) if n_fooled else None,
         "secret_error_under_transfer": float(np.mean(fooled_sec)),
         "fooled_substitute": n_fooled,
         "n": int(len(y)),

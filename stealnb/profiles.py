@@ -31,14 +31,28 @@ class Profile:
     val_size: int  # oracle-labelled validation split for early stopping (counts against budget)
     round_size: int  # k, samples selected per round
     budgets: tuple[int, ...]
-    substitute_epochs: int
-    patience: int
+    substitute_epochs: int  # the most epochs per round (raised to reach substitute_min_steps)
+    patience: int  # epochs without a better validation checkpoint before a round stops
     strategies: tuple[str, ...]
+    # -- the substitute's training recipe per round (also Copycat's and the replayed copies')
+    substitute_batch_size: int = 50
+    substitute_learning_rate: float = 1e-3
+    substitute_min_steps: int = 0  # optimizer steps per round at the least (no early stop before)
+    substitute_monitor: str = "macro_f1"  # checkpoint selection on the validation split
+    substitute_class_weight: bool = False  # loss weights balancing the stolen labels
+    substitute_augment: bool = False  # query-free shifts and flips
     fgsm_eps: float = 0.25
     seeds: tuple[int, ...] = (0,)  # extraction seeds per (secret, strategy)
     # Per-strategy options for stealnb.selectors (e.g. DFAL's candidate cap on CPU profiles).
     strategy_options: dict = field(default_factory=dict)
     optional_secrets: tuple[tuple[str, str], ...] = field(default=())  # run when data present
+
+    def substitute_fit(self) -> dict:
+        """The keyword arguments of :func:`stealnb.train.fit` for a substitute of this profile."""
+        return dict(epochs=self.substitute_epochs, patience=self.patience, batch_size=self.substitute_batch_size,
+                    learning_rate=self.substitute_learning_rate, min_steps=self.substitute_min_steps,
+                    monitor=self.substitute_monitor, class_weight=self.substitute_class_weight,
+                    augment=self.substitute_augment)
 
     def to_dict(self) -> dict:
         return asdict(self)

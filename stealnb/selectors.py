@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from ._checks import as_rng, check_positive_int
+from .metrics import log_softmax
 from .registry import Registry
 
 REGISTRY = Registry("strategy")
@@ -99,17 +100,11 @@ def predict_logits(model, pool, idx=None, batch_size: int = 1024, progress: bool
     return out
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
 def softmax(logits: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """Row-wise softmax as float32 (computed in float64, in row chunks)."""
     out = np.empty(logits.shape, np.float32)
     for s in range(0, len(logits), chunk):
-        out[s:s + chunk] = np.exp(_log_softmax(logits[s:s + chunk]))
+        out[s:s + chunk] = np.exp(log_softmax(logits[s:s + chunk]))
     return out
 
 
@@ -117,7 +112,7 @@ def entropy(logits: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """Shannon entropy (nats) of softmax(logits) per row, float64: -sum_j p_j log p_j (thesis eq. 2.3.1)."""
     out = np.empty(len(logits), np.float64)
     for s in range(0, len(logits), chunk):
-        lp = _log_softmax(logits[s:s + chunk])
+        lp = log_softmax(logits[s:s + chunk])
         out[s:s + chunk] = -(np.exp(lp) * lp).sum(axis=1)
     return out
 
@@ -128,7 +123,7 @@ def margin(logits: np.ndarray, chunk: int = 65536) -> np.ndarray:
         raise ValueError(f"margin needs at least 2 classes, got logits of shape {logits.shape}")
     out = np.empty(len(logits), np.float64)
     for s in range(0, len(logits), chunk):
-        p = np.exp(_log_softmax(logits[s:s + chunk]))
+        p = np.exp(log_softmax(logits[s:s + chunk]))
         top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
         out[s:s + chunk] = top2[:, 1] - top2[:, 0]
     return out
@@ -366,10 +361,28 @@ class KCenter(_Base):
         return kcenter_greedy(feats, labelled, k, chunk=self.chunk, progress=progress)
 
 
+DFAL_MODES = ("converged-first", "activethief")
+
+
+class _SoftmaxOutputs:
+    """``model`` with softmax outputs instead of logits: what ActiveThief's DeepFool attacks."""
+
+    def __init__(self, model):
+        self.model, self.input_shape, self.output_shape = model, model.input_shape, model.output_shape
+
+    def __call__(self, x, training=False):
+        import tensorflow as tf
+
+        return tf.nn.softmax(self.model(x, training=training))
+
+
 class _DFALBase(_Base):
     def __init__(self, max_candidates: int | None = None, overshoot: float = 0.02, max_iter: int = 50,
-                 num_candidates: int = 10, batch_size: int = 256, chunk: int = 2048):
+                 num_candidates: int = 10, batch_size: int = 256, chunk: int = 2048, mode: str = "converged-first"):
         self.max_candidates = None if max_candidates is None else check_positive_int(max_candidates, "max_candidates")
+        if mode not in DFAL_MODES:
+            raise ValueError(f"mode: expected one of {', '.join(DFAL_MODES)}, got {mode!r}")
+        self.mode = mode
         if not (isinstance(overshoot, (int, float)) and overshoot >= 0):
             raise ValueError(f"overshoot: expected a float >= 0, got {overshoot!r}")
         self.overshoot = float(overshoot)
@@ -378,17 +391,25 @@ class _DFALBase(_Base):
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.chunk = check_positive_int(chunk, "chunk")
 
-    def _candidates(self, unlabelled, k, rng):
-        if self.max_candidates is None or self.max_candidates >= len(unlabelled):
+    def _candidates(self, unlabelled, k, rng, at_least: int = 0):
+        """All unlabelled samples, or (under ``max_candidates``) a random
+        ``max(max_candidates, at_least)`` of them, drawn with ``rng``."""
+        if self.max_candidates is None:
             return unlabelled
-        if self.max_candidates < k:
+        n = max(self.max_candidates, at_least)
+        if n >= len(unlabelled):
+            return unlabelled
+        if n < k:
             raise ValueError(f"max_candidates={self.max_candidates} is smaller than k={k}")
-        return np.sort(rng.choice(unlabelled, size=self.max_candidates, replace=False))
+        return np.sort(rng.choice(unlabelled, size=n, replace=False))
 
     def _rank(self, substitute, pool, cand, progress):
-        """Candidates sorted by (not converged, alpha = |x - x_adv|_2^2, pool index)."""
+        """Candidates sorted by (not converged, alpha = |x - x_adv|_2^2, pool index); in
+        ``mode="activethief"`` by (alpha, pool index) of DeepFool on the softmax outputs."""
         from .attacks import deepfool  # lazy: attacks.py imports cleverhans/TensorFlow
 
+        if self.mode == "activethief":
+            substitute = _SoftmaxOutputs(substitute)
         alpha = np.empty(len(cand), np.float64)
         conv = np.empty(len(cand), bool)
         where = _positions(len(pool), cand)
@@ -408,6 +429,8 @@ class _DFALBase(_Base):
                 alpha[pos] = norms ** 2
                 conv[pos] = converged
                 bar.update(len(chunk))
+        if self.mode == "activethief":
+            return cand[np.lexsort((cand, alpha))]
         # lexsort: last key is primary; NaN norms of non-converged samples sort last.
         return cand[np.lexsort((cand, alpha, ~conv))]
 
@@ -416,7 +439,13 @@ class _DFALBase(_Base):
 class DFAL(_DFALBase):
     """DFAL: DeepFool on every unlabelled candidate, the k smallest alpha_n = |x_n - x^_n|_2^2
     (thesis §4.3 item 4; Ducoffe & Precioso 2018; Moosavi-Dezfooli et al. 2016; ActiveThief
-    ``adversarial_sss.py``). Samples where DeepFool did not converge rank after converged ones.
+    ``adversarial_sss.py``).
+
+    ``mode="converged-first"`` (default): DeepFool on the logits, stopping per sample at the
+    flip; samples where it did not converge within ``max_iter`` rank after converged ones.
+    ``mode="activethief"``: as the reference code does it -- DeepFool on the softmax outputs for
+    ``max_iter`` iterations (ActiveThief's ``deepfool(copy_model, epochs=20)``), every candidate
+    ranked by alpha alone, converged or not.
 
     ``max_candidates``: score only a random subsample (drawn with ``rng``) of the unlabelled
     pool. ActiveThief scores the whole thief set; on a 1.28M pool that is ~1.28M DeepFool runs
@@ -436,9 +465,11 @@ class DFALKCenter(_DFALBase):
     ``adversarial-kcenter``, which keeps ``budget = seed + val + iterations·k`` candidates).
 
     Without ``total_budget`` the kept set has ``keep_multiple · k`` samples (default 10, about
-    budget/k for ActiveThief's 10 rounds). The kept set is capped at the number of scored
-    candidates. ``max_candidates`` as for ``dfal``; when it subsamples, the kept set shrinks in
-    proportion (budget x candidates / unlabelled, at least k), the fraction ActiveThief keeps.
+    budget/k for ActiveThief's 10 rounds). ``max_candidates`` as for ``dfal``, but never below
+    ``2 · keep_multiple · k``; when it subsamples, the kept set shrinks in proportion (budget x
+    candidates / unlabelled, the fraction ActiveThief keeps) down to ``keep_multiple · k``: so
+    under any cap DFAL's ranking filters and K-center chooses k out of ``keep_multiple · k``.
+    ``mode`` as for ``dfal``.
     """
 
     def __init__(self, max_candidates: int | None = None, keep_multiple: int = 10, kcenter_chunk: int = 2048,
@@ -452,11 +483,13 @@ class DFALKCenter(_DFALBase):
         keep = self.keep_multiple * k if total_budget is None else total_budget
         if keep < k:
             raise ValueError(f"total_budget={total_budget} is smaller than k={k}; DFAL must keep at least k candidates")
-        cand = self._candidates(unlabelled, k, rng)
+        # Under a cap, score at least 2 x keep_multiple x k candidates, so that DFAL's ranking
+        # filters (it passes half or less) and K-center still chooses k out of keep_multiple x k.
+        cand = self._candidates(unlabelled, k, rng, at_least=2 * self.keep_multiple * k)
         if len(cand) < len(unlabelled):
-            # Scored a random subsample only: keep the same fraction ActiveThief keeps of the
-            # whole pool (budget / unlabelled), so DFAL still filters instead of passing all.
-            keep = max(k, int(np.ceil(keep * len(cand) / len(unlabelled))))
+            # Scored a random subsample only: keep the fraction ActiveThief keeps of the whole
+            # pool (budget / unlabelled), but never fewer than keep_multiple x k.
+            keep = max(self.keep_multiple * k, int(np.ceil(keep * len(cand) / len(unlabelled))))
         kept = self._rank(substitute, pool, cand, progress)[:keep]
         both = np.concatenate([labelled, kept])
         feats = softmax(predict_logits(substitute, pool, both, self.logits_batch_size, progress))

@@ -62,6 +62,63 @@ def compile_model(model: keras.Model, learning_rate: float = 1e-3) -> keras.Mode
     return model
 
 
+class _BestCheckpoint(keras.callbacks.Callback):
+    """Keep the weights of the best epoch on a labelled validation split and stop early.
+
+    ``monitor="macro_f1"``: best = highest validation macro-F1, ties broken by lower validation
+    loss (ActiveThief ``utils/model.py`` selects the copy's checkpoint on validation F1: a
+    near-constant model scores a low macro-F1 however low its loss on a skewed split).
+    ``monitor="loss"``: best = lowest validation loss. Training stops after ``patience`` epochs
+    without a new best, but never before ``min_epochs`` epochs (the minimum number of optimizer
+    steps); the best weights are restored at the end."""
+
+    def __init__(self, model, x_val, y_val, num_classes: int, monitor: str, patience: int | None,
+                 min_epochs: int, batch_size: int = 512):
+        super().__init__()
+        self.net = model  # the model itself, also when Keras trains it behind an augmentation layer
+        self.x_val, self.y_val, self.num_classes = x_val, y_val, num_classes
+        self.monitor, self.patience, self.min_epochs, self.batch_size = monitor, patience, min_epochs, batch_size
+        self.best_key, self.best_weights, self.best_epoch, self.waited = None, None, -1, 0
+        self.val_f1: list[float] = []
+        self.val_loss: list[float] = []
+        self.val_acc: list[float] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logits = models.predict_logits(self.net, self.x_val, batch_size=self.batch_size)
+        loss = metrics.cross_entropy(self.y_val, logits)
+        f1 = metrics.macro_f1(self.y_val, logits.argmax(axis=1), self.num_classes)
+        self.val_f1.append(f1)
+        self.val_loss.append(loss)
+        self.val_acc.append(metrics.accuracy(self.y_val, logits.argmax(axis=1)))
+        key = (f1, -loss) if self.monitor == "macro_f1" else (-loss,)
+        if self.best_key is None or key > self.best_key:
+            self.best_key, self.best_weights, self.best_epoch, self.waited = key, self.net.get_weights(), epoch, 0
+        else:
+            self.waited += 1
+        if self.patience is not None and self.waited >= self.patience and epoch + 1 >= self.min_epochs:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.net.set_weights(self.best_weights)
+
+
+def augmenter(seed: int) -> keras.Sequential:
+    """Random shifts of up to 2 of 32 pixels and horizontal flips, active only in training."""
+    return keras.Sequential([
+        keras.layers.RandomTranslation(2 / 32, 2 / 32, fill_mode="reflect", seed=int(seed)),
+        keras.layers.RandomFlip("horizontal", seed=int(seed) + 1),
+    ], name="augment")
+
+
+def balanced_class_weight(y: np.ndarray, num_classes: int) -> dict[int, float]:
+    """``n / (classes present · count_c)`` for each class present in ``y`` (scikit-learn's
+    ``class_weight="balanced"``), 1 for absent classes: each stolen class weighs the same."""
+    counts = np.bincount(y, minlength=num_classes)
+    present = int((counts > 0).sum())
+    return {c: (len(y) / (present * counts[c]) if counts[c] else 1.0) for c in range(num_classes)}
+
+
 def fit(
     model: keras.Model,
     x: np.ndarray,
@@ -72,36 +129,65 @@ def fit(
     learning_rate: float = 1e-3,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     patience: int | None = None,
+    monitor: str | None = None,
+    min_steps: int = 0,
+    class_weight: bool = False,
+    augment: bool = False,
     seed: int = 0,
     progress: bool = False,
     desc: str = "train",
 ) -> dict:
     """Train ``model`` (compiled here) on float32 images and int labels; returns the history dict.
 
-    With ``patience`` and ``validation``, training stops when validation loss has not improved
-    for ``patience`` epochs and the best weights are restored.
+    ``validation`` alone is only evaluated (history ``val_loss``/``val_accuracy``). With a
+    ``monitor`` (``"loss"`` or ``"macro_f1"``, see :class:`_BestCheckpoint`) the weights of the
+    best epoch on it are restored at the end, and with ``patience`` training stops after that
+    many epochs without a new best. ``min_steps``: at
+    least that many optimizer steps (``epochs`` is raised to reach them; no early stop before),
+    so a small labelled set still gets trained. ``class_weight=True`` weighs the loss with
+    :func:`balanced_class_weight`. ``augment=True`` trains on random shifts of up to 2 pixels
+    and horizontal flips (:func:`augmenter`; free of queries, and label-preserving only as far
+    as the secret is shift- and flip-invariant). The history gains ``val_macro_f1``,
+    ``best_epoch`` and ``steps``.
     """
     check_images(x, "x")
-    check_labels(y, "y", n=len(x), num_classes=model.output_shape[-1])
+    num_classes = model.output_shape[-1]
+    check_labels(y, "y", n=len(x), num_classes=num_classes)
     check_positive_int(epochs, "epochs")
     check_positive_int(batch_size, "batch_size")
+    check_positive_int(min_steps, "min_steps", minimum=0)
+    if monitor not in (None, "loss", "macro_f1"):
+        raise ValueError(f"monitor: expected None, 'loss' or 'macro_f1', got {monitor!r}")
     if validation is not None:
         check_images(validation[0], "validation x")
-        check_labels(validation[1], "validation y", n=len(validation[0]), num_classes=model.output_shape[-1])
+        check_labels(validation[1], "validation y", n=len(validation[0]), num_classes=num_classes)
+    if (patience is not None or monitor is not None) and validation is None:
+        raise ValueError("patience/monitor: checkpoint selection needs a validation=(x, y) split")
+    if patience is not None and monitor is None:
+        raise ValueError("patience: early stopping needs a monitor ('loss' or 'macro_f1')")
+    steps_per_epoch = -(-len(x) // batch_size)
+    min_epochs = -(-min_steps // steps_per_epoch)
+    epochs = max(int(epochs), min_epochs)
     callbacks = [_EpochBar(epochs, desc)] if progress else []
-    if patience is not None:
-        if validation is None:
-            raise ValueError("patience: early stopping needs a validation=(x, y) split")
-        callbacks.append(
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(patience), restore_best_weights=True)
-        )
+    best = None
+    if monitor is not None:
+        best = _BestCheckpoint(model, validation[0], validation[1], num_classes, monitor,
+                               None if patience is None else int(patience), min_epochs)
+        callbacks.append(best)
     keras.utils.set_random_seed(int(seed))
-    compile_model(model, learning_rate)
-    hist = model.fit(
-        x, y, epochs=epochs, batch_size=batch_size, validation_data=validation, shuffle=True,
-        callbacks=callbacks, verbose=0,
+    trained = keras.Sequential([augmenter(seed), model]) if augment else model
+    compile_model(trained, learning_rate)
+    hist = trained.fit(
+        x, y, epochs=epochs, batch_size=batch_size, shuffle=True, callbacks=callbacks, verbose=0,
+        validation_data=validation if best is None else None,
+        class_weight=balanced_class_weight(y, num_classes) if class_weight else None,
     )
-    return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    out = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    if best is not None:
+        out["val_loss"], out["val_accuracy"], out["val_macro_f1"] = best.val_loss, best.val_acc, best.val_f1
+        out["best_epoch"] = best.best_epoch
+    out["steps"] = len(out["loss"]) * steps_per_epoch
+    return out
 
 
 @dataclass

@@ -152,3 +152,54 @@ def test_query_stream_is_what_the_oracle_was_paid_for_in_order(setup, tmp_path):
     np.testing.assert_array_equal(stream[:20], asked[:20])  # the validation split comes first
     x = np.stack([asked[3], asked[1], asked[3], asked[0], asked[1]])
     np.testing.assert_array_equal(oracle.distinct(x), x[[0, 1, 3]])  # first occurrences, in order
+
+
+def _weights_equal(a, b):
+    return all(np.array_equal(u, v) for u, v in zip(a.get_weights(), b.get_weights()))
+
+
+def test_the_substitute_depends_on_the_labelled_set_not_its_order(setup, tmp_path):
+    """Two strategies that pick the same set in different orders must train the same substitute."""
+    model, ds, pool = setup
+    cfg = _config(strategy="random", epochs=3)
+    runs = []
+    for name, permute in (("a", False), ("b", True)):
+        orc = oracle.Oracle(model, budget=130)
+        ex = extraction.Extraction(orc, pool, ds.x_test, ds.y_test, cfg, secret=model)
+        if permute:
+            ex.labelled_idx = ex.labelled_idx[np.random.default_rng(1).permutation(len(ex.labelled_idx))]
+        runs.append((ex.step(), ex.substitute))
+    (ra, sa), (rb, sb) = runs
+    assert _weights_equal(sa, sb)
+    for key in ("agreement", "accuracy", "macro_f1", "val_macro_f1", "top_class_share", "best_epoch"):
+        assert ra[key] == rb[key]
+
+
+def test_profile_recipe_reaches_the_substitute(setup):
+    from stealnb import profiles
+
+    model, ds, pool = setup
+    prof = profiles.get_profile("ci").with_(substitute_batch_size=8, substitute_min_steps=25, substitute_epochs=1,
+                                            patience=1, substitute_learning_rate=3e-4, substitute_class_weight=True)
+    cfg = extraction.ExtractionConfig.from_profile(prof, "random", budgets=(90, 130), seed_size=40, val_size=20,
+                                                   round_size=20, seed=3)
+    assert (cfg.batch_size, cfg.min_steps, cfg.epochs, cfg.patience, cfg.learning_rate, cfg.class_weight,
+            cfg.monitor) == (8, 25, 1, 1, 3e-4, True, "macro_f1")
+    ex = extraction.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test, cfg, secret=model)
+    rec = ex.step()
+    assert rec["steps"] == rec["epochs_trained"] * 5 and rec["steps"] >= 25  # 40 images at batch 8
+    assert ex.summary()["config"]["batch_size"] == 8  # recorded in summary.json
+
+
+def test_round_records_say_how_near_the_substitute_is_to_constant(setup, capsys):
+    from stealnb import cli, metrics
+
+    model, ds, pool = setup
+    ex = extraction.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test, _config(), secret=model)
+    rec = ex.step()
+    pred = ex.substitute.predict(ds.x_test, verbose=0).argmax(1)
+    assert rec["top_class_share"] == pytest.approx(np.bincount(pred).max() / len(pred))
+    assert rec["classes_predicted"] == len(np.unique(pred))
+    cli.warn_collapse([{**rec, "top_class_share": metrics.COLLAPSE_SHARE + 0.01}, {**rec, "top_class_share": 0.5}])
+    err = capsys.readouterr().err
+    assert err.count("collapsed") == 1 and f"round {rec['round']}" in err

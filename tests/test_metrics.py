@@ -49,3 +49,30 @@ def test_bad_inputs():
         metrics.accuracy(np.array([0.0, 1.0]), np.array([0, 1]))
     with pytest.raises(ValueError, match="empty"):
         metrics.agreement(np.array([], np.int64), np.array([], np.int64))
+
+
+def test_adv_agreement_is_the_thesis_7_2_measure():
+    """Thesis §7.2: among FGSM examples that fool the substitute, the share where the secret gives
+    the substitute's label -- not merely *a* wrong label."""
+    y = np.array([0, 0, 0, 0, 0, 0], np.int64)
+    sub = np.array([1, 2, 3, 1, 0, 0], np.int64)  # 4 fool the substitute
+    sec = np.array([1, 2, 1, 0, 4, 0], np.int64)  # same label on 2 of them; wrong on 3 of them
+    out = metrics.transfer_metrics(y, sub, sec)
+    assert out["adv_agreement"] == pytest.approx(2 / 4)
+    assert out["transfer_rate"] == pytest.approx(3 / 4)  # secret wrong, whatever label
+    assert out["secret_error_under_transfer"] == pytest.approx(4 / 6)
+    assert metrics.transfer_metrics(y, y.copy(), sec)["adv_agreement"] is None
+
+
+def test_collapse_measures_the_largest_predicted_class():
+    assert metrics.collapse(np.array([3, 3, 3, 1], np.int64), 10) == {"top_class_share": 0.75, "classes_predicted": 2}
+    assert metrics.collapse(np.full(5, 7, np.int64), 10)["top_class_share"] == 1.0
+    with pytest.raises(ValueError, match="labels must be < 10"):
+        metrics.collapse(np.array([12], np.int64), 10)
+
+
+def test_cross_entropy_matches_a_hand_computation():
+    logits = np.array([[2.0, 0.0], [0.0, 1.0]])
+    y = np.array([0, 0], np.int64)
+    expected = -(np.log(np.exp(2) / (np.exp(2) + 1)) + np.log(1 / (1 + np.e))) / 2
+    assert metrics.cross_entropy(y, logits) == pytest.approx(expected)

@@ -63,6 +63,7 @@ class StubModel:
 
     def __init__(self, table):
         self.table = np.asarray(table, np.float32)
+        self.input_shape = (None, 32, 32, 3)
         self.output_shape = (None, self.table.shape[1])
 
     def __call__(self, x, training=False):
@@ -419,3 +420,47 @@ def test_bad_arguments_raise_clear_errors(pool, table):
         s.select(StubModel(bad), pool, lab, 3, rng)
     # an empty labelled set is fine
     assert len(s.select(m, pool, np.array([], np.int64), 3, rng)) == 3
+
+
+def test_dfal_kcenter_under_a_candidate_cap_chooses_among_more_than_k(pool, fake_attacks):
+    """The ci/demo setting (max_candidates): DFAL's k smallest-perturbation samples are 12 images the
+    substitute sees as identical; DFAL takes k of them, DFAL+K-center (keep_multiple x k kept) must
+    spread its picks and so differ. (Keeping only k under a cap made the two strategies equal.)"""
+    norms, converged, _ = fake_attacks
+    lab = labelled_set(20)
+    unl = np.setdiff1d(np.arange(N_POOL), lab)
+    group = unl[::8][:12]  # identical softmax rows, smallest perturbations
+    norms[:] = np.linspace(1.0, 3.0, N_POOL)
+    norms[group] = 0.01
+    converged[:] = True
+    table = np.random.default_rng(5).normal(0, 3, size=(N_POOL, NUM_CLASSES)).astype(np.float32)
+    table[group] = table[group[0]]
+    k, cap = 2, 40
+    sub = np.sort(np.random.default_rng(9).choice(unl, cap, replace=False))  # the capped candidates
+    assert 3 <= len(np.intersect1d(sub, group)) < 3 * k  # the case: more than k, fewer than kept
+    dfal = REGISTRY["dfal"](max_candidates=cap).select(StubModel(table), pool, lab, k, np.random.default_rng(9))
+    both = REGISTRY["dfal+kcenter"](max_candidates=cap, keep_multiple=3).select(
+        StubModel(table), pool, lab, k, np.random.default_rng(9))
+    assert set(dfal) <= set(group)
+    assert set(both) != set(dfal)
+    assert len(np.intersect1d(both, group)) <= 1  # K-center never takes a second identical image
+
+
+def test_dfal_kcenter_scores_at_least_twice_the_kept_set_under_a_cap(pool, table, fake_attacks):
+    _, _, calls = fake_attacks
+    REGISTRY["dfal+kcenter"](max_candidates=10, keep_multiple=3).select(
+        StubModel(table), pool, labelled_set(20), 4, np.random.default_rng(0))
+    assert sum(calls) == 2 * 3 * 4  # the cap of 10 is raised so DFAL filters before K-center
+
+
+def test_dfal_activethief_mode_ranks_by_perturbation_alone(pool, table, fake_attacks):
+    """mode="activethief": no convergence tier -- a tiny perturbation that did not flip the label
+    still ranks first (ActiveThief adversarial_sss.py sorts every candidate by its L2 distance)."""
+    norms, converged, _ = fake_attacks
+    lab = labelled_set(20)
+    unl = np.setdiff1d(np.arange(N_POOL), lab)
+    out = REGISTRY["dfal"](mode="activethief").select(StubModel(table), pool, lab, len(unl), np.random.default_rng(0))
+    np.testing.assert_array_equal(out, np.array(sorted(unl, key=lambda c: (np.float32(norms[c]) ** 2, c))))
+    assert not converged[out[0]]  # the fixture's tiny-but-failed samples lead
+    with pytest.raises(ValueError, match="mode"):
+        REGISTRY["dfal"](mode="fast")

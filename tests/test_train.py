@@ -84,3 +84,64 @@ def test_fit_validates_inputs(tiny_model):
         train.fit(tiny_model, x, np.zeros(4, np.int64), epochs=1, patience=2)
     with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
         train.fit(tiny_model, x + 2, np.zeros(4, np.int64), epochs=1)
+
+
+def _two_class_linear():
+    """Flatten -> Dense(2) on 32x32x3 images, weights set by hand."""
+    inp = keras.Input((32, 32, 3))
+    return keras.Model(inp, keras.layers.Dense(2, name="d")(keras.layers.Flatten()(inp)))
+
+
+def test_f1_checkpoint_prefers_a_non_constant_model_over_a_lower_loss_constant_one():
+    """A skewed validation split (7 dark images of class 0, 1 bright of class 1). Epoch 0's weights
+    predict class 0 for everything with confidence (loss 0.38, macro-F1 0.47); epoch 1's separate
+    the classes with small margins (loss 0.64, macro-F1 1.0). Selecting on loss restores the
+    constant model; selecting on macro-F1 (ActiveThief) restores the one that learnt."""
+    x = np.zeros((8, 32, 32, 3), np.float32)
+    x[7] = 1.0
+    y = np.array([0] * 7 + [1], np.int64)
+    model = _two_class_linear()
+    constant = [np.zeros((3072, 2), np.float32), np.array([2.0, 0.0], np.float32)]
+    k = np.zeros((3072, 2), np.float32)
+    k[:, 1] = 0.2 / 3072
+    separating = [k, np.array([0.1, 0.0], np.float32)]
+    for monitor, expect in (("loss", constant), ("macro_f1", separating)):
+        cb = train._BestCheckpoint(model, x, y, 2, monitor, patience=None, min_epochs=0)
+        cb.set_model(model)
+        for epoch, weights in enumerate((constant, separating)):
+            model.set_weights(weights)
+            cb.on_epoch_end(epoch)
+        cb.on_train_end()
+        assert cb.val_loss[0] < cb.val_loss[1] and cb.val_f1[0] < cb.val_f1[1]
+        for got, want in zip(model.get_weights(), expect):
+            np.testing.assert_array_equal(got, want)
+        assert cb.best_epoch == (0 if monitor == "loss" else 1)
+
+
+def test_fit_trains_at_least_min_steps_and_stops_on_patience_after_them():
+    ds = _colour_dataset(n_train=40, n_test=20)
+    val = (ds.x_test, ds.y_test)
+    m = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    h = train.fit(m, ds.x_train, ds.y_train, epochs=2, batch_size=10, validation=val, patience=1,
+                  monitor="macro_f1", min_steps=30, seed=0)
+    assert h["steps"] >= 30 and len(h["loss"]) >= 30 // 4  # 4 steps per epoch, epochs raised to 8
+    assert len(h["val_macro_f1"]) == len(h["loss"]) and 0 <= h["best_epoch"] < len(h["loss"])
+    m2 = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    noise = (ds.x_test, np.random.default_rng(0).integers(0, 3, len(ds.x_test)))  # nothing to gain on it
+    h2 = train.fit(m2, ds.x_train, ds.y_train, epochs=50, batch_size=10, validation=noise, patience=1,
+                   monitor="macro_f1", seed=0)
+    assert len(h2["loss"]) < 50  # patience stops it; the restored epoch is the best on F1
+    assert h2["val_macro_f1"][h2["best_epoch"]] == max(h2["val_macro_f1"])
+
+
+def test_balanced_class_weight_equalises_the_classes():
+    w = train.balanced_class_weight(np.array([0, 0, 0, 1], np.int64), 3)
+    assert w == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0), 2: 1.0}
+    assert 3 * w[0] == pytest.approx(1 * w[1])  # each class carries the same total weight
+
+
+def test_fit_refuses_patience_without_a_monitor():
+    ds = _colour_dataset(n_train=8, n_test=4)
+    m = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="needs a monitor"):
+        train.fit(m, ds.x_train, ds.y_train, epochs=1, validation=(ds.x_test, ds.y_test), patience=2)
