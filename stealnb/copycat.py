@@ -84,6 +84,7 @@ class CopycatConfig:
     batch_size: int = 50
     learning_rate: float = 1e-3
     min_steps: int = 0
+    stop_loss: float | None = None
     monitor: str = "macro_f1"
     class_weight: bool = False
     augment: bool = False
@@ -120,7 +121,8 @@ class CopycatConfig:
             val_size=self.val_size, round_size=self.round_size or max(budgets[-1], 1),
             warm_start=False, fgsm_eps=self.fgsm_eps, seed=self.seed,
             epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, learning_rate=self.learning_rate,
-            min_steps=self.min_steps, monitor=self.monitor, class_weight=self.class_weight, augment=self.augment,
+            min_steps=self.min_steps, stop_loss=self.stop_loss, monitor=self.monitor, class_weight=self.class_weight,
+            augment=self.augment,
         )
 
     @classmethod

@@ -828,6 +828,8 @@ def _fit_copy(x_train: np.ndarray, y: np.ndarray, x_val: np.ndarray | None, y_va
     validation = None if y_val is None else (x_val, y_val)
     if validation is None:
         fit_options = {**fit_options, "patience": None, "monitor": None}
+    else:  # as the attack's substitute: the checkpoint with the best validation macro-F1
+        fit_options = {"monitor": "macro_f1", **fit_options}
     model = models.build(substitute, num_classes=int(num_classes), seed=int(seed))
     fit(model, x_train, y, validation=validation, seed=int(seed), **fit_options)
     return model

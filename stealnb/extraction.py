@@ -52,6 +52,7 @@ class ExtractionConfig:
     batch_size: int = 50
     learning_rate: float = 1e-3
     min_steps: int = 0
+    stop_loss: float | None = None
     monitor: str = "macro_f1"
     class_weight: bool = False
     augment: bool = False
@@ -77,8 +78,8 @@ class ExtractionConfig:
     def fit_options(self) -> dict:
         """The substitute's training recipe as keyword arguments of :func:`stealnb.train.fit`."""
         return dict(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size,
-                    learning_rate=self.learning_rate, min_steps=self.min_steps, monitor=self.monitor,
-                    class_weight=self.class_weight, augment=self.augment)
+                    learning_rate=self.learning_rate, min_steps=self.min_steps, stop_loss=self.stop_loss,
+                    monitor=self.monitor, class_weight=self.class_weight, augment=self.augment)
 
     @classmethod
     def from_profile(cls, profile, strategy: str, **overrides) -> "ExtractionConfig":

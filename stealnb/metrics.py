@@ -64,6 +64,40 @@ def collapse(predicted_labels: np.ndarray, num_classes: int) -> dict:
     return {"top_class_share": float(counts.max() / counts.sum()), "classes_predicted": int((counts > 0).sum())}
 
 
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided 95% confidence interval, Student's t with n-1
+    degrees of freedom (seeds as independent repetitions); half-width NaN for fewer than 2 values."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if x is not None and not np.isnan(x)], np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+def paired_difference(a, b) -> dict:
+    """``a - b`` over paired runs (same seed: same seed set and validation split): ``n``,
+    ``mean``, 95% CI ``low``/``high`` (Student's t) and the two-sided paired t-test ``p_value``
+    (NaN with fewer than 2 pairs; 1.0 when every difference is 0). ``significant``: p < 0.05."""
+    from scipy import stats
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"a, b: expected two 1-D arrays of paired values, got shapes {a.shape} and {b.shape}")
+    d = a - b
+    mean, half = mean_ci95(d)
+    if len(d) < 2:
+        p = float("nan")
+    elif np.allclose(d, d[0]):
+        p = 1.0 if d[0] == 0 else 0.0
+    else:
+        p = float(stats.ttest_rel(a, b).pvalue)
+    return {"n": int(len(d)), "mean": mean, "low": mean - half, "high": mean + half, "p_value": p,
+            "significant": bool(p < 0.05)}
+
+
 def relative_f1(copy_f1: float, oracle_f1: float) -> float:
     """Copycat F1 divided by the oracle's F1 on the same test set (thesis 002 §4, 'relative F1')."""
     if not oracle_f1 > 0:

@@ -100,6 +100,28 @@ def cnn_small(input_shape=(32, 32, 3), num_classes=10):
     return keras.Model(inp, out, name="cnn_small")
 
 
+@REGISTRY.register("cnn-small-bn")
+def cnn_small_bn(input_shape=(32, 32, 3), num_classes=10):
+    """cnn-small with BatchNormalization (Ioffe & Szegedy 2015) after every convolution and the
+    dense layer: a candidate substitute for small, skewed labelled sets (stealnb's own variant,
+    not a thesis architecture; ``benchmarks/`` measures whether it helps)."""
+    inp = keras.Input(shape=input_shape, name="image")
+    x = inp
+    for i, filters in enumerate((32, 64), 1):
+        for part in "ab":
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}{part}")(x)
+            x = layers.BatchNormalization(name=f"bn{i}{part}")(x)
+            x = layers.ReLU(name=f"relu{i}{part}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(128, use_bias=False, name="fc1")(x)
+    x = layers.BatchNormalization(name="bn_fc1")(x)
+    x = layers.ReLU(name="relu_fc1")(x)
+    x = layers.Dropout(0.3)(x)
+    out = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inp, out, name="cnn_small_bn")
+
+
 @REGISTRY.register("lenet5")
 def lenet5(input_shape=(32, 32, 3), num_classes=10):
     """LeNet-5 (LeCun et al. 1998; thesis §2.2.1): conv5-6, pool, conv5-16, pool, 120-84 dense."""

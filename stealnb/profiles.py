@@ -38,6 +38,7 @@ class Profile:
     substitute_batch_size: int = 50
     substitute_learning_rate: float = 1e-3
     substitute_min_steps: int = 0  # optimizer steps per round at the least (no early stop before)
+    substitute_stop_loss: float | None = None  # no early stop while the training loss is above this
     substitute_monitor: str = "macro_f1"  # checkpoint selection on the validation split
     substitute_class_weight: bool = False  # loss weights balancing the stolen labels
     substitute_augment: bool = False  # query-free shifts and flips
@@ -51,6 +52,7 @@ class Profile:
         """The keyword arguments of :func:`stealnb.train.fit` for a substitute of this profile."""
         return dict(epochs=self.substitute_epochs, patience=self.patience, batch_size=self.substitute_batch_size,
                     learning_rate=self.substitute_learning_rate, min_steps=self.substitute_min_steps,
+                    stop_loss=self.substitute_stop_loss,
                     monitor=self.substitute_monitor, class_weight=self.substitute_class_weight,
                     augment=self.substitute_augment)
 
@@ -76,12 +78,19 @@ PROFILES: dict[str, Profile] = {
         substitute="vgg16",
         pool="imagenet32",
         pool_size=120_000,  # ActiveThief's image thief set: 120k ImageNet images
-        seed_size=500,
-        val_size=500,
-        round_size=500,
+        # The thesis (§4.3, §5.2) gives the budgets and FGSM eps but not the rest of the loop;
+        # those values are ActiveThief's (github.com/shukla-aditya-csa/activethief, cfg.py and
+        # utils/model.py train_copynet_iter), each cited:
+        seed_size=500,  # cfg.py initial_seed has no default (set per run); 1/5 of the smallest budget
+        val_size=1_000,  # cfg.py val_size = 1000 (oracle-labelled, counted in the budget as there)
+        round_size=500,  # cfg.py k has no default (set per run); 5 rounds to 2.5k, 19 to 10k
         budgets=(2_500, 5_000, 10_000),
-        substitute_epochs=30,
-        patience=5,
+        substitute_epochs=1_000,  # cfg.py copy_num_epochs = 1000 (an upper bound: early stop ends it)
+        patience=20,  # cfg.py early_stop_tolerance = 20 evaluations, one per epoch (copy_evaluate_every = 1)
+        substitute_batch_size=50,  # cfg.py batch_size = 50
+        substitute_learning_rate=1e-3,  # Adam 1e-3 as the thesis' secrets (§5.2)
+        substitute_stop_loss=1.5,  # utils/model.py: no early stop while the mean training loss > 1.5
+        substitute_monitor="macro_f1",  # utils/model.py: the copy's checkpoint is chosen on validation F1
         strategies=THESIS_STRATEGIES,
         seeds=(0,),
     ),

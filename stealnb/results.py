@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout
+from . import layout, metrics
 from ._checks import check_images, check_labels, check_positive_int
 
 THESIS_BUDGETS = (2_500, 5_000, 10_000)
@@ -271,7 +271,8 @@ def load_runs(results, profile: str, kind: str = "extraction"):
 
 
 ROUND_COLUMNS = ["dataset", "arch", "strategy", "seed", "round", "queries", "labelled", "k", "agreement", "accuracy",
-                 "macro_f1", "val_accuracy", "epochs_trained", "budget", "transfer_rate",
+                 "macro_f1", "val_accuracy", "val_macro_f1", "epochs_trained", "top_class_share",
+                 "classes_predicted", "budget", "adv_agreement", "transfer_rate",
                  "secret_error_under_transfer", "fooled_substitute", *[f"t_{t}" for t in _TIMINGS], "seconds",
                  "max_budget", "substitute", "complete", "path"]
 
@@ -291,9 +292,9 @@ def load_rounds(results, profile: str, kind: str = "extraction"):
             secs = r.get("seconds") or {}
             row = {"dataset": run.dataset, "arch": run.arch, "strategy": run.strategy, "seed": run.seed}
             for k in ("round", "queries", "labelled", "k", "agreement", "accuracy", "macro_f1", "val_accuracy",
-                      "epochs_trained", "budget"):
+                      "val_macro_f1", "epochs_trained", "top_class_share", "classes_predicted", "budget"):
                 row[k] = r.get(k)
-            for k in ("transfer_rate", "secret_error_under_transfer", "fooled_substitute"):
+            for k in ("adv_agreement", "transfer_rate", "secret_error_under_transfer", "fooled_substitute"):
                 row[k] = tr.get(k)
             for t in _TIMINGS:
                 row[f"t_{t}"] = secs.get(t)
@@ -302,7 +303,8 @@ def load_rounds(results, profile: str, kind: str = "extraction"):
                        complete=run.complete, path=run.path)
             rows.append(row)
     df = pd.DataFrame(rows, columns=ROUND_COLUMNS)
-    num = ["agreement", "accuracy", "macro_f1", "val_accuracy", "transfer_rate", "secret_error_under_transfer",
+    num = ["agreement", "accuracy", "macro_f1", "val_accuracy", "val_macro_f1", "top_class_share",
+           "classes_predicted", "adv_agreement", "transfer_rate", "secret_error_under_transfer",
            "fooled_substitute", *[f"t_{t}" for t in _TIMINGS], "seconds", "budget", "max_budget"]
     for c in num:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
@@ -360,6 +362,7 @@ def _agg(rows, metrics_):
     for m in metrics_:
         out[f"{m}_mean"] = g[m].mean()
         out[f"{m}_std"] = g[m].std()
+        out[f"{m}_ci95"] = g[m].agg(lambda v: metrics.mean_ci95(v)[1])
     out["seeds"] = g["seed"].agg(lambda s: sorted({int(v) for v in s}))
     out = out.reset_index()
     out["budget"] = out["budget"].astype("int64")
@@ -380,18 +383,23 @@ def _settings(rows):
 def agreement_table(rounds):
     """Thesis Tables 6-8 from :func:`load_rounds` rows at the budgets: one row per dataset x
     arch x strategy x budget with ``n_seeds``, ``seeds``, ``queries`` and mean/std over seeds
-    (ddof=1) of ``agreement``, ``accuracy``, ``macro_f1``; plus ``thesis_dataset``,
+    (ddof=1) of ``agreement``, ``accuracy``, ``macro_f1``, ``agreement_ci95`` (half-width of the
+    95% CI of the mean, :func:`stealnb.metrics.mean_ci95`), ``top_class_share`` mean and max
+    (collapse, :func:`stealnb.metrics.collapse`); plus ``thesis_dataset``,
     ``thesis_arch``, ``thesis_budget``, ``thesis_agreement`` (fraction; None when the thesis has
     no such strategy) and ``thesis_match`` (see :func:`thesis_setting`)."""
     import pandas as pd
 
     rows = _budget_rows(rounds)
     cols = ["dataset", "arch", "strategy", "budget", "n_seeds", "seeds", "queries", "agreement_mean",
-            "agreement_std", "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std", "thesis_dataset",
-            "thesis_arch", "thesis_budget", "thesis_agreement", "thesis_match"]
+            "agreement_std", "agreement_ci95", "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std",
+            "top_class_share_mean", "top_class_share_max", "thesis_dataset", "thesis_arch", "thesis_budget",
+            "thesis_agreement", "thesis_match"]
     if rows.empty:
         return pd.DataFrame(columns=cols)
-    out = _agg(rows, ("agreement", "accuracy", "macro_f1"))
+    out = _agg(rows, ("agreement", "accuracy", "macro_f1", "top_class_share"))
+    out["top_class_share_max"] = rows.groupby(["dataset", "arch", "strategy", "budget"], sort=True)[
+        "top_class_share"].max().to_numpy()
     _add_thesis_columns(out, _settings(rows), "thesis_agreement",
                         lambda st, r: _thesis_agreement(st["thesis_dataset"], st["thesis_arch"], r.strategy,
                                                         st["thesis_budget"]))
@@ -416,29 +424,56 @@ def _add_thesis_columns(out, info, value_col: str, value) -> None:
 
 
 def transferability_table(rounds):
-    """Thesis Tables 9-11 from :func:`load_rounds`: per dataset x arch x strategy x budget, mean/std
-    over seeds of both transferability numbers (``transfer_rate``: share of the substitute's FGSM
-    successes that also fool the secret; ``secret_error_under_transfer``: secret's error on all
-    FGSM images; see :func:`stealnb.metrics.transfer_metrics`) and ``fooled_substitute``.
-    ``thesis_transferability`` (fraction) is filled only at the budget that maps to the thesis'
-    10,000 queries, the only budget the thesis reports; the thesis' single number does not say
-    which of our two definitions it is."""
+    """Thesis Tables 9-11 from :func:`load_rounds`: per dataset x arch x strategy x budget, mean,
+    std and 95% CI half-width over seeds of the three transferability numbers of
+    :func:`stealnb.metrics.transfer_metrics` -- ``adv_agreement`` (**the thesis §7.2 measure**:
+    among FGSM examples that fool the substitute, the share the secret labels as the substitute
+    does), ``transfer_rate`` (share of those that also fool the secret) and
+    ``secret_error_under_transfer`` (secret's error on all FGSM images) -- and
+    ``fooled_substitute``. ``thesis_transferability`` (fraction, to compare with
+    ``adv_agreement``) is filled only at the budget that maps to the thesis' 10,000 queries, the
+    only budget the thesis reports."""
     import pandas as pd
 
     rows = _budget_rows(rounds)
-    cols = ["dataset", "arch", "strategy", "budget", "n_seeds", "seeds", "queries", "transfer_rate_mean",
-            "transfer_rate_std", "secret_error_under_transfer_mean", "secret_error_under_transfer_std",
+    cols = ["dataset", "arch", "strategy", "budget", "n_seeds", "seeds", "queries", "adv_agreement_mean",
+            "adv_agreement_std", "adv_agreement_ci95", "transfer_rate_mean", "transfer_rate_std",
+            "secret_error_under_transfer_mean", "secret_error_under_transfer_std",
             "fooled_substitute_mean", "thesis_dataset", "thesis_arch", "thesis_budget", "thesis_transferability",
             "thesis_match"]
     rows = rows[rows["secret_error_under_transfer"].notna() | rows["transfer_rate"].notna()]
     if rows.empty:
         return pd.DataFrame(columns=cols)
-    out = _agg(rows, ("transfer_rate", "secret_error_under_transfer", "fooled_substitute"))
-    out = out.drop(columns=["fooled_substitute_std"])
+    out = _agg(rows, ("adv_agreement", "transfer_rate", "secret_error_under_transfer", "fooled_substitute"))
+    out = out.drop(columns=["fooled_substitute_std", "fooled_substitute_ci95"])
     _add_thesis_columns(out, _settings(rows), "thesis_transferability",
                         lambda st, r: _thesis_transfer(st["thesis_dataset"], st["thesis_arch"], r.strategy)
                         if st["thesis_budget"] == THESIS_BUDGETS[-1] else None)
     return _sort(out[cols], ["dataset", "arch", "strategy", "budget"])
+
+
+def paired_differences(rounds, metric: str = "agreement", baseline: str = "random"):
+    """Each strategy minus ``baseline`` at each budget, paired by seed (every strategy of a seed
+    starts from the same seed set and validation split): one row per dataset x arch x strategy x
+    budget with :func:`stealnb.metrics.paired_difference`'s ``n``, ``mean``, ``low``, ``high``
+    (95% CI), ``p_value`` and ``significant``. Seeds missing on either side are left out."""
+    import pandas as pd
+
+    rows = _budget_rows(rounds)
+    cols = ["dataset", "arch", "strategy", "budget", "n", "mean", "low", "high", "p_value", "significant"]
+    out = []
+    for (ds, arch, b), g in rows.groupby(["dataset", "arch", "budget"], sort=True):
+        base = g[g["strategy"] == baseline].groupby("seed")[metric].mean()
+        for strat, gs in g[g["strategy"] != baseline].groupby("strategy"):
+            mine = gs.groupby("seed")[metric].mean()
+            seeds = sorted(set(mine.dropna().index) & set(base.dropna().index))
+            if not seeds:
+                continue
+            d = metrics.paired_difference(mine.loc[seeds].to_numpy(), base.loc[seeds].to_numpy())
+            out.append({"dataset": ds, "arch": arch, "strategy": strat, "budget": int(b), **d})
+    if not out:
+        return pd.DataFrame(columns=cols)
+    return _sort(pd.DataFrame(out)[cols], ["dataset", "arch", "strategy", "budget"])
 
 
 def best_strategy_table(agreement):
@@ -492,12 +527,14 @@ def format_pm(mean, std=None, n=None, *, percent: bool = True, digits: int = 1) 
     return s
 
 
-def thesis_style(table, metric: str = "agreement", thesis_col: str | None = None):
+def thesis_style(table, metric: str = "agreement", thesis_col: str | None = None, spread: str = "ci95"):
     """A thesis-style grid of ``table`` (from :func:`agreement_table` or
     :func:`transferability_table`): index (dataset, arch, strategy), for each budget a column
-    ``"<budget> ours"`` with ``"mean ± std (n=seeds)"`` in % and ``"<budget> thesis"`` with the
-    thesis' number in % (``"–"`` where it has none). Whether the thesis column is the same setting
-    or only a reference is in ``table.thesis_match``; show it with the grid."""
+    ``"<budget> ours"`` with ``"mean ± half-width (n=seeds)"`` in % -- ``spread="ci95"``: the 95%
+    confidence interval of the mean (where the table has it), ``"std"``: the standard deviation
+    over seeds -- and ``"<budget> thesis"`` with the thesis' number in % (``"–"`` where it has
+    none). Whether the thesis column is the same setting or only a reference is in
+    ``table.thesis_match``; show it with the grid."""
     import pandas as pd
 
     thesis_col = thesis_col or {"agreement": "thesis_agreement"}.get(metric, "thesis_transferability")
@@ -508,7 +545,8 @@ def thesis_style(table, metric: str = "agreement", thesis_col: str | None = None
     for r in table.itertuples():
         key = (r.dataset, r.arch, r.strategy)
         row = rows.setdefault(key, {})
-        row[f"{r.budget} ours"] = format_pm(getattr(r, f"{metric}_mean"), getattr(r, f"{metric}_std"), r.n_seeds)
+        half = getattr(r, f"{metric}_{spread}", getattr(r, f"{metric}_std"))
+        row[f"{r.budget} ours"] = format_pm(getattr(r, f"{metric}_mean"), half, r.n_seeds)
         t = getattr(r, thesis_col)
         tb = "" if pd.isna(r.thesis_budget) else f" @{int(r.thesis_budget):,}"
         row[f"{r.budget} thesis"] = "–" if pd.isna(t) else f"{t * 100:.2f}{tb}"

@@ -70,11 +70,14 @@ class _BestCheckpoint(keras.callbacks.Callback):
     near-constant model scores a low macro-F1 however low its loss on a skewed split).
     ``monitor="loss"``: best = lowest validation loss. Training stops after ``patience`` epochs
     without a new best, but never before ``min_epochs`` epochs (the minimum number of optimizer
-    steps); the best weights are restored at the end."""
+    steps), nor while the epoch's training loss is above ``stop_loss`` (ActiveThief resets its
+    early-stop count while the copy's mean training loss exceeds 1.5); the best weights are
+    restored at the end."""
 
     def __init__(self, model, x_val, y_val, num_classes: int, monitor: str, patience: int | None,
-                 min_epochs: int, batch_size: int = 512):
+                 min_epochs: int, batch_size: int = 512, stop_loss: float | None = None):
         super().__init__()
+        self.stop_loss = stop_loss
         self.net = model  # the model itself, also when Keras trains it behind an augmentation layer
         self.x_val, self.y_val, self.num_classes = x_val, y_val, num_classes
         self.monitor, self.patience, self.min_epochs, self.batch_size = monitor, patience, min_epochs, batch_size
@@ -95,7 +98,8 @@ class _BestCheckpoint(keras.callbacks.Callback):
             self.best_key, self.best_weights, self.best_epoch, self.waited = key, self.net.get_weights(), epoch, 0
         else:
             self.waited += 1
-        if self.patience is not None and self.waited >= self.patience and epoch + 1 >= self.min_epochs:
+        trained = self.stop_loss is None or (logs or {}).get("loss", np.inf) <= self.stop_loss
+        if self.patience is not None and self.waited >= self.patience and epoch + 1 >= self.min_epochs and trained:
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):
@@ -131,6 +135,7 @@ def fit(
     patience: int | None = None,
     monitor: str | None = None,
     min_steps: int = 0,
+    stop_loss: float | None = None,
     class_weight: bool = False,
     augment: bool = False,
     seed: int = 0,
@@ -144,7 +149,8 @@ def fit(
     best epoch on it are restored at the end, and with ``patience`` training stops after that
     many epochs without a new best. ``min_steps``: at
     least that many optimizer steps (``epochs`` is raised to reach them; no early stop before),
-    so a small labelled set still gets trained. ``class_weight=True`` weighs the loss with
+    so a small labelled set still gets trained; ``stop_loss``: no early stop while the training
+    loss is above it (a near-constant model on skewed labels keeps a high loss). ``class_weight=True`` weighs the loss with
     :func:`balanced_class_weight`. ``augment=True`` trains on random shifts of up to 2 pixels
     and horizontal flips (:func:`augmenter`; free of queries, and label-preserving only as far
     as the secret is shift- and flip-invariant). The history gains ``val_macro_f1``,
@@ -172,7 +178,7 @@ def fit(
     best = None
     if monitor is not None:
         best = _BestCheckpoint(model, validation[0], validation[1], num_classes, monitor,
-                               None if patience is None else int(patience), min_epochs)
+                               None if patience is None else int(patience), min_epochs, stop_loss=stop_loss)
         callbacks.append(best)
     keras.utils.set_random_seed(int(seed))
     trained = keras.Sequential([augmenter(seed), model]) if augment else model
