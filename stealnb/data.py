@@ -371,7 +371,8 @@ _GTSRB_CACHE_VERSION = b"stealnb-gtsrb-32x32-v1"
 
 
 def _read_gt_csv(path: Path) -> list[tuple]:
-    """Rows (filename, w, h, x1, y1, x2, y2, class) of an official semicolon-separated GT csv."""
+    """Rows (filename, w, h, x1, y1, x2, y2, class) of an official semicolon-separated GT csv. A Filename
+    must be a plain file name: '..' or a path would load images from outside the data folder."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f, delimiter=";"))
     if not rows or any(c not in rows[0] for c in _GT_COLUMNS):
@@ -382,9 +383,13 @@ def _read_gt_csv(path: Path) -> list[tuple]:
         if not r:
             continue
         try:
-            out.append((r[pos[0]], *(int(r[p]) for p in pos[1:])))
+            row = (r[pos[0]], *(int(r[p]) for p in pos[1:]))
         except (IndexError, ValueError):
             raise DatasetCorrupt(f"{path}: line {line} is malformed: {';'.join(r)!r}") from None
+        if row[0] in ("", "..") or Path(row[0]).name != row[0]:
+            raise DatasetCorrupt(f"{path}: line {line} names {row[0]!r}, not a file name in the image "
+                                 "folder; refusing to read outside it")
+        out.append(row)
     return out
 
 

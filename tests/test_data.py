@@ -316,6 +316,26 @@ def test_gtsrb_corrupt(gtsrb_root, damage):
     assert ("GT-00005.csv" if damage == "bad_row" else f[0]) in _msg(e)
 
 
+@pytest.mark.parametrize("how", ["relative", "absolute"])
+@pytest.mark.parametrize("part", ["train", "test"])
+def test_gtsrb_refuses_a_csv_filename_outside_its_folder(gtsrb_root, part, how):
+    root, _ = gtsrb_root
+    if part == "train":
+        folder = root / "gtsrb" / "GTSRB" / "Final_Training" / "Images" / "00005"
+        csv_path = folder / "GT-00005.csv"
+    else:  # the test csv lives above the folder its names refer to
+        folder, csv_path = root / "gtsrb" / "GTSRB" / "Final_Test" / "Images", root / "gtsrb" / "GT-final_test.csv"
+    lines = csv_path.read_text().splitlines()
+    name = lines[1].split(";")[0]
+    secret = root / "secret.ppm"  # outside the data folder, with the size the row expects
+    (folder / name).rename(secret)
+    lines[1] = lines[1].replace(name, os.path.relpath(secret, folder) if how == "relative" else str(secret), 1)
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.DatasetCorrupt) as e:
+        data.load_dataset("gtsrb43", root=root)
+    assert str(csv_path) in _msg(e) and "line 2" in _msg(e) and "secret.ppm" in _msg(e)
+
+
 def test_gtsrb_cache_reused_and_invalidated(gtsrb_root):
     root, _ = gtsrb_root
     first = data.load_dataset("gtsrb43", root=root)
