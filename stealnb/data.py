@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import importlib
 import json
+import math
 import os
 import pickle
 import re
@@ -210,25 +211,44 @@ def stratified_subsample(y, fraction, seed) -> np.ndarray:
 
 # -- IDX (MNIST, Fashion-MNIST) -----------------------------------------------------------------
 
-def read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
-    """An unsigned-byte IDX array (LeCun et al. 1998 format), raw or ``.gz``, checked against its header."""
-    path = Path(path)
+# The largest official MNIST/Fashion-MNIST file holds 47 MB; a header announcing more is refused unread.
+IDX_MAX_BYTES = 1 << 28
+
+
+def read_idx(path: Path, magic: int, shape: tuple) -> np.ndarray:
+    """An unsigned-byte IDX array (LeCun et al. 1998 format), raw or ``.gz``, of ``shape`` (``None``: any
+    length). The header is checked before any payload is read, then exactly the payload it announces
+    is streamed in: a small ``.gz`` that would inflate to GiBs is refused without inflating it."""
+    path, head = Path(path), 4 + 4 * len(shape)
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read(head)
+            if len(raw) < head:
+                raise DatasetCorrupt(f"{path}: {len(raw)} bytes, shorter than the {head}-byte IDX header")
+            got = struct.unpack_from(">i", raw)[0]
+            if got != magic:
+                raise DatasetCorrupt(f"{path}: IDX magic number {got}, expected {magic} "
+                                     f"(unsigned bytes, {len(shape)}-D)")
+            dims = struct.unpack_from(f">{len(shape)}I", raw, 4)
+            if any(want is not None and d != want for d, want in zip(dims, shape)):
+                raise DatasetCorrupt(f"{path}: header dims {dims}, expected {shape} (None: any length)")
+            need = math.prod(dims)  # Python ints: no overflow
+            if need > IDX_MAX_BYTES:
+                raise DatasetCorrupt(f"{path}: header dims {dims} need {need} bytes, more than the "
+                                     f"{IDX_MAX_BYTES} an MNIST-format file may hold; the header is corrupt")
+            out = np.empty(need, np.uint8)
+            view, n = memoryview(out), 0
+            while n < need and (k := f.readinto(view[n:n + (1 << 20)])):  # 1 MiB at a time
+                n += k
+            if n < need:
+                raise DatasetCorrupt(f"{path}: payload is {n} bytes but the header dims {dims} need "
+                                     f"{need}; the file is truncated or corrupt")
+            if f.read(1):  # also what makes gzip check its crc32 and length trailer
+                raise DatasetCorrupt(f"{path}: data continues after the payload: the header dims {dims} need "
+                                     f"{need} bytes; the file is corrupt")
     except (OSError, EOFError, zlib.error) as e:
         raise DatasetCorrupt(f"{path}: cannot be read/decompressed ({e}); the file is truncated or corrupt") from None
-    head = 4 + 4 * ndim
-    if len(raw) < head:
-        raise DatasetCorrupt(f"{path}: {len(raw)} bytes, shorter than the {head}-byte IDX header")
-    got = struct.unpack(">i", raw[:4])[0]
-    if got != magic:
-        raise DatasetCorrupt(f"{path}: IDX magic number {got}, expected {magic} (unsigned bytes, {ndim}-D)")
-    dims = struct.unpack(f">{ndim}I", raw[4:head])
-    need = int(np.prod(dims, dtype=np.int64))
-    if len(raw) - head != need:
-        raise DatasetCorrupt(f"{path}: payload is {len(raw) - head} bytes but the header dims {dims} need "
-                             f"{need}; the file is truncated or corrupt")
-    return np.frombuffer(raw, np.uint8, offset=head).reshape(dims)
+    return out.reshape(dims)
 
 
 def _idx_file(d: Path, stem: str) -> Path:
@@ -239,13 +259,10 @@ def _load_idx_dataset(name: str, root: Path, class_names: list[str]) -> Dataset:
     d = _locate(name, root)
     parts = []
     for img, lab in [(_IDX[0], _IDX[1]), (_IDX[2], _IDX[3])]:
-        x = read_idx(_idx_file(d, img), 2051, 3)
-        y = read_idx(_idx_file(d, lab), 2049, 1).astype(np.int64)
-        if x.shape[1:] != (28, 28):
-            raise DatasetCorrupt(f"{_idx_file(d, img)}: images are {x.shape[1:]}, expected 28x28")
-        if len(y) != len(x) or (y.size and y.max() >= len(class_names)):
-            raise DatasetCorrupt(f"{_idx_file(d, lab)}: {len(y)} labels (max {y.max() if y.size else '-'}) "
-                                 f"for {len(x)} images; expected one label < {len(class_names)} per image")
+        x = read_idx(_idx_file(d, img), 2051, (None, 28, 28))
+        y = read_idx(_idx_file(d, lab), 2049, (len(x),)).astype(np.int64)  # one label per image
+        if y.size and y.max() >= len(class_names):
+            raise DatasetCorrupt(f"{_idx_file(d, lab)}: label {y.max()} found; expected labels < {len(class_names)}")
         # 28x28 -> 32x32 by zero-padding 2 pixels on each side: lossless, digits stay centred.
         out = np.zeros((len(x), 32, 32), np.float32)
         out[:, 2:30, 2:30] = _to_float(x)
@@ -354,7 +371,8 @@ _GTSRB_CACHE_VERSION = b"stealnb-gtsrb-32x32-v1"
 
 
 def _read_gt_csv(path: Path) -> list[tuple]:
-    """Rows (filename, w, h, x1, y1, x2, y2, class) of an official semicolon-separated GT csv."""
+    """Rows (filename, w, h, x1, y1, x2, y2, class) of an official semicolon-separated GT csv. A Filename
+    must be a plain file name: '..' or a path would load images from outside the data folder."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f, delimiter=";"))
     if not rows or any(c not in rows[0] for c in _GT_COLUMNS):
@@ -365,9 +383,13 @@ def _read_gt_csv(path: Path) -> list[tuple]:
         if not r:
             continue
         try:
-            out.append((r[pos[0]], *(int(r[p]) for p in pos[1:])))
+            row = (r[pos[0]], *(int(r[p]) for p in pos[1:]))
         except (IndexError, ValueError):
             raise DatasetCorrupt(f"{path}: line {line} is malformed: {';'.join(r)!r}") from None
+        if row[0] in ("", "..") or Path(row[0]).name != row[0]:
+            raise DatasetCorrupt(f"{path}: line {line} names {row[0]!r}, not a file name in the image "
+                                 "folder; refusing to read outside it")
+        out.append(row)
     return out
 
 

@@ -14,9 +14,10 @@ of every queried sample (§4.3, step 2b). :class:`Oracle` plays that service in-
 Ledger format: a sequence of self-delimiting records ``b"SNL1" | uint32 length | payload |
 uint32 crc32(magic, length, payload)`` (little endian). The first payload is a JSON header
 (format, version, output, top_k, num_classes); each later one is one answered sample (32-byte
-fingerprint followed by its answer, see :meth:`Oracle._record_dtype`). Every ``query()`` call is
+fingerprint followed by its answer, see :func:`record_dtype`). Every ``query()`` call is
 flushed and ``fsync``-ed once. A torn last record (crash mid-write) is dropped with a warning
-and cut off the file; a bad record followed by valid ones raises :class:`LedgerCorrupted`.
+and cut off the file; a bad record followed by valid ones raises :class:`LedgerCorrupted`, and
+so does an intact record whose answer this oracle could not have given (:func:`ledger_answers`).
 The ledger has one writer at a time.
 """
 from __future__ import annotations
@@ -54,7 +55,8 @@ class BudgetExceeded(RuntimeError):
 
 
 class LedgerCorrupted(ValueError):
-    """A ledger record fails its checks while valid records follow it (not a torn tail)."""
+    """A ledger record fails its checks while valid records follow it (not a torn tail), or holds an
+    answer outside the ledger's output contract."""
 
 
 def fingerprint(x: np.ndarray) -> list[str]:
@@ -126,6 +128,89 @@ def read_ledger(path) -> tuple[list[bytes], int, int]:
     return payloads, pos, len(buf)
 
 
+def record_dtype(output: str, top_k: int | None, num_classes: int) -> np.dtype:
+    """One ledger record per sample: the sha256 fingerprint, then the answer."""
+    answer = {
+        "label": [("label", "<i8")],
+        "topk": [("idx", "<i8", (top_k,)), ("prob", "<f4", (top_k,))],
+        "probs": [("prob", "<f4", (num_classes,))],
+    }[output]
+    return np.dtype([("fp", "V32")] + answer)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def ledger_header(path, payload: bytes) -> dict:
+    """The JSON header record of the ledger at ``path``: its format, version and answer mode checked."""
+    try:
+        header = json.loads(payload)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != LEDGER_FORMAT:
+        raise ValueError(f"ledger {path}: not a {LEDGER_FORMAT} file (bad header)")
+    if header.get("version") != LEDGER_VERSION:
+        raise ValueError(f"ledger {path}: expected version {LEDGER_VERSION}, got {header.get('version')!r}")
+    out, k, c = header.get("output"), header.get("top_k"), header.get("num_classes")
+    k_ok = _is_count(k) and _is_count(c) and k <= c if out == "topk" else k is None
+    if out not in OUTPUTS or not _is_count(c) or not k_ok:
+        raise ValueError(f"ledger {path}: the header's answer mode output={out!r}, top_k={k!r}, "
+                         f"num_classes={c!r} is not valid")
+    return header
+
+
+_SUM_TOL = 1e-3  # a float32 softmax row sums to 1 within ~num_classes * 6e-8
+
+
+def _bad_answer(rows: np.ndarray, header: dict) -> tuple[int, str] | None:
+    """``(row, reason)`` of the first of ``rows`` whose answer breaks the output contract of ``header``
+    (else None): labels and top-k classes in [0, num_classes), top-k classes distinct with
+    non-increasing probabilities, probabilities finite in [0, 1]. An oracle's own softmax also
+    sums to 1 (its top-k to at most 1); a server's (``source: http``) need not, as its defenses may
+    round probabilities or cut them to top-k without renormalising (stealnb.defenses)."""
+    out, c = header["output"], header["num_classes"]
+    if out == "label":
+        bad = [((rows["label"] < 0) | (rows["label"] >= c), f"a label outside [0, {c})")]
+    else:
+        p = rows["prob"].astype(np.float64)
+        bad = [(~(np.isfinite(p) & (p >= 0) & (p <= 1)).all(axis=1), "a probability not finite or outside [0, 1]")]
+        if out == "topk":
+            idx, ordered = rows["idx"], np.sort(rows["idx"], axis=1)
+            bad += [(((idx < 0) | (idx >= c)).any(axis=1), f"a class outside [0, {c})"),
+                    ((ordered[:, 1:] == ordered[:, :-1]).any(axis=1), "a class listed twice"),
+                    ((p[:, 1:] > p[:, :-1]).any(axis=1), "probabilities not in decreasing order")]
+        if header.get("source") != "http":
+            with np.errstate(invalid="ignore"):
+                total = p.sum(axis=1)
+            bad.append((total > 1 + _SUM_TOL, "probabilities summing to more than 1") if out == "topk"
+                       else (~(np.abs(total - 1) <= _SUM_TOL), "probabilities not summing to 1"))
+    hits = [(int(np.argmax(mask)), why) for mask, why in bad if mask.any()]
+    return min(hits) if hits else None
+
+
+def ledger_answers(path, header: dict, payloads: list[bytes]) -> np.ndarray:
+    """The answer records ``payloads`` of the ledger at ``path`` as rows of :func:`record_dtype`, each
+    of the right size and within the output contract of ``header`` (:func:`_bad_answer`). A crc32
+    shows that a record is intact, not that an oracle gave its answer: one that it could not have
+    given raises :class:`LedgerCorrupted` rather than being replayed."""
+    out, c = header["output"], header["num_classes"]
+    dtype = record_dtype(out, header.get("top_k"), c)
+    for i, p in enumerate(payloads, 1):
+        if len(p) != dtype.itemsize:
+            raise LedgerCorrupted(f"ledger {path}: record {i} holds {len(p)} bytes, expected "
+                                  f"{dtype.itemsize} for output={out!r}")
+    rows = np.frombuffer(b"".join(payloads), dtype=dtype).copy()
+    bad = _bad_answer(rows, header)
+    if bad is not None:
+        row = rows[bad[0]]
+        answer = ", ".join(f"{k}={np.array2string(np.asarray(row[k]), threshold=10)}" for k in dtype.names[1:])
+        raise LedgerCorrupted(f"ledger {path}: record {bad[0] + 1} ({answer}) holds {bad[1]}: not an answer of "
+                              f"an oracle with output={out!r} and num_classes={c}; the file was altered - "
+                              "restore or inspect it")
+    return rows
+
+
 class Oracle:
     """The secret ``model`` behind a black-box query API (thesis 000 §2.5, §4.3).
 
@@ -154,12 +239,12 @@ class Oracle:
         self.num_queries = 0
         self._rows: dict[bytes, int] = {}  # fingerprint -> row of self._answers
         self._size = 0  # bytes of the ledger file that are known good
-        payloads = self._open_ledger() if self.ledger is not None else []
+        answers = self._open_ledger() if self.ledger is not None else None
         if self.num_classes is None:
             raise ValueError("num_classes: cannot be read from model.output_shape; pass num_classes=")
         if self.top_k is not None and self.top_k > self.num_classes:
             raise ValueError(f"top_k: expected at most num_classes={self.num_classes}, got {self.top_k}")
-        self._answers = self._parse(payloads[1:])
+        self._answers = self._index(answers)
 
     @classmethod
     def from_path(cls, model_path, **kw) -> "Oracle":
@@ -241,18 +326,13 @@ class Oracle:
                 "top_k": self.top_k, "num_classes": self.num_classes}
 
     def _record_dtype(self) -> np.dtype:
-        """One ledger record per sample: the sha256 fingerprint, then the answer."""
-        answer = {
-            "label": [("label", "<i8")],
-            "topk": [("idx", "<i8", (self.top_k,)), ("prob", "<f4", (self.top_k,))],
-            "probs": [("prob", "<f4", (self.num_classes,))],
-        }[self.output]
-        return np.dtype([("fp", "V32")] + answer)
+        return record_dtype(self.output, self.top_k, self.num_classes)
 
-    def _open_ledger(self) -> list[bytes]:
-        """Load the ledger (if any), drop a torn tail and check its header against this oracle."""
+    def _open_ledger(self) -> np.ndarray | None:
+        """The answers in the ledger (None if it has no header): a torn tail is dropped, the header
+        must match this oracle and every answer its output contract."""
         if not self.ledger.exists():
-            return []
+            return None
         payloads, good, size = read_ledger(self.ledger)
         if good < size:
             warnings.warn(f"query ledger {self.ledger}: dropped {size - good} byte(s) of a torn last "
@@ -262,30 +342,19 @@ class Oracle:
                 os.fsync(f.fileno())
         self._size = good
         if not payloads:
-            return []
-        try:
-            header = json.loads(payloads[0])
-        except ValueError:
-            header = None
-        if not isinstance(header, dict) or header.get("format") != LEDGER_FORMAT:
-            raise ValueError(f"ledger {self.ledger}: not a {LEDGER_FORMAT} file (bad header)")
-        if header.get("version") != LEDGER_VERSION:
-            raise ValueError(f"ledger {self.ledger}: expected version {LEDGER_VERSION}, got {header.get('version')!r}")
+            return None
+        header = ledger_header(self.ledger, payloads[0])
         if self.num_classes is None:
-            self.num_classes = header.get("num_classes")
+            self.num_classes = header["num_classes"]
         for key in ("output", "top_k", "num_classes"):
             if header.get(key) != getattr(self, key):
                 raise ValueError(f"ledger {self.ledger} was written with {key}={header.get(key)!r} but this "
                                  f"Oracle has {key}={getattr(self, key)!r}; use a separate ledger per setting")
-        return payloads
+        return ledger_answers(self.ledger, header, payloads[1:])
 
-    def _parse(self, payloads: list[bytes]) -> np.ndarray:
-        dtype = self._record_dtype()
-        for i, p in enumerate(payloads, 1):
-            if len(p) != dtype.itemsize:
-                raise LedgerCorrupted(f"ledger {self.ledger}: record {i} holds {len(p)} bytes, expected "
-                                      f"{dtype.itemsize} for output={self.output!r}")
-        answers = np.frombuffer(b"".join(payloads), dtype=dtype).copy()
+    def _index(self, answers: np.ndarray | None) -> np.ndarray:
+        """The answer table (the ledger's ``answers``, else empty); each fingerprint maps to its first row."""
+        answers = np.zeros(0, self._record_dtype()) if answers is None else answers
         for row, fp in enumerate(answers["fp"]):
             self._rows.setdefault(fp.tobytes(), row)
         return answers
@@ -461,8 +530,7 @@ class HttpOracle(Oracle):
         self.ledger = None if ledger is None else Path(ledger)
         self._rows = {}
         self._size = 0
-        payloads = self._open_ledger() if self.ledger is not None else []
-        self._answers = self._parse(payloads[1:])
+        self._answers = self._index(self._open_ledger() if self.ledger is not None else None)
 
     def __repr__(self) -> str:
         return (f"HttpOracle({self.url!r}, model={self.model_name!r}, output={self.output!r}, spent={self.spent}, "
@@ -570,8 +638,6 @@ class HttpOracle(Oracle):
                 labels = np.argmax(prob, axis=1)
         except (ValueError, TypeError, KeyError) as e:
             raise OracleHTTPError(200, f"malformed predictions: {e}", "bad_answer", self.url) from None
-        if len(pred) and (labels.min() < 0 or labels.max() >= c):
-            raise OracleHTTPError(200, f"predicted labels outside [0, {c})", "bad_answer", self.url)
         if self.server_output != "label" and (not np.isfinite(prob).all() or prob.min() < 0 or prob.max() > 1):
             raise OracleHTTPError(200, "predicted probabilities outside [0, 1] or not finite", "bad_answer", self.url)
         if self.output == "label":
@@ -584,6 +650,9 @@ class HttpOracle(Oracle):
                 rows["idx"], rows["prob"] = order, np.take_along_axis(prob, order, axis=1)
         else:
             rows["prob"] = prob
+        bad = _bad_answer(rows, self._header())  # never record what the ledger would refuse to load
+        if bad is not None:
+            raise OracleHTTPError(200, f"prediction {bad[0]} holds {bad[1]}", "bad_answer", self.url)
         return rows
 
     @property

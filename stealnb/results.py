@@ -665,20 +665,12 @@ def round_batches(records, labelled_idx):
     return pd.DataFrame(rows, columns=["round", "queries", "order", "pool_index"])
 
 
-def _ledger_dtype(header: dict) -> np.dtype:
-    out, k, c = header.get("output"), header.get("top_k"), header.get("num_classes")
-    answer = {"label": [("label", "<i8")], "topk": [("idx", "<i8", (k or 1,)), ("prob", "<f4", (k or 1,))],
-              "probs": [("prob", "<f4", (c or 1,))]}.get(out)
-    if answer is None:
-        raise ValueError(f"ledger header: unknown output {out!r}")
-    return np.dtype([("fp", "V32")] + answer)
-
-
 def ledger_labels(ledger, images: np.ndarray, *, allow_missing: bool = False) -> np.ndarray:
     """The oracle's top-1 labels for ``images`` read back from a query ledger (read only: no
     model, no query, nothing paid). Images never asked raise ``KeyError``, or get ``-1`` with
-    ``allow_missing=True``. Works for ledgers of every output mode (top-1 of top-k / probs)."""
-    from .oracle import LEDGER_FORMAT, LEDGER_VERSION, fingerprint, read_ledger
+    ``allow_missing=True``. Works for ledgers of every output mode (top-1 of top-k / probs); the
+    ledger is checked as :class:`~stealnb.oracle.Oracle` checks it when it loads it."""
+    from .oracle import fingerprint, ledger_answers, ledger_header, read_ledger
 
     ledger = Path(ledger)
     if not ledger.is_file():
@@ -689,15 +681,8 @@ def ledger_labels(ledger, images: np.ndarray, *, allow_missing: bool = False) ->
         warnings.warn(f"ledger {ledger}: ignoring {size - good} byte(s) of a torn last record", stacklevel=2)
     if not payloads:
         raise ValueError(f"ledger {ledger}: empty")
-    header = json.loads(payloads[0])
-    if header.get("format") != LEDGER_FORMAT or header.get("version") != LEDGER_VERSION:
-        raise ValueError(f"ledger {ledger}: expected {LEDGER_FORMAT} v{LEDGER_VERSION}, got {header}")
-    dtype = _ledger_dtype(header)
-    body = payloads[1:]
-    bad = [i for i, p in enumerate(body, 1) if len(p) != dtype.itemsize]
-    if bad:
-        raise ValueError(f"ledger {ledger}: record {bad[0]} has the wrong size for output={header['output']!r}")
-    ans = np.frombuffer(b"".join(body), dtype=dtype)
+    header = ledger_header(ledger, payloads[0])
+    ans = ledger_answers(ledger, header, payloads[1:])
     if header["output"] == "label":
         top = ans["label"]
     elif header["output"] == "topk":

@@ -5,8 +5,10 @@ import io
 import json
 import os
 import pickle
+import struct
 import tarfile
 import time
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -81,7 +83,7 @@ def test_fashion_mnist_names_and_system_dir(tmp_path, monkeypatch):
     ("truncate_gz", ["t10k-labels-idx1-ubyte.gz", "truncated"]),
     ("extra_bytes", ["train-images-idx3-ubyte", "header dims (20, 28, 28) need 15680"]),
     ("magic", ["magic number 2049", "expected 2051"]),
-    ("count", ["labels", "for 20 images"]),
+    ("count", ["train-labels-idx1-ubyte.gz", "header dims (19,), expected (20,)"]),
 ])
 def test_idx_corrupt(tmp_path, damage, words):
     d = tmp_path / "mnist"
@@ -103,6 +105,40 @@ def test_idx_corrupt(tmp_path, damage, words):
         data.load_dataset("mnist", root=tmp_path)
     for w in words:
         assert w in _msg(e)
+
+
+def _gz_idx(path: Path, magic: int, dims: tuple, zeros: int) -> Path:
+    """A .gz holding an IDX header claiming ``dims`` and then ``zeros`` zero bytes, written 1 MiB at a time."""
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(struct.pack(">i", magic) + struct.pack(f">{len(dims)}I", *dims))
+        for s in range(0, zeros, 1 << 20):
+            f.write(bytes(min(1 << 20, zeros - s)))
+    return path
+
+
+@pytest.mark.parametrize("dims", [(2**31, 2**31, 4), (2**32 - 1, 28, 28)])  # product 2**64 wraps to 0 in int64
+def test_idx_header_with_absurd_dims_is_refused_naming_the_file(tmp_path, dims):
+    write_mnist_like(tmp_path / "mnist", gz=True)
+    p = _gz_idx(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", 2051, dims, 0)
+    with pytest.raises(data.DatasetCorrupt) as e:
+        data.load_dataset("mnist", root=tmp_path)
+    assert str(p) in _msg(e) and f"header dims {dims}" in _msg(e)
+
+
+@pytest.mark.parametrize("n", [20, 2**20])  # a header true to the 20 labels / one announcing 822 MB
+def test_idx_gzip_bomb_is_refused_without_inflating_it(tmp_path, n):
+    write_mnist_like(tmp_path / "mnist", gz=True)
+    p = _gz_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", 2051, (n, 28, 28), 64 << 20)
+    assert p.stat().st_size < 1 << 20  # 64 MiB of payload in a file of a few hundred KB
+    tracemalloc.start()
+    try:
+        with pytest.raises(data.DatasetCorrupt) as e:
+            data.load_dataset("mnist", root=tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(p) in _msg(e) and "header dims" in _msg(e)
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB allocated to refuse the file"
 
 
 # -- missing data -------------------------------------------------------------------------------
@@ -278,6 +314,26 @@ def test_gtsrb_corrupt(gtsrb_root, damage):
     with pytest.raises(data.DatasetCorrupt) as e:
         data.load_dataset("gtsrb43", root=root)
     assert ("GT-00005.csv" if damage == "bad_row" else f[0]) in _msg(e)
+
+
+@pytest.mark.parametrize("how", ["relative", "absolute"])
+@pytest.mark.parametrize("part", ["train", "test"])
+def test_gtsrb_refuses_a_csv_filename_outside_its_folder(gtsrb_root, part, how):
+    root, _ = gtsrb_root
+    if part == "train":
+        folder = root / "gtsrb" / "GTSRB" / "Final_Training" / "Images" / "00005"
+        csv_path = folder / "GT-00005.csv"
+    else:  # the test csv lives above the folder its names refer to
+        folder, csv_path = root / "gtsrb" / "GTSRB" / "Final_Test" / "Images", root / "gtsrb" / "GT-final_test.csv"
+    lines = csv_path.read_text().splitlines()
+    name = lines[1].split(";")[0]
+    secret = root / "secret.ppm"  # outside the data folder, with the size the row expects
+    (folder / name).rename(secret)
+    lines[1] = lines[1].replace(name, os.path.relpath(secret, folder) if how == "relative" else str(secret), 1)
+    csv_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.DatasetCorrupt) as e:
+        data.load_dataset("gtsrb43", root=root)
+    assert str(csv_path) in _msg(e) and "line 2" in _msg(e) and "secret.ppm" in _msg(e)
 
 
 def test_gtsrb_cache_reused_and_invalidated(gtsrb_root):

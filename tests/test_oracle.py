@@ -1,15 +1,21 @@
 """The black-box oracle: answers, budget, query ledger and crash safety (stealnb/oracle.py)."""
 import hashlib
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import warnings
+import zlib
 
+import httpx
 import numpy as np
 import pytest
 
-from stealnb.oracle import BudgetExceeded, LedgerCorrupted, Oracle, fingerprint, softmax
+from stealnb import results
+from stealnb.oracle import (BudgetExceeded, HttpOracle, LedgerCorrupted, Oracle, OracleHTTPError, fingerprint,
+                            read_ledger, record_dtype, softmax)
 
 W = np.random.default_rng(0).standard_normal((32 * 32 * 3, 10)).astype(np.float32)
 
@@ -207,6 +213,67 @@ def test_concurrent_writer_is_detected(tmp_path):
     b.query(images(2, 15))
     with pytest.raises(RuntimeError, match="changed on disk"):
         a.query(images(2, 16))
+
+
+def _rewrite_record(path, record, **answer):
+    """Give ledger record ``record`` a new ``answer`` under a valid crc32, as an editor (or a bug) could."""
+    payloads, _, _ = read_ledger(path)
+    header = json.loads(payloads[0])
+    row = np.frombuffer(payloads[record], record_dtype(header["output"], header["top_k"], header["num_classes"])).copy()
+    for field, value in answer.items():
+        row[field] = value
+    payloads[record] = row.tobytes()
+    heads = [struct.pack("<4sI", b"SNL1", len(p)) + p for p in payloads]
+    path.write_bytes(b"".join(h + struct.pack("<I", zlib.crc32(h)) for h in heads))
+
+
+OUT_OF_CONTRACT = [  # (output, new answer of record 2, why it is not an answer of a 10-class oracle)
+    ("label", {"label": 99}, "a label outside [0, 10)"),
+    ("label", {"label": -1}, "a label outside [0, 10)"),
+    ("topk", {"idx": [99, 0, 1]}, "a class outside [0, 10)"),
+    ("topk", {"idx": [4, 4, 1]}, "a class listed twice"),
+    ("topk", {"prob": [0.2, 0.5, 0.1]}, "not in decreasing order"),
+    ("topk", {"prob": [0.9, 0.8, 0.0]}, "summing to more than 1"),
+    ("probs", {"prob": np.full(10, 0.5)}, "not summing to 1"),
+    ("probs", {"prob": np.r_[np.nan, np.zeros(9)]}, "not finite or outside [0, 1]"),
+    ("probs", {"prob": np.r_[1.5, -0.5, np.zeros(8)]}, "not finite or outside [0, 1]"),
+]
+
+
+@pytest.mark.parametrize("output, answer, why", OUT_OF_CONTRACT)
+def test_an_intact_record_with_an_impossible_answer_is_refused_not_replayed(tmp_path, output, answer, why):
+    path = tmp_path / "ledger.bin"
+    x = images(3, 17)
+    ledger_oracle(path, output=output)[0].query(x)
+    _rewrite_record(path, 2, **answer)
+    with pytest.raises(LedgerCorrupted) as err:
+        ledger_oracle(path, output=output)[0].query(x)
+    assert str(path) in str(err.value) and "record 2" in str(err.value) and why in str(err.value)
+    with pytest.raises(LedgerCorrupted, match="record 2"):  # the notebooks' ledger reader is as strict
+        results.ledger_labels(path, x)
+
+
+def fake_server(predictions):
+    """A stealnb top-3 server over 10 classes (no model) that answers with ``predictions``."""
+    def handler(request):
+        if request.method == "GET":
+            return httpx.Response(200, json={"stealnb": {"output": "topk", "top_k": 3, "num_classes": 10,
+                                                         "input_shape": [32, 32, 3], "max_batch": 256}})
+        return httpx.Response(200, json={"predictions": predictions[: len(json.loads(request.content)["instances"])]})
+    return httpx.MockTransport(handler)
+
+
+def test_http_oracle_records_only_answers_its_ledger_can_replay(tmp_path):
+    path, x = tmp_path / "ledger.bin", images(1, 18)
+    o = HttpOracle("http://srv", output="topk", ledger=path, transport=fake_server(
+        [{"classes": [3, 99, 1], "probabilities": [0.5, 0.3, 0.1]}]))
+    with pytest.raises(OracleHTTPError, match="a class outside") as err:
+        o.query(x)
+    assert err.value.code == "bad_answer" and o.spent == 0 and not path.exists()
+    rounded = [{"classes": [3, 0, 1], "probabilities": [0.5, 0.3, 0.1]}]  # a defended server's rows need not sum to 1
+    HttpOracle("http://srv", output="topk", ledger=path, transport=fake_server(rounded)).query(x)
+    idx, p = HttpOracle("http://srv", output="topk", ledger=path, transport=fake_server([])).query(x)
+    assert idx.tolist() == [[3, 0, 1]] and p.tolist() == np.float32([[0.5, 0.3, 0.1]]).tolist()
 
 
 CHILD = """
