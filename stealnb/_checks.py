@@ -9,6 +9,11 @@ import numpy as np
 IMAGE_SHAPE = (32, 32, 3)
 
 
+class UsageError(ValueError):
+    """An argument or output folder the user has to change (the CLI prints it as one line and
+    exits with 2); raised by checks that run before any data is loaded or model trained."""
+
+
 def check_images(x, name: str = "x", shape: tuple = IMAGE_SHAPE) -> np.ndarray:
     """Return ``x`` if it is a float32 batch ``N x H x W x C`` (default 32x32x3) in [0, 1].
 

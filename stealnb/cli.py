@@ -3,14 +3,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
+import tempfile
+import traceback
 from pathlib import Path
+
+from ._checks import UsageError
 
 
 def _cmd_train_secret(args) -> int:
-    from . import data
+    from . import data, layout
     from .train import train_secret
 
+    layout.check_run_dir(args.out, "secret")  # before the training, not after it
     ds = data.load_dataset(args.dataset, root=args.data_root)
     res = train_secret(ds, args.arch, args.profile, seed=args.seed, progress=not args.quiet)
     out = res.save(args.out)
@@ -56,18 +63,31 @@ def _budgets(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated query counts like 500,1000,2000, got {text!r}") from None
 
 
-def http_oracle(args, out, budget: int):
-    """The ``--oracle-url`` client shared by ``stealnb extract`` and ``stealnb copycat``: a fresh run
-    (no ``--resume``) clears ``out`` first, then the :class:`~stealnb.oracle.HttpOracle` opens its
-    ledger in ``out`` -- so a resumed run, or a restarted server, never pays for a query twice."""
-    import shutil
+def check_out(out, kind: str, resume: bool) -> None:
+    """Before any work: refuse an ``out`` that a ``kind`` run may not use
+    (:func:`stealnb.layout.check_run_dir`), and say so when ``--resume`` finds no checkpoint there."""
+    from . import layout
 
+    if resume and layout.checkpointed(out, kind):
+        return
+    layout.check_run_dir(out, kind, replace=not resume)
+    if resume:
+        print(f"stealnb: --resume: no checkpoint in {out}; starting a fresh run", file=sys.stderr)
+
+
+def http_oracle(args, out, budget: int, kind: str):
+    """The ``--oracle-url`` client shared by ``stealnb extract`` and ``stealnb copycat`` (``kind``):
+    a fresh run (no ``--resume``) replaces ``out`` first (:func:`stealnb.layout.new_run_dir`), then
+    the :class:`~stealnb.oracle.HttpOracle` opens its ledger in ``out`` -- so a resumed run, or a
+    restarted server, never pays for a query twice."""
+    from . import layout
     from .oracle import HttpOracle
 
     out = Path(out)
-    if not args.resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        layout.new_run_dir(out, kind)
     return HttpOracle(args.oracle_url, model=args.model_name, api_key=args.api_key,
                       ledger=out / "ledger.bin", budget=budget)
 
@@ -86,17 +106,19 @@ def _cmd_extract(args) -> int:
             overrides[name] = getattr(args, name)
     if args.pool:
         prof = prof.with_(pool=args.pool)
-    if args.pool_size:
+    if args.pool_size is not None:
         prof = prof.with_(pool_size=args.pool_size)
+    if args.secret is None and not (args.dataset and args.arch):
+        raise UsageError("extract: give --secret DIR, or --dataset and --arch (trained on demand)")
+    config = extraction.configure(prof, args.strategy, seed=args.seed, **overrides)
+    check_out(args.out, "extraction", args.resume)
     dataset, arch = args.dataset, args.arch
     if args.secret is not None:
         _, summary = train.load_secret(args.secret)
         dataset, arch = summary["dataset"], summary["arch"]
-    elif not (dataset and arch):
-        raise ValueError("extract: give --secret DIR, or --dataset and --arch (trained on demand)")
     oracle, resume = None, args.resume
     if args.oracle_url:
-        oracle = http_oracle(args, args.out, budget=overrides.get("budgets", prof.budgets)[-1])
+        oracle = http_oracle(args, args.out, budget=config.budgets[-1], kind="extraction")
         resume = True  # cleared or resumed above; keeps run_extraction from deleting the new ledger
     ex = extraction.run_extraction(
         dataset, arch, args.strategy, prof, seed=args.seed, results=args.results,
@@ -137,6 +159,8 @@ _PLUGINS = ("stealnb.pipeline", "stealnb.copycat", "stealnb.server", "stealnb.bo
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stealnb", description=__doc__)
     p.add_argument("--data-root", default=None, help="dataset folder (default: $STEALNB_DATA or ~/.cache/stealnb)")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error (an unexpected one is otherwise saved to a file)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train-secret", help="train a secret model with the thesis protocol (k-fold CV)")
@@ -194,15 +218,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unexpected(e: Exception, argv, debug: bool) -> int:
+    """Report an error that is not the user's: one line naming it and the file its traceback was
+    saved to (``--debug``: the traceback itself). Returns the exit status 1."""
+    if debug:
+        traceback.print_exc()
+        return 1
+    fd, path = tempfile.mkstemp(prefix="stealnb-error-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"stealnb {' '.join(map(shlex.quote, argv))}\n\n")
+        traceback.print_exc(file=f)
+    what = ": ".join([type(e).__name__, *str(e).splitlines()[:1]])
+    print(f"stealnb: unexpected error: {what} (traceback in {path}; --debug prints it)", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
-        # Boundary errors (missing data, bad arguments) are for the user, not a traceback.
+        # The user's to fix (a UsageError, missing data, a bad argument): one line, exit 2.
+        if args.debug:
+            traceback.print_exc()
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"stealnb: error: {msg}", file=sys.stderr)
         return 2
+    except Exception as e:
+        return _unexpected(e, argv, args.debug)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics, models
-from ._checks import check_images, check_labels, check_positive_int
+from . import layout, metrics, models
+from ._checks import UsageError, check_images, check_labels, check_positive_int
 from .cli import _budgets
 from .extraction import Extraction, ExtractionConfig, _atomic_write
 from .train import fit
@@ -216,8 +216,7 @@ class Copycat:
             self.out.mkdir(parents=True, exist_ok=True)
         state = self.out / "checkpoint" / "copycat.json" if self.out is not None else None
         # The extraction checkpoints first, so its state alone also means "resume" (records = []).
-        resuming = resume and state is not None and (
-            state.exists() or (self.out / "npdd" / "checkpoint" / "state.json").exists())
+        resuming = resume and self.out is not None and layout.checkpointed(self.out, "copycat")
         if self.out is not None and not resuming:
             for p in ("rounds.jsonl", "summary.json"):
                 (self.out / p).unlink(missing_ok=True)
@@ -449,6 +448,18 @@ class Copycat:
         return {"npdd": npdd, "npdd_index": idx, "pdd": pdd}
 
 
+def configure(prof, variant: str, *, pool: str | None = None, seed: int = 0, **overrides) -> CopycatConfig:
+    """The :class:`CopycatConfig` of a ``variant`` run with profile ``prof`` (mirrors
+    :func:`stealnb.extraction.configure`): its substitute and its NPDD pool (``pool``, else the
+    profile's) are checked before any data is loaded or model trained."""
+    from . import data
+
+    config = CopycatConfig.from_profile(prof, variant, seed=seed, **overrides)
+    models.REGISTRY[config.substitute]  # an unknown name is a KeyError listing the known ones
+    data.check_pool_size(pool or prof.pool, prof.pool_size, need=config.budgets[-1])
+    return config
+
+
 def run_copycat(dataset: str, arch: str, variant: str, profile="demo", *, seed: int = 0, results="results",
                 out=None, data_root=None, resume: bool = True, progress: bool = False, oracle=None,
                 secret_dir=None, pool: str | None = None, **overrides) -> Copycat:
@@ -461,18 +472,19 @@ def run_copycat(dataset: str, arch: str, variant: str, profile="demo", *, seed: 
     the dataset's train split (``pdd_size``), labelled by the oracle. ``overrides`` change
     :class:`CopycatConfig` fields (``budgets=``, ``pdd_size=``, ``round_size=``...). ``oracle``
     replaces the in-process label oracle (its budget must cover ``budgets[-1] + pdd_size``).
-    With ``resume=False`` an earlier run in ``out`` (ledger included) is deleted first.
+    With ``resume=False`` an earlier run in ``out`` (ledger included) is deleted first; a folder
+    holding files stealnb did not write is refused (:func:`stealnb.layout.check_run_dir`).
     Returns the finished :class:`Copycat` (``.summary()``, ``.records``, ``.model``, ``.ex``).
     """
-    from . import data, layout
+    from . import data
     from .oracle import Oracle
     from .profiles import get_profile
     from .extraction import prepare_run
 
     prof = get_profile(profile) if isinstance(profile, str) else profile
-    config = CopycatConfig.from_profile(prof, variant, seed=seed, **overrides)
+    config = configure(prof, variant, pool=pool, seed=seed, **overrides)
     out = Path(out) if out is not None else layout.copycat_dir(results, prof.name, dataset, arch, variant, seed)
-    secret, ds = prepare_run(out, resume, dataset, arch, prof, results, secret_dir=secret_dir,
+    secret, ds = prepare_run(out, resume, dataset, arch, prof, results, kind="copycat", secret_dir=secret_dir,
                              data_root=data_root, progress=progress, oracle=oracle)
     pool_name = pool or prof.pool
     thief = data.load_pool(pool_name, root=data_root, n=prof.pool_size, seed=0)
@@ -601,8 +613,6 @@ def api_cost_table(summary: dict, prices: dict | None = None):
 
 
 def _oracle_f1_from_secret(results, profile, dataset, arch):
-    from . import layout
-
     path = layout.secret_dir(results, profile, dataset, arch) / "metrics.json"
     if not path.is_file():
         return None
@@ -632,8 +642,6 @@ def comparison_table(results, profile: str, dataset: str, arch: str):
     Returns an empty DataFrame with these columns when nothing is found.
     """
     import pandas as pd
-
-    from . import layout
 
     prof_dir = layout.profile_dir(results, profile)
     key = layout.secret_dir(results, profile, dataset, arch).name
@@ -672,26 +680,26 @@ def comparison_table(results, profile: str, dataset: str, arch: str):
 # -- CLI -------------------------------------------------------------------------------------------
 
 def _cmd_copycat(args) -> int:
-    from . import layout, profiles, train
+    from . import profiles, train
+    from .cli import check_out, http_oracle
 
     prof = profiles.get_profile(args.profile)
-    if args.pool_size:
+    if args.pool_size is not None:
         prof = prof.with_(pool_size=args.pool_size)
     overrides = {k: getattr(args, k) for k in ("budgets", "pdd_size", "round_size", "seed_size", "val_size",
                                                "epochs", "finetune_epochs", "substitute") if getattr(args, k) is not None}
+    if args.secret is None and not (args.dataset and args.arch):
+        raise UsageError("copycat: give --secret DIR, or --dataset and --arch (trained on demand)")
+    config = configure(prof, args.variant, pool=args.pool, seed=args.seed, **overrides)
     dataset, arch = args.dataset, args.arch
     if args.secret is not None:
         _, meta = train.load_secret(args.secret)
         dataset, arch = meta["dataset"], meta["arch"]
-    elif not (dataset and arch):
-        raise ValueError("copycat: give --secret DIR, or --dataset and --arch (trained on demand)")
     out = args.out or layout.copycat_dir(args.results, prof.name, dataset, arch, args.variant, args.seed)
+    check_out(out, "copycat", args.resume)
     oracle, resume = None, args.resume
     if args.oracle_url:
-        from .cli import http_oracle
-
-        cfg = CopycatConfig.from_profile(prof, args.variant, seed=args.seed, **overrides)
-        oracle = http_oracle(args, out, budget=cfg.budgets[-1] + cfg.pdd_size)
+        oracle = http_oracle(args, out, budget=config.budgets[-1] + config.pdd_size, kind="copycat")
         resume = True  # cleared or resumed above; keeps run_copycat from deleting the new ledger
     cc = run_copycat(dataset, arch, args.variant, prof, seed=args.seed, results=args.results, out=out,
                      data_root=args.data_root, resume=resume, progress=not args.quiet,

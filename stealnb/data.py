@@ -36,13 +36,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ._checks import IMAGE_SHAPE, as_rng, check_images, check_labels, check_positive_int
+from ._checks import IMAGE_SHAPE, UsageError, as_rng, check_images, check_labels, check_positive_int
 from .registry import Registry
 
 DATASETS = Registry("dataset")
 POOLS = Registry("pool")
 
 DEFAULT_POOL_SIZE = 20_000
+# No thief pool is larger than ImageNet32's train split (the thesis' pool; 3.9 GB as uint8): a
+# bigger generated pool is refused before anything is allocated.
+MAX_POOL_SIZE = 1_281_167
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -802,6 +805,19 @@ def _pool_dead_leaves(root: Path | None = None, n=None, seed=0, *, progress: boo
     data-free image prior by Baradad et al. 2021), occluding discs with power-law radii and random colours."""
     n = DEFAULT_POOL_SIZE if n is None else check_positive_int(n, "n")
     return Pool("dead-leaves", dead_leaves(n, seed), None, {"seed": seed})
+
+
+def check_pool_size(name, n, *, need: int = 1) -> None:
+    """Refuse (:class:`~stealnb._checks.UsageError`) a pool ``name`` of ``n`` images (``None``: the
+    pool's default) that cannot be built or cannot supply ``need`` distinct images, before any is
+    made. An unknown ``name`` is a ``KeyError`` listing the known pools."""
+    POOLS[name]
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_POOL_SIZE:
+            raise UsageError(f"pool size: expected a number of images from 1 to {MAX_POOL_SIZE:,}, got {n!r}")
+        if n < need:
+            raise UsageError(f"pool size: {n} images cannot supply the {need} distinct images the largest "
+                             f"budget asks for; use a pool size of at least {need}")
 
 
 def load_pool(name, root=None, n=None, seed=0, *, progress: bool = False) -> Pool:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics, models
+from . import layout, metrics, models
 from ._checks import check_images, check_labels, check_positive_int
 from .train import enable_determinism, fit
 
@@ -128,7 +128,7 @@ class Extraction:
         enable_determinism(config.seed)
         self.records: list[dict] = []
         self.substitute = None
-        if resume and self.out is not None and (self.out / "checkpoint" / "state.json").exists():
+        if resume and self.out is not None and layout.checkpointed(self.out, "extraction"):
             self._load_checkpoint()
         else:
             self._start()
@@ -311,30 +311,46 @@ class Extraction:
         }
 
 
-def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results, *, secret_dir=None,
-                data_root=None, progress: bool = False, oracle=None):
-    """Set-up shared by :func:`run_extraction` and :func:`stealnb.copycat.run_copycat`: delete
-    ``out`` unless resuming, create it, get the secret (from ``secret_dir``, else trained or
-    loaded under ``results``) and load the dataset. Returns ``(secret, dataset)``.
+def configure(prof, strategy: str, *, seed: int = 0, **overrides) -> ExtractionConfig:
+    """The :class:`ExtractionConfig` of a ``strategy`` run with profile ``prof`` (``overrides``
+    change its fields), once its strategy, substitute and pool size are known to work: argument
+    errors surface here, before any data is loaded or model trained."""
+    from . import data
+    from .selectors import REGISTRY
+
+    config = ExtractionConfig.from_profile(prof, strategy, seed=seed, **overrides)
+    REGISTRY[config.strategy]  # an unknown name is a KeyError listing the known ones
+    models.REGISTRY[config.substitute]
+    data.check_pool_size(prof.pool, prof.pool_size, need=config.budgets[-1])
+    return config
+
+
+def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results, *, kind: str = "extraction",
+                secret_dir=None, data_root=None, progress: bool = False, oracle=None):
+    """Set-up shared by :func:`run_extraction` and :func:`stealnb.copycat.run_copycat` (``kind``
+    ``"copycat"``): unless resuming from a checkpoint in ``out``, make it a new run folder
+    (:func:`stealnb.layout.new_run_dir`: an earlier run there is replaced, or kept when resuming;
+    a folder holding files stealnb did not write is refused), then get the secret (from
+    ``secret_dir``, else trained or loaded under ``results``) and load the dataset. Returns
+    ``(secret, dataset)``.
 
     An external ``oracle`` whose query ledger already exists inside ``out`` (e.g. an ``HttpOracle``
     opened on ``out / "ledger.bin"``) remembers those paid queries in memory: deleting ``out`` would
     throw away their record on disk, so a fresh run (``resume=False``) is refused with a
     ``ValueError``."""
-    import shutil
-
     from . import data
     from .train import ensure_secret, load_secret
 
-    if not resume and out.exists():
-        ledger = getattr(oracle, "ledger", None)
-        if ledger is not None and Path(ledger).exists() and Path(ledger).resolve().is_relative_to(out.resolve()):
-            raise ValueError(
-                f"resume=False would delete {out}, which holds the given oracle's query ledger {ledger}: "
-                f"clear {out} before opening the oracle (as `stealnb extract --oracle-url` does) and pass "
-                f"resume=True, or keep the ledger elsewhere")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ledger = getattr(oracle, "ledger", None)
+    if not resume and out.exists() and ledger is not None and Path(ledger).exists() \
+            and Path(ledger).resolve().is_relative_to(out.resolve()):
+        raise ValueError(
+            f"resume=False would delete {out}, which holds the given oracle's query ledger {ledger}: "
+            f"clear {out} before opening the oracle (as `stealnb extract --oracle-url` does) and pass "
+            f"resume=True, or keep the ledger elsewhere")
+    if not (resume and layout.checkpointed(out, kind)):
+        # Resuming without a checkpoint starts afresh in place, keeping a ledger of paid queries.
+        layout.new_run_dir(out, kind, replace=not resume)
     if secret_dir is not None:
         secret, _ = load_secret(secret_dir)
     else:
@@ -352,20 +368,21 @@ def run_extraction(dataset: str, arch: str, strategy: str, profile="demo", *, se
     ``secret_dir`` uses a saved secret (``model.keras`` + ``metrics.json``) instead of the one under
     ``results``. ``oracle`` replaces the in-process :class:`~stealnb.oracle.Oracle` (e.g. an ``HttpOracle``);
     ``overrides`` change :class:`ExtractionConfig` fields (``budgets=(...)``, ``round_size=``...).
-    With ``resume=False`` an earlier run in ``out`` (ledger included) is deleted first.
+    With ``resume=False`` an earlier run in ``out`` (ledger included) is deleted first; a folder
+    holding files stealnb did not write is refused (:func:`stealnb.layout.check_run_dir`).
     Returns the finished :class:`Extraction` (``.summary()``, ``.records``, ``.substitute``).
     """
-    from . import data, layout
+    from . import data
     from .oracle import Oracle
     from .profiles import get_profile
 
     prof = get_profile(profile) if isinstance(profile, str) else profile
+    config = configure(prof, strategy, seed=seed, **overrides)
     out = Path(out) if out is not None else layout.extraction_dir(results, prof.name, dataset, arch, strategy, seed)
     secret, ds = prepare_run(out, resume, dataset, arch, prof, results, secret_dir=secret_dir,
                              data_root=data_root, progress=progress, oracle=oracle)
     # One pool per profile (seed 0): every strategy and seed draws from the same thief images.
     pool = data.load_pool(prof.pool, root=data_root, n=prof.pool_size, seed=0)
-    config = ExtractionConfig.from_profile(prof, strategy, seed=seed, **overrides)
     if oracle is None:
         oracle = Oracle(secret, output="label", budget=config.budgets[-1], ledger=out / "ledger.bin")
     ex = Extraction(oracle, pool, ds.x_test, ds.y_test, config, secret=secret, out=out,

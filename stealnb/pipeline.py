@@ -21,9 +21,10 @@ A task whose notebook key matches the stamp of its last successful run (and whos
 notebook still exists) is skipped. When only the notebook key changed, the notebook is executed
 again and reads its finished results back (extractions resume, secrets load). When the results
 key changed, or the task never finished, the task's result folders are deleted first, so a
-notebook never reuses results computed by other code or settings. ``--force`` reruns every
-notebook and deletes every task's results. An interrupted run keeps its partial results (its
-stamp records the results key before the notebook starts), so the next run resumes them.
+notebook never reuses results computed by other code or settings; a folder that holds files
+stealnb did not write is refused before any notebook starts, and nothing is deleted. ``--force``
+reruns every notebook and deletes every task's results. An interrupted run keeps its partial
+results (its stamp records the results key before the notebook starts), so the next run resumes them.
 
 Executed notebooks are build products: they go to ``results/<profile>/notebooks/`` and are
 copied into ``book/generated/`` (git-ignored) just before the book is built; the book renders
@@ -34,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -84,7 +84,8 @@ class Task:
     notebook: str  # file name under notebooks/
     params: dict
     deps: list[str] = field(default_factory=list)
-    outputs: list[Path] = field(default_factory=list)  # result folders owned by this task
+    # Result folders owned by this task -> what they hold (a stealnb.layout.RUN_FILES kind).
+    outputs: dict[Path, str | dict] = field(default_factory=dict)
     key: str = ""  # notebook key: rerun the notebook when it changes
     results_key: str = ""  # results key: delete the task's results when it changes
 
@@ -127,16 +128,16 @@ def plan(profile: str | Profile, results, data_root=None, optional: bool = False
         tag = f"{ds}-{arch}"
         sec = f"secret/{tag}"
         tasks.append(Task(sec, NOTEBOOKS["secret"], {**common, "dataset": ds, "arch": arch},
-                          outputs=[layout.secret_dir(results, prof.name, ds, arch)]))
+                          outputs={layout.secret_dir(results, prof.name, ds, arch): "secret"}))
         for strat in prof.strategies:
             tasks.append(Task(
                 f"extraction/{tag}-{strat}", NOTEBOOKS["extraction"],
                 {**common, "dataset": ds, "arch": arch, "strategy": strat, "seeds": list(prof.seeds)},
                 deps=[sec],
-                outputs=[layout.extraction_dir(results, prof.name, ds, arch, strat, 0).parent]))
+                outputs={layout.extraction_dir(results, prof.name, ds, arch, strat, 0).parent: "extraction seeds"}))
         tasks.append(Task(f"copycat/{tag}", NOTEBOOKS["copycat"],
-                          {**common, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)},
-                          deps=[sec], outputs=[layout.profile_dir(results, prof.name) / "copycat" / tag]))
+                          {**common, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)}, deps=[sec],
+                          outputs={layout.profile_dir(results, prof.name) / "copycat" / tag: "copycat variants"}))
     ds, arch = secrets[0]
     tag = f"{ds}-{arch}"
     # The defenses notebook attacks the secret with the runs of the extraction and Copycat
@@ -147,7 +148,7 @@ def plan(profile: str | Profile, results, data_root=None, optional: bool = False
                                                                  "attacks": attacks, "prada_only": prada_only},
                       deps=[f"secret/{tag}", *(f"copycat/{tag}" if a == "copycat" else f"extraction/{tag}-{a}"
                                                for a in attacks + prada_only)],
-                      outputs=[layout.defenses_dir(results, prof.name, ds, arch)]))
+                      outputs={layout.defenses_dir(results, prof.name, ds, arch): "defenses"}))
     tasks.append(Task(f"interactive/{tag}", NOTEBOOKS["interactive"], {**common, "dataset": ds, "arch": arch},
                       deps=[f"secret/{tag}"]))
     # The results chapter reads every other task's files, so it depends on all of them.
@@ -290,7 +291,9 @@ def execute(tasks: list[Task], *, root: Path, run_dir: Path, jobs: int = 1, forc
     Of the tasks ready to start, the one heading the longest chain of waiting work goes first
     (:func:`critical_path`). Returns ``{"ran": [...], "skipped": [...], "failed": [...],
     "blocked": [...], "seconds": {...}}``.
-    A failed task's dependants are not started; independent tasks still run.
+    A failed task's dependants are not started; independent tasks still run. Before any starts, a
+    result folder to be cleared that holds files stealnb did not write is refused
+    (:func:`stealnb.layout.check_run_dir`).
     """
     from tqdm.auto import tqdm
 
@@ -304,6 +307,12 @@ def execute(tasks: list[Task], *, root: Path, run_dir: Path, jobs: int = 1, forc
             report["skipped"].append(t.id)
     chain = critical_path(tasks, run_dir)
     pending = sorted((t for t in tasks if t.id not in status), key=lambda t: -chain[t.id])  # stable
+    # Results of other code or settings are not reused: these tasks' folders are replaced.
+    stale = {t.id for t in pending if force or not results_current(run_dir, t)}
+    for t in pending:
+        if t.id in stale:
+            for o, kind in t.outputs.items():
+                layout.check_run_dir(o, kind)
     running: dict[str, tuple[subprocess.Popen, Path, float, Task]] = {}
     log_dir = run_dir / "logs"
     bar = tqdm(total=len(tasks), initial=len(report["skipped"]), desc="notebooks", unit="nb",
@@ -324,11 +333,9 @@ def execute(tasks: list[Task], *, root: Path, run_dir: Path, jobs: int = 1, forc
                     bar.update(1)
                     continue
                 if all(s == "done" for s in dep_states):
-                    if force or not results_current(run_dir, t):
-                        # Results of other code or settings are not reused.
-                        for o in t.outputs:
-                            if o.exists():
-                                shutil.rmtree(o)
+                    if t.id in stale:
+                        for o, kind in t.outputs.items():
+                            layout.new_run_dir(o, kind)
                     # Recorded before running: if this run dies (a crash, Ctrl-C, kill -9), the next
                     # one keeps the partial results and the notebook resumes them (same results key).
                     stamp = _stamp_path(run_dir, t)
@@ -376,10 +383,9 @@ def execute(tasks: list[Task], *, root: Path, run_dir: Path, jobs: int = 1, forc
 
 
 def assemble_book(tasks: list[Task], *, root: Path, run_dir: Path) -> Path:
-    """Copy this run's executed notebooks into ``book/generated/`` (replacing any earlier run's)."""
-    gen = root / BOOK_GENERATED
-    if gen.exists():
-        shutil.rmtree(gen)
+    """Copy this run's executed notebooks into ``book/generated/`` (replacing any earlier run's;
+    a folder holding other files is refused: :func:`stealnb.layout.new_run_dir`)."""
+    gen = layout.new_run_dir(root / BOOK_GENERATED, "book")
     for t in tasks:
         src = _executed_path(run_dir, t)
         if src.is_file():
@@ -455,13 +461,16 @@ def run(profile: str = "demo", *, results="results", data_root=None, jobs: int =
                     keep.add(d)
                     stack.append(d)
         selected = [t for t in tasks if t.id in keep]
+    if book:
+        if only:
+            raise ValueError("--only runs part of the grid; build the book from a full run "
+                             "(drop --only or add --no-book)")
+        layout.check_run_dir(root / BOOK_GENERATED, "book")
     t0 = time.perf_counter()
     report = execute(selected, root=root, run_dir=run_dir, jobs=jobs, force=force, progress=progress)
     report["notebook_seconds"] = round(time.perf_counter() - t0, 1)
     report["book"] = None
     if book and not report["failed"] and not report["blocked"]:
-        if only:
-            raise ValueError("--only runs part of the grid; build the book from a full run (drop --only or add --no-book)")
         assemble_book(tasks, root=root, run_dir=run_dir)
         t1 = time.perf_counter()
         report["book"] = str(build_book(root, log=run_dir / "logs" / "book.log"))

@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 import warnings
 from pathlib import Path
 
@@ -716,22 +715,18 @@ def open_extraction(dataset: str, arch: str, strategy: str, profile="ci", *, see
     :func:`stealnb.extraction.run_extraction` does (the profile's pool, substitute, budgets; an
     in-process label oracle with a ledger in ``out``; the secret trained on demand), but not run:
     call ``.step()`` per round. ``out`` defaults to :func:`scratch_dir`; ``resume=False`` deletes
-    it first (ledger included). ``overrides`` change ExtractionConfig fields (``round_size=`` = k)."""
+    it first (ledger included; :func:`stealnb.extraction.prepare_run`). ``overrides`` change
+    ExtractionConfig fields (``round_size=`` = k)."""
     from . import data
-    from .extraction import Extraction, ExtractionConfig
+    from .extraction import Extraction, configure, prepare_run
     from .oracle import Oracle
     from .profiles import get_profile
-    from .train import ensure_secret
 
     prof = get_profile(profile) if isinstance(profile, str) else profile
+    config = configure(prof, strategy, seed=seed, **overrides)
     out = Path(out) if out is not None else scratch_dir(results, prof.name, dataset, arch, strategy, seed)
-    if not resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    secret, _ = ensure_secret(dataset, arch, prof, results, data_root=data_root, progress=progress)
-    ds = data.load_dataset(dataset, root=data_root)
+    secret, ds = prepare_run(out, resume, dataset, arch, prof, results, data_root=data_root, progress=progress)
     pool = data.load_pool(prof.pool, root=data_root, n=prof.pool_size, seed=0)
-    config = ExtractionConfig.from_profile(prof, strategy, seed=seed, **overrides)
     oracle = Oracle(secret, output="label", budget=config.budgets[-1], ledger=out / "ledger.bin")
     return Extraction(oracle, pool, ds.x_test, ds.y_test, config, secret=secret, out=out, resume=resume,
                       progress=progress)

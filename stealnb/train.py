@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from . import metrics, models
+from . import layout, metrics, models
 from ._checks import check_images, check_labels, check_positive_int
 from .profiles import Profile, get_profile
 
@@ -239,9 +239,10 @@ class SecretResult:
         }
 
     def save(self, out: str | Path) -> Path:
-        """Write ``out/model.keras`` and ``out/metrics.json``; returns ``out``."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write ``out/model.keras`` and ``out/metrics.json``, replacing an earlier secret there
+        (a folder holding files stealnb did not write is refused: :func:`stealnb.layout.new_run_dir`);
+        returns ``out``."""
+        out = layout.new_run_dir(out, "secret")
         self.model.save(out / "model.keras")
         tmp = out / "metrics.json.tmp"
         tmp.write_text(json.dumps(self.summary(), indent=2))
@@ -309,7 +310,7 @@ def ensure_secret(dataset: str, arch: str, profile: str | Profile, results: str 
     """The secret model for ``dataset``/``arch`` under ``results`` (see :mod:`stealnb.layout`):
     loaded when already trained with the same profile and seed, trained and saved otherwise.
     Returns ``(model, summary)``."""
-    from . import data, layout
+    from . import data
 
     prof = get_profile(profile) if isinstance(profile, str) else profile
     out = layout.secret_dir(results, prof.name, dataset, arch)
@@ -317,6 +318,7 @@ def ensure_secret(dataset: str, arch: str, profile: str | Profile, results: str 
         model, summary = load_secret(out)
         if summary.get("seed") == seed and summary.get("profile") == prof.name:
             return model, summary
+    layout.check_run_dir(out, "secret")  # before the training, not after it
     res = train_secret(data.load_dataset(dataset, root=data_root), arch, prof, seed=seed, progress=progress)
     res.save(out)
     return res.model, res.summary()

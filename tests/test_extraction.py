@@ -132,13 +132,13 @@ def test_fresh_run_refuses_to_delete_an_external_oracles_ledger(setup, secret_di
     with pytest.raises(ValueError, match="query ledger"):
         run()
     assert (out / "ledger.bin").exists() and oracle.read_ledger(out / "ledger.bin")[0]  # nothing deleted
-    # a ledger kept elsewhere is not protected: the fresh run clears ``out`` as before (the tiny
-    # budget then stops the run right after its set-up)
-    (out / "old.txt").write_text("x")
+    # a ledger kept elsewhere is not protected: the fresh run clears ``out``, an earlier run, as
+    # before (the tiny budget then stops the run right after its set-up)
+    (out / "rounds.jsonl").write_text("{}\n")
     kw["oracle"] = oracle.Oracle(model, budget=1, ledger=tmp_path / "elsewhere.bin")
     with pytest.raises(ValueError, match="budget") as err:
         run()
-    assert "query ledger" not in str(err.value) and not (out / "old.txt").exists()
+    assert "query ledger" not in str(err.value) and not (out / "rounds.jsonl").exists()
 
 
 def test_query_stream_is_what_the_oracle_was_paid_for_in_order(setup, tmp_path):

