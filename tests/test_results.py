@@ -221,7 +221,10 @@ def test_best_strategy_table(tree):
 def test_thesis_style_grid(tree):
     g = results.thesis_style(results.agreement_table(results.load_rounds(tree, "ci")))
     assert list(g.columns) == ["200 ours", "200 thesis", "300 ours", "300 thesis"]
-    assert g.loc[("digits", "cnn-tiny", "kcenter"), "300 ours"] == "50.0 ± 14.1 (n=2)"
+    # mean ± half-width of the 95% CI: t(0.975, 1) * 14.14 / sqrt(2) = 127.1 for two seeds 40 and 60
+    assert g.loc[("digits", "cnn-tiny", "kcenter"), "300 ours"] == "50.0 ± 127.1 (n=2)"
+    std = results.thesis_style(results.agreement_table(results.load_rounds(tree, "ci")), spread="std")
+    assert std.loc[("digits", "cnn-tiny", "kcenter"), "300 ours"] == "50.0 ± 14.1 (n=2)"
     assert g.loc[("digits", "cnn-tiny", "kcenter"), "300 thesis"] == "88.32 @10,000"
     assert g.loc[("digits", "cnn-tiny", "dfal"), "300 ours"] == "–"
     assert g.loc[("digits", "cnn-tiny", "dfal"), "200 ours"] == "30.0 (n=1)"
