@@ -26,8 +26,14 @@ state and the query log are all per key. Keys are stored and logged only as sha2
 Errors are JSON ``{"error": "<what was expected and what arrived>", "code": "<short code>"}``:
 400 malformed JSON / wrong fields / wrong shapes / non-numeric, NaN, inf or out-of-range values,
 401 missing key, 402 budget exhausted (nothing answered or charged), 403 unknown or blocked key,
-404 unknown model, 413 body or batch too large, 429 rate limited and 503 overloaded (both with
+404 unknown model, 408 body not received within ``body_timeout``, 413 body or batch too large,
+429 rate limited or too many requests of the key in progress, 503 overloaded (both with
 ``Retry-After``). Malformed requests never cause a 500.
+
+Fairness: the key is identified from the headers before the body is read; at most
+``max_pending`` predict requests are in progress, at most ``max_pending_per_key`` of one key,
+and a body must arrive within ``body_timeout`` seconds, so one key sending slow or partial
+bodies holds its own share of the slots for a bounded time, never every key's.
 
 Persistence: ``log_dir/keys/<key id>.jsonl`` is an append-only per-key query log, one JSON line
 per request (answered: time, instances, newly charged samples with their sha256 fingerprints and
@@ -71,6 +77,7 @@ log = logging.getLogger("stealnb.server")
 
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # a 256-image batch as nested lists is ~15 MB
+DEFAULT_BODY_TIMEOUT = 10.0  # seconds to receive a whole body (32 MB at 3.2 MB/s)
 PRADA_ACTIONS = ("log", "block", "poison")
 
 
@@ -148,6 +155,7 @@ class _KeyState:
         self.id, self.spec, self.log_path, self.fsync = key_id(key), spec, log_path, fsync
         self.seen: set[bytes] = set()  # sha256 of every sample this key has been charged for
         self.requests = 0  # answered predict requests
+        self.pending = 0  # predict requests of this key in progress
         self.flagged_at: int | None = None  # PRADA alarm: 1-based index of the key's new sample
         self.detector = None
         self.tokens = float(spec.burst or 0)
@@ -361,7 +369,9 @@ class PredictionService:
 
     def __init__(self, model_or_dir, *, name: str = "secret", output: str = "label", top_k: int = 3, keys,
                  max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 log_dir=None, defense=None, fsync: bool = True, max_pending: int = 64, batch_size: int = 256):
+                 log_dir=None, defense=None, fsync: bool = True, max_pending: int = 64,
+                 max_pending_per_key: int | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 batch_size: int = 256):
         if not isinstance(name, str) or not name or any(c in name for c in "/:?# "):
             raise ValueError(f"name: expected a model name without '/', ':', '?', '#' or spaces, got {name!r}")
         if output not in OUTPUTS:
@@ -378,6 +388,12 @@ class PredictionService:
         self.max_batch = check_positive_int(max_batch, "max_batch")
         self.max_body_bytes = check_positive_int(max_body_bytes, "max_body_bytes", minimum=1024)
         self.max_pending = check_positive_int(max_pending, "max_pending")
+        self.max_pending_per_key = check_positive_int(
+            max(1, max_pending // 4) if max_pending_per_key is None else max_pending_per_key, "max_pending_per_key")
+        if isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)) or not body_timeout > 0 \
+                or not math.isfinite(body_timeout):
+            raise ValueError(f"body_timeout: expected a positive number of seconds, got {body_timeout!r}")
+        self.body_timeout = float(body_timeout)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.defense = ServerDefense.from_spec(defense)
@@ -420,6 +436,15 @@ class PredictionService:
     def check_name(self, name: str) -> None:
         if name != self.name:
             raise ApiError(404, "unknown_model", f"no model named {name!r} is served here")
+
+    def check_pending(self, state: _KeyState) -> None:
+        """Room for one more request of ``state``: at most ``max_pending_per_key`` of one key and
+        ``max_pending`` in all may be in progress (body being read, or predicting)."""
+        if state.pending >= self.max_pending_per_key:
+            raise ApiError(429, "too_many_pending", f"this API key already has {state.pending} request(s) in progress, "
+                           f"the most one key may have; retry when one is answered", {"Retry-After": "1"})
+        if self.pending >= self.max_pending:
+            raise ApiError(503, "overloaded", f"{self.pending} requests in progress; retry shortly", {"Retry-After": "1"})
 
     def check_rate(self, state: _KeyState) -> None:
         wait = state.take_token()
@@ -641,7 +666,8 @@ class PredictionService:
 
 def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top_k: int = 3, keys,
                max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_dir=None,
-               defense=None, fsync: bool = True, max_pending: int = 64):
+               defense=None, fsync: bool = True, max_pending: int = 64, max_pending_per_key: int | None = None,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT):
     """A FastAPI app serving ``model_or_dir`` (Keras model, ``.keras`` file or secret folder) under
     ``name`` with the TF Serving REST predict API (see the module docstring).
 
@@ -649,7 +675,9 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
     {"budget": int|None, "rate": req/s|None, "burst": int, "name": str}}``; ``max_batch``
     instances and ``max_body_bytes`` per request; ``log_dir``: per-key query logs (``None``: keep
     nothing, spending is forgotten on restart); ``defense``: :class:`ServerDefense` or its dict
-    form; ``max_pending``: predict requests in progress before new ones get 503. The service is
+    form; ``max_pending``: predict requests in progress before new ones get 503, at most
+    ``max_pending_per_key`` (default ``max(1, max_pending // 4)``) of one key (then 429);
+    ``body_timeout``: seconds to receive a request's whole body (then 408). The service is
     ``app.state.service``.
     """
     import anyio
@@ -661,7 +689,8 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
 
     svc = PredictionService(model_or_dir, name=name, output=output, top_k=top_k, keys=keys, max_batch=max_batch,
                             max_body_bytes=max_body_bytes, log_dir=log_dir, defense=defense, fsync=fsync,
-                            max_pending=max_pending)
+                            max_pending=max_pending, max_pending_per_key=max_pending_per_key,
+                            body_timeout=body_timeout)
     app = FastAPI(title="stealnb prediction service", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
 
@@ -670,7 +699,10 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return _json(exc.status, exc.body(), exc.headers)
+        headers = exc.headers
+        if request.method == "POST" and not getattr(request.state, "body_read", False):
+            headers = {**headers, "Connection": "close"}  # else a client trickling the rest keeps it open
+        return _json(exc.status, exc.body(), headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
@@ -703,6 +735,7 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
                 chunks.append(chunk)
         except ClientDisconnect:
             raise ApiError(400, "disconnected", "client disconnected before sending the whole body") from None
+        request.state.body_read = True
         return b"".join(chunks)
 
     @app.get("/v1/models/{model_name}")
@@ -714,15 +747,21 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
     async def _predict(model_name: str, request: Request):
         state = svc.authenticate(request.headers)
         svc.check_name(model_name)
-        if svc.pending >= svc.max_pending:
-            raise ApiError(503, "overloaded", f"{svc.pending} requests in progress; retry shortly", {"Retry-After": "1"})
+        svc.check_pending(state)
         svc.check_rate(state)
         svc.pending += 1
+        state.pending += 1
         try:
-            body = await _read_body(request)
+            try:
+                with anyio.fail_after(svc.body_timeout):
+                    body = await _read_body(request)
+            except TimeoutError:
+                raise ApiError(408, "body_timeout",
+                               f"the request body did not arrive within {svc.body_timeout:g} s") from None
             out, headers = await anyio.to_thread.run_sync(svc.predict, state, body)
         finally:
             svc.pending -= 1
+            state.pending -= 1
         return Response(json.dumps(out, separators=(",", ":")).encode(), media_type="application/json", headers=headers)
 
     @app.post("/v1/models/{model_name}:predict")
@@ -833,7 +872,8 @@ def _cmd_serve(args) -> int:
         defense["perturbation"] = _parse_perturb(args.perturb)
     app = create_app(args.model, name=args.name, output=args.output, top_k=args.top_k, keys=keys,
                      max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20), log_dir=args.log_dir,
-                     defense=defense or None, fsync=not args.no_fsync)
+                     defense=defense or None, fsync=not args.no_fsync, max_pending=args.max_pending,
+                     max_pending_per_key=args.max_pending_per_key, body_timeout=args.body_timeout)
     svc = app.state.service
     print(f"serving {args.model} as {args.name!r} ({args.output}) on http://{args.host}:{args.port}"
           f"/v1/models/{args.name}:predict for {len(keys)} key(s); logs in {args.log_dir}", flush=True)
@@ -861,6 +901,11 @@ def register_cli(subparsers) -> None:
     s.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20)
     s.add_argument("--log-dir", required=True, type=Path, help="per-key query logs (spending survives restarts)")
     s.add_argument("--no-fsync", action="store_true", help="do not fsync the log after every request (faster, less safe)")
+    s.add_argument("--max-pending", type=int, default=64, help="predict requests in progress before new ones get 503")
+    s.add_argument("--max-pending-per-key", type=int, default=None,
+                   help="of which one key may have at most this many (default max-pending / 4), then 429")
+    s.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                   help="seconds to receive a request's whole body, then 408")
     s.add_argument("--prada", default="off", choices=("off", *PRADA_ACTIONS), help="PRADA detection and what to do on alarm")
     s.add_argument("--prada-delta", type=float, default=0.9)
     s.add_argument("--prada-min-queries", type=int, default=100)

@@ -3,7 +3,9 @@ retries, and an extraction over HTTP that survives a server kill (stealnb/server
 import base64
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -271,6 +273,57 @@ def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
     assert app3.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"] is None
 
 
+# -- faults: a stalling key ------------------------------------------------------------------------
+def _stalled_predict(srv, key, body, sent):
+    """A raw predict request announcing all of ``body`` but sending only its first ``sent`` bytes."""
+    s = socket.create_connection((srv.host, srv.port), timeout=5)
+    s.sendall(f"POST {PRED} HTTP/1.1\r\nHost: {srv.host}\r\nAuthorization: Bearer {key}\r\nContent-Type: "
+              f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:sent])
+    return s
+
+
+def _status_of(s):
+    """The status code of the answer on socket ``s`` (waits at most its timeout)."""
+    return int(s.recv(65536).split(b" ", 2)[1])
+
+
+def _trickle(s, n=40, every=0.1):
+    """Send one more byte of the body every ``every`` s, ``n`` times at most or until the server hangs up."""
+    for _ in range(n):
+        time.sleep(every)
+        try:
+            s.send(b" ")
+        except OSError:
+            return
+
+
+def test_a_key_stalling_its_bodies_does_not_lock_out_other_keys(tiny):
+    app = server.create_app(tiny, keys={ALICE: None, BOB: None}, max_pending=4, body_timeout=1.0)
+    svc = app.state.service
+    socks = []
+    with server.BackgroundServer(app) as srv:
+        try:
+            socks.append(_stalled_predict(srv, ALICE, GOOD, 10))
+            t0 = time.monotonic()
+            threading.Thread(target=_trickle, args=(socks[0],), daemon=True).start()
+            while svc.pending < 1 and time.monotonic() < t0 + 5:
+                time.sleep(0.01)
+            extra = [_stalled_predict(srv, ALICE, GOOD, 10) for _ in range(svc.max_pending)]
+            socks += extra
+            while len(select.select(extra, [], [], 0.05)[0]) + svc.pending < 1 + len(extra) \
+                    and time.monotonic() < t0 + 5:
+                pass  # each extra request is answered or in progress
+            r = httpx.post(srv.url + PRED, content=GOOD, headers=auth(BOB), timeout=5)
+            assert r.status_code == 200, r.text  # bob is served while alice stalls
+            assert [_status_of(s) for s in extra] == [429] * len(extra)  # alice's own share is one request
+            assert _status_of(socks[0]) == 408 and time.monotonic() - t0 < 3  # trickling does not extend it
+            r = httpx.post(srv.url + PRED, content=GOOD, headers=auth(ALICE), timeout=5)
+            assert r.status_code == 200 and svc.pending == 0
+        finally:
+            for s in socks:
+                s.close()
+
+
 # -- HttpOracle: retries, errors, ledger ---------------------------------------------------------
 def test_http_oracle_retries_with_backoff_then_succeeds(tiny, tmp_path):
     _, client = app_client(tiny)
@@ -347,8 +400,6 @@ def test_extraction_over_http_matches_in_process_and_survives_a_server_kill(secr
     pool = data.load_pool("natural-patches", n=500, seed=0)
     ref = extraction.Extraction(Oracle(model, budget=100), pool, ds.x_test, ds.y_test, _config(), secret=model)
     ref.run()
-
-    import socket
 
     with socket.socket() as s:  # a free port, reused for the restarted server
         s.bind(("127.0.0.1", 0))
