@@ -198,7 +198,8 @@ def _code_version() -> dict:
 
     root = Path(stealnb.__file__).resolve().parent.parent
     git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return {"path": str(root), "commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    return {"path": str(root), "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def _tables(results: dict) -> str:
