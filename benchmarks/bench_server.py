@@ -61,18 +61,27 @@ def _body(x: np.ndarray, encoding: str = "b64") -> bytes:
     return json.dumps({"instances": [{"b64": base64.b64encode(r.tobytes()).decode()} for r in rows]}).encode()
 
 
-def _start(model_path: Path, port: int, log_dir: Path, no_fsync: bool):
+def _start(model_path: Path, port: int, log_dir: Path, no_fsync: bool = False, keys: dict | None = None):
+    """``stealnb serve`` as a subprocess with ``keys`` (default: KEY alone), running the ``stealnb``
+    this process imports (whatever the working directory); ``(process, url)`` once it answers."""
     import httpx
 
-    keys = log_dir.parent / "keys.json"
-    keys.write_text(json.dumps({KEY: {"name": "bench"}}))
-    cmd = [sys.executable, "-m", "stealnb.cli", "serve", "--model", str(model_path), "--port", str(port),
-           "--log-dir", str(log_dir), "--keys", str(keys)] + (["--no-fsync"] if no_fsync else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import stealnb
+
+    keys = keys or {KEY: {"name": "bench"}}
+    keys_file = log_dir.parent / "keys.json"
+    keys_file.parent.mkdir(parents=True, exist_ok=True)
+    keys_file.write_text(json.dumps(keys))
+    cmd = [sys.executable, "-m", "stealnb.cli", "serve", "--model", str(Path(model_path).resolve()), "--port", str(port),
+           "--log-dir", str(log_dir.resolve()), "--keys", str(keys_file.resolve())] + (["--no-fsync"] if no_fsync else [])
+    root = str(Path(stealnb.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(cmd, cwd=keys_file.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    first = next(iter(keys))
     for _ in range(600):
         try:
-            if httpx.get(f"{url}/v1/models/secret", headers={"Authorization": f"Bearer {KEY}"}, timeout=1).status_code == 200:
+            if httpx.get(f"{url}/v1/models/secret", headers={"Authorization": f"Bearer {first}"}, timeout=1).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             pass

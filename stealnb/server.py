@@ -26,14 +26,32 @@ state and the query log are all per key. Keys are stored and logged only as sha2
 Errors are JSON ``{"error": "<what was expected and what arrived>", "code": "<short code>"}``:
 400 malformed JSON / wrong fields / wrong shapes / non-numeric, NaN, inf or out-of-range values,
 401 missing key, 402 budget exhausted (nothing answered or charged), 403 unknown or blocked key,
-404 unknown model, 413 body or batch too large, 429 rate limited and 503 overloaded (both with
-``Retry-After``). Malformed requests never cause a 500.
+404 unknown model, 408 body not received within ``body_timeout``, 413 body or batch too large,
+429 rate limited or too many requests of the key in progress, 503 overloaded (both with
+``Retry-After``) and 507 query log not writable (nothing answered or charged). Malformed
+requests never cause a 500.
+
+Fairness: the key is identified from the headers before the body is read; at most
+``max_pending`` predict requests are in progress, at most ``max_pending_per_key`` of one key,
+and a body must arrive within ``body_timeout`` seconds, so one key sending slow or partial
+bodies holds its own share of the slots for a bounded time, never every key's.
 
 Persistence: ``log_dir/keys/<key id>.jsonl`` is an append-only per-key query log, one JSON line
-per request (answered: time, instances, newly charged samples with their sha256 fingerprints and
-top-1 answers; refused: status and code; PRADA alarms). It is flushed and (by default) fsync-ed
-before the answer is sent, and read back at start-up, so a restarted server keeps every key's
-spending and charged samples; a torn last line (crash mid-write) is dropped with a warning.
+per record (answered requests: time, instances, newly charged samples with their sha256
+fingerprints and top-1 answers; refusals: status and code; PRADA alarms), each with its line
+number ``seq``, the key's running ``spent`` and a crc32 ``crc``. A request is written and (by
+default) fsync-ed before it is charged and answered; if that fails it is neither. The head file
+``<key id>.head`` records ``seq`` and ``spent`` of the last written record (not fsync-ed: after
+a power loss it may lag the log, so the last records' truncation can go unnoticed then; with
+``--no-fsync`` it may lead the log, which reads as truncation). At start-up the log
+is replayed and checked: a damaged or edited line (crc), a deleted, duplicated or moved line
+(``seq``), a running total that disagrees with the charged samples, or a log shorter than its
+head (truncated) is an error naming the file and line, never a silent budget reset; a torn last
+line (crash mid-write) is dropped with a warning. Not detected: deleting a log together with its
+head (a reset, like deleting the files), and a forger who recomputes the crc32s (that needs a
+secret key, an HMAC). Logs of an older stealnb (no ``crc``) are read with a warning and
+continued in the new format; a missing head is written again with the key's next record, with a
+warning (deleting the head is how an operator accepts a log as it is).
 
 Defences (optional, :mod:`stealnb.defenses`), applied in this order:
 
@@ -51,14 +69,17 @@ Defences (optional, :mod:`stealnb.defenses`), applied in this order:
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import stat
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +92,7 @@ log = logging.getLogger("stealnb.server")
 
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # a 256-image batch as nested lists is ~15 MB
+DEFAULT_BODY_TIMEOUT = 10.0  # seconds to receive a whole body (32 MB at 3.2 MB/s)
 PRADA_ACTIONS = ("log", "block", "poison")
 
 
@@ -141,20 +163,73 @@ def parse_keys(keys) -> dict[str, KeySpec]:
     return out
 
 
+class QueryLogError(ValueError):
+    """A query log (or its head file) that cannot be read or fails its checks, found at start-up;
+    the message names the file (and line). The server refuses to guess a key's spending."""
+
+
+_CRC_FIELD = b',"crc":"'
+_HEAD_SLOT = 64  # bytes per slot; a head file holds two
+
+
+def _seal(rec: dict) -> bytes:
+    """``rec`` as one JSON line whose last field ``crc`` is the crc32 of the line without it."""
+    body = json.dumps(rec, separators=(",", ":")).encode()
+    return body[:-1] + _CRC_FIELD + b'%08x"}\n' % zlib.crc32(body)
+
+
+def _unseal(line: bytes):
+    """The record of a sealed line (no newline); ``None`` if it has no crc field, ``False`` if the
+    crc does not match."""
+    head, sep, tail = line.rpartition(_CRC_FIELD)
+    if not sep or len(tail) != 10 or not tail.endswith(b'"}'):
+        return None
+    try:
+        return json.loads(line) if int(tail[:8], 16) == zlib.crc32(head + b"}") else False
+    except ValueError:
+        return False
+
+
+def _read_file(p: Path, what: str) -> bytes | None:
+    """The bytes of the regular file ``p`` (``None`` if there is none); anything else is a QueryLogError."""
+    try:
+        mode = p.stat().st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise QueryLogError(f"{what} {p}: expected a file, found {kind}")
+        return p.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise QueryLogError(f"{what} {p}: cannot be read ({e.strerror})") from None
+
+
 class _KeyState:
-    """Everything the server knows about one key; guarded by the service lock (tokens by ``tlock``)."""
+    """Everything the server knows about one key; guarded by the service lock (tokens by ``tlock``).
+
+    The query log ``<id>.jsonl`` is append-only, one sealed JSON line per record (:func:`_seal`)
+    with ``seq`` (its line number) and ``spent`` (the key's spending after it); the head file
+    ``<id>.head`` holds ``seq`` and ``spent`` of the last durable record, in two slots written in
+    turn (a torn write leaves the other intact). Start-up checks every line and the log's end
+    against the head.
+    """
 
     def __init__(self, key: str, spec: KeySpec, log_path: Path | None, fsync: bool):
         self.id, self.spec, self.log_path, self.fsync = key_id(key), spec, log_path, fsync
         self.seen: set[bytes] = set()  # sha256 of every sample this key has been charged for
         self.requests = 0  # answered predict requests
+        self.pending = 0  # predict requests of this key in progress
         self.flagged_at: int | None = None  # PRADA alarm: 1-based index of the key's new sample
+        self.queued: list[dict] = []  # records (a PRADA alarm) to log before the next one
         self.detector = None
         self.tokens = float(spec.burst or 0)
         self.updated = time.monotonic()
         self.tlock = threading.Lock()
-        self._fh = None
+        self.seq = self._size = 0  # records and bytes in the log
+        self._fd = self._head_fd = None
+        self._slot = 0  # the head slot written next
         if log_path is not None:
+            self.head_path = log_path.with_suffix(".head")
             self._load()
 
     @property
@@ -178,44 +253,182 @@ class _KeyState:
                 return None
             return (1.0 - self.tokens) / self.spec.rate
 
+    # -- start-up: replay and check the log -------------------------------------------------------
     def _load(self) -> None:
         p = self.log_path
-        if not p.exists():
-            return
-        raw = p.read_bytes()
+        head = self._load_head()
+        raw = _read_file(p, "query log") or b""
         good = raw.rfind(b"\n") + 1
         if good < len(raw):
             warnings.warn(f"query log {p}: dropped {len(raw) - good} byte(s) of a torn last line", stacklevel=2)
-            with open(p, "r+b") as f:
-                f.truncate(good)
-                os.fsync(f.fileno())
+            try:
+                with open(p, "r+b") as f:
+                    f.truncate(good)
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise QueryLogError(f"query log {p}: cannot cut off its torn last line ({e.strerror})") from None
+        self._size = good
+        head_seq, head_spent = head or (0, 0)
+        legacy, spent_at_head = 0, 0  # legacy: leading lines without a crc (an older stealnb's)
         for n, line in enumerate(raw[:good].splitlines(), 1):
+            rec, sealed = self._parse(line, n, legacy == n - 1)
+            self._apply(rec, n, sealed)
+            legacy += not sealed
+            self.seq = n
+            if n == head_seq:
+                spent_at_head = self.spent
+        if legacy:
+            warnings.warn(f"query log {p}: lines 1-{legacy} have no checksums (written by an older stealnb); "
+                          "they are replayed unchecked", stacklevel=2)
+        if head is None:
+            if self.seq:
+                warnings.warn(f"query log {p}: no head file {self.head_path}, so truncation cannot be checked this "
+                              "time; the key's next record writes one", stacklevel=2)
+        elif self.seq < head_seq:
+            raise QueryLogError(f"query log {p}: holds {self.seq} records but {self.head_path} says {head_seq} (spent "
+                                f"{head_spent}) were written: lines were deleted or the log was truncated; restore "
+                                "it, or delete the head file to accept the log as it is")
+        elif spent_at_head != head_spent:
+            raise QueryLogError(f"query log {p}, line {head_seq}: spent {spent_at_head}, but {self.head_path} says "
+                                f"{head_spent}; restore the log, or delete the head file to accept it as it is")
+
+    def _load_head(self) -> tuple[int, int] | None:
+        """``(seq, spent)`` of the newest intact head slot, ``None`` without a head file."""
+        raw = _read_file(self.head_path, "query log head")
+        if raw is None:
+            return None
+        slots = []
+        for i in range(2):
+            rec = _unseal(raw[i * _HEAD_SLOT : (i + 1) * _HEAD_SLOT].rstrip(b" \n"))
+            if isinstance(rec, dict) and isinstance(rec.get("seq"), int) and isinstance(rec.get("spent"), int):
+                slots.append((rec["seq"], rec["spent"], i))
+        if len(raw) != 2 * _HEAD_SLOT or not slots:
+            raise QueryLogError(f"query log head {self.head_path}: damaged (expected two sealed {_HEAD_SLOT}-byte "
+                                "slots); delete it to accept the query log as it is")
+        seq, spent, i = max(slots)
+        self._slot = 1 - i
+        return seq, spent
+
+    def _parse(self, line: bytes, n: int, legacy_ok: bool) -> tuple[dict, bool]:
+        """Line ``n`` as ``(record, sealed)``; unsealed lines are accepted only before any sealed one."""
+        where = f"query log {self.log_path}, line {n}"
+        rec = _unseal(line)
+        if rec is False:
+            raise QueryLogError(f"{where}: checksum mismatch (the line was edited or damaged); refusing to guess "
+                                "the key's spending")
+        sealed = rec is not None
+        if not sealed:
+            if not legacy_ok:
+                raise QueryLogError(f"{where}: has no checksum but lines before it have; refusing to guess the "
+                                    "key's spending")
             try:
                 rec = json.loads(line)
             except ValueError:
-                raise ValueError(f"query log {p}: line {n} is not JSON; refusing to guess the key's spending") from None
-            for fp in rec.get("fp", ()):
-                self.seen.add(bytes.fromhex(fp))
-            if rec.get("status") == 200:
-                self.requests += 1
-            if rec.get("event") == "prada_flag" and self.flagged_at is None:
-                self.flagged_at = int(rec["query"])
+                raise QueryLogError(f"{where}: is not JSON; refusing to guess the key's spending") from None
+        if not isinstance(rec, dict):
+            raise QueryLogError(f"{where}: expected a JSON object (one record), got a JSON {type(rec).__name__}")
+        if sealed and rec.get("seq") != n:
+            raise QueryLogError(f"{where}: holds record {rec.get('seq')!r} where record {n} belongs: lines were "
+                                "deleted, duplicated or moved; restore the log")
+        return rec, sealed
 
-    def write(self, rec: dict) -> None:
-        if self.log_path is None:
-            return
-        if self._fh is None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.log_path, "ab")
-        self._fh.write(json.dumps(rec, separators=(",", ":")).encode() + b"\n")
-        self._fh.flush()
-        if self.fsync:
-            os.fsync(self._fh.fileno())
+    def _apply(self, rec: dict, n: int, sealed: bool) -> None:
+        """Replay loaded record ``n``: its charged samples, answered request or PRADA alarm."""
+        where = f"query log {self.log_path}, line {n}"
+        fps = rec.get("fp", [])
+        if not isinstance(fps, list) or not all(isinstance(f, str) and len(f) == 64 for f in fps):
+            raise QueryLogError(f"{where}: 'fp' must be a list of 64-digit hex sha256 fingerprints")
+        try:
+            self.seen.update(bytes.fromhex(f) for f in fps)
+        except ValueError:
+            raise QueryLogError(f"{where}: 'fp' holds a fingerprint that is not hex") from None
+        if rec.get("status") == 200:
+            self.requests += 1
+        if rec.get("event") == "prada_flag" and self.flagged_at is None:
+            if not isinstance(rec.get("query"), int):
+                raise QueryLogError(f"{where}: a prada_flag record needs an integer 'query'")
+            self.flagged_at = rec["query"]
+        if sealed and rec.get("spent") != self.spent:
+            raise QueryLogError(f"{where}: records spent={rec.get('spent')!r}, but the samples charged up to it "
+                                f"number {self.spent}; restore the log")
+
+    # -- appending ----------------------------------------------------------------------------------
+    def append(self, rec: dict, new=()) -> None:
+        """Log the queued records and ``rec`` durably, then charge the samples ``new``.
+
+        If the log cannot be written, what was written is cut off again, nothing is charged, the
+        queued records stay queued and :class:`ApiError` 507 is raised."""
+        now = round(time.time(), 3)
+        recs = [*self.queued, rec]
+        data = b"".join(_seal({"seq": self.seq + i, "t": now, **r, "spent": self.spent + (len(new) if r is rec else 0)})
+                        for i, r in enumerate(recs, 1))
+        if self.log_path is not None:
+            try:
+                self._write(data)
+            except OSError as e:
+                self.close()
+                log.error("query log %s not written: %s", self.log_path, e)
+                raise ApiError(507, "log_write_failed", f"the query log could not be written ({e.strerror or e}); "
+                               "nothing was answered or charged, retry later") from None
+        self.seen.update(new)
+        self.seq += len(recs)
+        self.queued.clear()
+        if self.log_path is not None:
+            try:
+                self._write_head()
+            except OSError as e:  # the log ahead of its head is accepted at start-up: it holds every charge
+                log.warning("query log head %s not updated (%s)", self.head_path, e)
+
+    def _write(self, data: bytes) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            size = os.fstat(self._fd).st_size
+            if size != self._size:
+                raise OSError(f"the log holds {size} bytes where {self._size} were written: another writer?")
+            if not self.head_path.exists():
+                self._create_head()  # also makes the new log's directory entry durable
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
+        self._size += len(data)
+
+    def _head_slot(self) -> bytes:
+        return _seal({"seq": self.seq, "spent": self.spent})[:-1].ljust(_HEAD_SLOT - 1) + b"\n"
+
+    def _create_head(self) -> None:
+        """The head file, written whole: a temporary file, fsync-ed, renamed into place, the folder fsync-ed."""
+        tmp = self.head_path.with_suffix(".head.tmp")
+        with open(tmp, "wb") as f:
+            f.write(self._head_slot() * 2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.head_path)
+        fd = os.open(self.head_path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_head(self) -> None:
+        """Not fsync-ed: written after the log's fsync, the head on disk may lag the log, never lead it."""
+        if self._head_fd is None:
+            self._head_fd = os.open(self.head_path, os.O_WRONLY)
+        os.pwrite(self._head_fd, self._head_slot(), self._slot * _HEAD_SLOT)
+        self._slot = 1 - self._slot
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        for fd in (self._fd, self._head_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd = self._head_fd = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,7 +574,9 @@ class PredictionService:
 
     def __init__(self, model_or_dir, *, name: str = "secret", output: str = "label", top_k: int = 3, keys,
                  max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 log_dir=None, defense=None, fsync: bool = True, max_pending: int = 64, batch_size: int = 256):
+                 log_dir=None, defense=None, fsync: bool = True, max_pending: int = 64,
+                 max_pending_per_key: int | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 batch_size: int = 256):
         if not isinstance(name, str) or not name or any(c in name for c in "/:?# "):
             raise ValueError(f"name: expected a model name without '/', ':', '?', '#' or spaces, got {name!r}")
         if output not in OUTPUTS:
@@ -378,8 +593,19 @@ class PredictionService:
         self.max_batch = check_positive_int(max_batch, "max_batch")
         self.max_body_bytes = check_positive_int(max_body_bytes, "max_body_bytes", minimum=1024)
         self.max_pending = check_positive_int(max_pending, "max_pending")
+        self.max_pending_per_key = check_positive_int(
+            max(1, max_pending // 4) if max_pending_per_key is None else max_pending_per_key, "max_pending_per_key")
+        if isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)) or not body_timeout > 0 \
+                or not math.isfinite(body_timeout):
+            raise ValueError(f"body_timeout: expected a positive number of seconds, got {body_timeout!r}")
+        self.body_timeout = float(body_timeout)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.log_dir = None if log_dir is None else Path(log_dir)
+        if self.log_dir is not None:
+            try:
+                (self.log_dir / "keys").mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise QueryLogError(f"log_dir {self.log_dir}: cannot create {self.log_dir / 'keys'} ({e.strerror})") from None
         self.defense = ServerDefense.from_spec(defense)
         if self.defense is not None:
             self.defense.validate(output, self.num_classes)
@@ -420,6 +646,15 @@ class PredictionService:
     def check_name(self, name: str) -> None:
         if name != self.name:
             raise ApiError(404, "unknown_model", f"no model named {name!r} is served here")
+
+    def check_pending(self, state: _KeyState) -> None:
+        """Room for one more request of ``state``: at most ``max_pending_per_key`` of one key and
+        ``max_pending`` in all may be in progress (body being read, or predicting)."""
+        if state.pending >= self.max_pending_per_key:
+            raise ApiError(429, "too_many_pending", f"this API key already has {state.pending} request(s) in progress, "
+                           f"the most one key may have; retry when one is answered", {"Retry-After": "1"})
+        if self.pending >= self.max_pending:
+            raise ApiError(503, "overloaded", f"{self.pending} requests in progress; retry shortly", {"Retry-After": "1"})
 
     def check_rate(self, state: _KeyState) -> None:
         wait = state.take_token()
@@ -542,7 +777,7 @@ class PredictionService:
                 x = self.parse(body)
         except ApiError as e:
             with self._lock:
-                state.write({"t": round(time.time(), 3), "status": e.status, "code": e.code})
+                state.append({"status": e.status, "code": e.code})
             raise
         from .oracle import _digests
 
@@ -550,7 +785,7 @@ class PredictionService:
         with self._lock:
             d = self.defense
             if d is not None and d.prada_action == "block" and state.flagged_at is not None:
-                state.write({"t": round(time.time(), 3), "status": 403, "code": "blocked", "n": len(x)})
+                state.append({"status": 403, "code": "blocked", "n": len(x)})
                 raise ApiError(403, "blocked", "this API key has been blocked for suspicious query patterns")
             new: dict[bytes, int] = {}
             for i, fp in enumerate(fps):
@@ -558,8 +793,7 @@ class PredictionService:
                     new[fp] = i
             budget = state.spec.budget
             if budget is not None and state.spent + len(new) > budget:
-                state.write({"t": round(time.time(), 3), "status": 402, "code": "budget_exceeded", "n": len(x),
-                             "new": len(new)})
+                state.append({"status": 402, "code": "budget_exceeded", "n": len(x), "new": len(new)})
                 raise ApiError(402, "budget_exceeded",
                                f"request refused: it asks for {len(new)} new sample(s) but only "
                                f"{budget - state.spent} of this key's budget of {budget} remain; nothing was "
@@ -577,20 +811,19 @@ class PredictionService:
                 state.detector.observe(x[idx], top1[idx])
                 if state.detector.flagged and state.flagged_at is None:
                     state.flagged_at = state.spent + (state.detector.flagged_at - before)
-                    newly_flagged = True
-                    state.write({"t": round(time.time(), 3), "event": "prada_flag", "query": state.flagged_at,
-                                 "w": state.detector.last_w})
+                    newly_flagged = True  # logged with the request's record (or, if that fails, the next)
+                    state.queued.append({"t": round(time.time(), 3), "event": "prada_flag", "query": state.flagged_at,
+                                         "w": state.detector.last_w})
                     log.warning("PRADA alarm for key %s at its query %d", state.id, state.flagged_at)
             if newly_flagged and d.prada_action == "block":
-                state.write({"t": round(time.time(), 3), "status": 403, "code": "blocked", "n": len(x)})
+                state.append({"status": 403, "code": "blocked", "n": len(x)})
                 raise ApiError(403, "blocked", "this API key has been blocked for suspicious query patterns")
             poison = d is not None and d.prada_action == "poison" and state.flagged_at is not None
             preds, answered = self._answer(x, logits, fps, poison)
-            state.seen.update(new)
+            state.append({"status": 200, "n": len(x), "new": len(new), "fp": [fp.hex() for fp in new],
+                          "top1": [int(answered[i]) for i in new.values()], **({"poisoned": True} if poison else {})},
+                         new)
             state.requests += 1
-            state.write({"t": round(time.time(), 3), "status": 200, "n": len(x), "new": len(new), "spent": state.spent,
-                         "fp": [fp.hex() for fp in new], "top1": [int(answered[i]) for i in new.values()],
-                         **({"poisoned": True} if poison else {})})
             headers = {"X-Budget-Spent": str(state.spent)}
             if budget is not None:
                 headers["X-Budget-Remaining"] = str(budget - state.spent)
@@ -641,7 +874,8 @@ class PredictionService:
 
 def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top_k: int = 3, keys,
                max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_dir=None,
-               defense=None, fsync: bool = True, max_pending: int = 64):
+               defense=None, fsync: bool = True, max_pending: int = 64, max_pending_per_key: int | None = None,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT):
     """A FastAPI app serving ``model_or_dir`` (Keras model, ``.keras`` file or secret folder) under
     ``name`` with the TF Serving REST predict API (see the module docstring).
 
@@ -649,7 +883,9 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
     {"budget": int|None, "rate": req/s|None, "burst": int, "name": str}}``; ``max_batch``
     instances and ``max_body_bytes`` per request; ``log_dir``: per-key query logs (``None``: keep
     nothing, spending is forgotten on restart); ``defense``: :class:`ServerDefense` or its dict
-    form; ``max_pending``: predict requests in progress before new ones get 503. The service is
+    form; ``max_pending``: predict requests in progress before new ones get 503, at most
+    ``max_pending_per_key`` (default ``max(1, max_pending // 4)``) of one key (then 429);
+    ``body_timeout``: seconds to receive a request's whole body (then 408). The service is
     ``app.state.service``.
     """
     import anyio
@@ -661,7 +897,8 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
 
     svc = PredictionService(model_or_dir, name=name, output=output, top_k=top_k, keys=keys, max_batch=max_batch,
                             max_body_bytes=max_body_bytes, log_dir=log_dir, defense=defense, fsync=fsync,
-                            max_pending=max_pending)
+                            max_pending=max_pending, max_pending_per_key=max_pending_per_key,
+                            body_timeout=body_timeout)
     app = FastAPI(title="stealnb prediction service", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
 
@@ -670,7 +907,10 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return _json(exc.status, exc.body(), exc.headers)
+        headers = exc.headers
+        if request.method == "POST" and not getattr(request.state, "body_read", False):
+            headers = {**headers, "Connection": "close"}  # else a client trickling the rest keeps it open
+        return _json(exc.status, exc.body(), headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
@@ -703,6 +943,7 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
                 chunks.append(chunk)
         except ClientDisconnect:
             raise ApiError(400, "disconnected", "client disconnected before sending the whole body") from None
+        request.state.body_read = True
         return b"".join(chunks)
 
     @app.get("/v1/models/{model_name}")
@@ -714,15 +955,21 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
     async def _predict(model_name: str, request: Request):
         state = svc.authenticate(request.headers)
         svc.check_name(model_name)
-        if svc.pending >= svc.max_pending:
-            raise ApiError(503, "overloaded", f"{svc.pending} requests in progress; retry shortly", {"Retry-After": "1"})
+        svc.check_pending(state)
         svc.check_rate(state)
         svc.pending += 1
+        state.pending += 1
         try:
-            body = await _read_body(request)
+            try:
+                with anyio.fail_after(svc.body_timeout):
+                    body = await _read_body(request)
+            except TimeoutError:
+                raise ApiError(408, "body_timeout",
+                               f"the request body did not arrive within {svc.body_timeout:g} s") from None
             out, headers = await anyio.to_thread.run_sync(svc.predict, state, body)
         finally:
             svc.pending -= 1
+            state.pending -= 1
         return Response(json.dumps(out, separators=(",", ":")).encode(), media_type="application/json", headers=headers)
 
     @app.post("/v1/models/{model_name}:predict")
@@ -818,7 +1065,14 @@ def _cmd_serve(args) -> int:
 
     keys = {}
     if args.keys:
-        keys.update(json.loads(Path(args.keys).read_text()))
+        try:
+            doc = json.loads(args.keys.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--keys {args.keys}: cannot be read as JSON ({getattr(e, 'strerror', None) or e})") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"--keys {args.keys}: expected a JSON object {{api key: {{budget, rate}}}}, got a JSON "
+                             f"{type(doc).__name__}")
+        keys.update(doc)
     for k in args.key or []:
         key, spec = _parse_key_arg(k)
         keys[key] = spec
@@ -833,7 +1087,8 @@ def _cmd_serve(args) -> int:
         defense["perturbation"] = _parse_perturb(args.perturb)
     app = create_app(args.model, name=args.name, output=args.output, top_k=args.top_k, keys=keys,
                      max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20), log_dir=args.log_dir,
-                     defense=defense or None, fsync=not args.no_fsync)
+                     defense=defense or None, fsync=not args.no_fsync, max_pending=args.max_pending,
+                     max_pending_per_key=args.max_pending_per_key, body_timeout=args.body_timeout)
     svc = app.state.service
     print(f"serving {args.model} as {args.name!r} ({args.output}) on http://{args.host}:{args.port}"
           f"/v1/models/{args.name}:predict for {len(keys)} key(s); logs in {args.log_dir}", flush=True)
@@ -861,6 +1116,11 @@ def register_cli(subparsers) -> None:
     s.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20)
     s.add_argument("--log-dir", required=True, type=Path, help="per-key query logs (spending survives restarts)")
     s.add_argument("--no-fsync", action="store_true", help="do not fsync the log after every request (faster, less safe)")
+    s.add_argument("--max-pending", type=int, default=64, help="predict requests in progress before new ones get 503")
+    s.add_argument("--max-pending-per-key", type=int, default=None,
+                   help="of which one key may have at most this many (default max-pending / 4), then 429")
+    s.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                   help="seconds to receive a request's whole body, then 408")
     s.add_argument("--prada", default="off", choices=("off", *PRADA_ACTIONS), help="PRADA detection and what to do on alarm")
     s.add_argument("--prada-delta", type=float, default=0.9)
     s.add_argument("--prada-min-queries", type=int, default=100)

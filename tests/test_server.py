@@ -3,7 +3,9 @@ retries, and an extraction over HTTP that survives a server kill (stealnb/server
 import base64
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -212,7 +214,7 @@ def test_spending_survives_a_restart_and_a_torn_log_line(tiny, tmp_path):
     with open(log, "r+b") as f:  # corruption in the middle is not guessed around
         f.seek(0)
         f.write(b"#")
-    with pytest.raises(ValueError, match="line 1 is not JSON"):
+    with pytest.raises(server.QueryLogError, match="line 1: checksum mismatch"):
         app_client(tiny, tmp_path, keys=keys)
 
 
@@ -269,6 +271,157 @@ def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
                          headers=auth(ALICE))
         assert r.status_code == 200
     assert app3.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"] is None
+
+
+# -- faults: a stalling key, a full disk, damaged query logs --------------------------------------
+def _stalled_predict(srv, key, body, sent):
+    """A raw predict request announcing all of ``body`` but sending only its first ``sent`` bytes."""
+    s = socket.create_connection((srv.host, srv.port), timeout=5)
+    s.sendall(f"POST {PRED} HTTP/1.1\r\nHost: {srv.host}\r\nAuthorization: Bearer {key}\r\nContent-Type: "
+              f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:sent])
+    return s
+
+
+def _status_of(s):
+    """The status code of the answer on socket ``s`` (waits at most its timeout)."""
+    return int(s.recv(65536).split(b" ", 2)[1])
+
+
+def _trickle(s, n=40, every=0.1):
+    """Send one more byte of the body every ``every`` s, ``n`` times at most or until the server hangs up."""
+    for _ in range(n):
+        time.sleep(every)
+        try:
+            s.send(b" ")
+        except OSError:
+            return
+
+
+def test_a_key_stalling_its_bodies_does_not_lock_out_other_keys(tiny):
+    app = server.create_app(tiny, keys={ALICE: None, BOB: None}, max_pending=4, body_timeout=1.0)
+    svc = app.state.service
+    socks = []
+    with server.BackgroundServer(app) as srv:
+        try:
+            socks.append(_stalled_predict(srv, ALICE, GOOD, 10))
+            t0 = time.monotonic()
+            threading.Thread(target=_trickle, args=(socks[0],), daemon=True).start()
+            while svc.pending < 1 and time.monotonic() < t0 + 5:
+                time.sleep(0.01)
+            extra = [_stalled_predict(srv, ALICE, GOOD, 10) for _ in range(svc.max_pending)]
+            socks += extra
+            while len(select.select(extra, [], [], 0.05)[0]) + svc.pending < 1 + len(extra) \
+                    and time.monotonic() < t0 + 5:
+                pass  # each extra request is answered or in progress
+            r = httpx.post(srv.url + PRED, content=GOOD, headers=auth(BOB), timeout=5)
+            assert r.status_code == 200, r.text  # bob is served while alice stalls
+            assert [_status_of(s) for s in extra] == [429] * len(extra)  # alice's own share is one request
+            assert _status_of(socks[0]) == 408 and time.monotonic() - t0 < 3  # trickling does not extend it
+            r = httpx.post(srv.url + PRED, content=GOOD, headers=auth(ALICE), timeout=5)
+            assert r.status_code == 200 and svc.pending == 0
+        finally:
+            for s in socks:
+                s.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_a_full_disk_charges_and_answers_nothing_and_says_so(tiny, tmp_path):
+    keys = {ALICE: {"budget": 10}}
+    app, client = app_client(tiny, tmp_path, keys=keys)
+    log = tmp_path / "keys" / f"{server.key_id(ALICE)}.jsonl"
+    log.parent.mkdir(exist_ok=True)
+    log.symlink_to("/dev/full")  # every write fails with ENOSPC
+    body = json.dumps({"instances": [b64(i) for i in images(3, 20)]}).encode()
+    r = client.post(PRED, content=body, headers=auth(ALICE))
+    assert r.status_code == 507 and r.json()["code"] == "log_write_failed", r.text
+    assert "nothing was answered or charged" in r.json()["error"] and "No space left" in r.json()["error"]
+    usage = lambda a: a.state.service.key_usage()[server.key_id(ALICE)]  # noqa: E731
+    assert usage(app)["spent"] == 0 and usage(app)["requests"] == 0
+    log.unlink()  # space is freed: the retry is charged, once
+    r = client.post(PRED, content=body, headers=auth(ALICE))
+    assert r.status_code == 200 and r.headers["X-Budget-Spent"] == "3"
+    app.state.service.close()
+    app2, _ = app_client(tiny, tmp_path, keys=keys)
+    assert usage(app2)["spent"] == 3 and usage(app2)["requests"] == 1
+    assert [rec["status"] for rec in map(json.loads, log.read_text().splitlines())] == [200]
+
+
+def test_deleted_edited_or_truncated_query_log_lines_stop_the_start_up(tiny, tmp_path):
+    keys = {ALICE: {"budget": 50}}
+    app, client = app_client(tiny, tmp_path, keys=keys)
+    for seed in range(4):
+        body = json.dumps({"instances": [b64(i) for i in images(2, 30 + seed)]}).encode()
+        assert client.post(PRED, content=body, headers=auth(ALICE)).status_code == 200
+    assert client.post(PRED, content=b"[]", headers=auth(ALICE)).status_code == 400  # a refusal is logged too
+    app.state.service.close()
+    log = tmp_path / "keys" / f"{server.key_id(ALICE)}.jsonl"
+    intact = log.read_bytes()
+    lines = intact.splitlines(keepends=True)
+    damaged = {
+        "line 2: holds record 3 where record 2 belongs": lines[:1] + lines[2:],  # a middle line deleted
+        "holds 3 records but .* says 5": lines[:3],  # truncated at a line boundary
+        "line 4: checksum mismatch": lines[:3] + [lines[3].replace(b'"spent":8', b'"spent":6')] + lines[4:],
+    }
+    for message, content in damaged.items():
+        log.write_bytes(b"".join(content))
+        with pytest.raises(server.QueryLogError, match=f"query log {log}.*{message}"):
+            app_client(tiny, tmp_path, keys=keys)
+    log.write_bytes(intact)
+    app, _ = app_client(tiny, tmp_path, keys=keys)
+    assert app.state.service.key_usage()[server.key_id(ALICE)]["spent"] == 8
+
+
+def test_an_older_query_log_is_read_with_a_warning_and_continued_checked(tiny, tmp_path):
+    keys = {ALICE: {"budget": 10}}
+    log = tmp_path / "keys" / f"{server.key_id(ALICE)}.jsonl"
+    log.parent.mkdir()
+    fps = oracle.fingerprint(images(2, 40))
+    log.write_text(json.dumps({"t": 1, "status": 200, "n": 2, "new": 2, "spent": 2, "fp": fps, "top1": [0, 1]}) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        app, client = app_client(tiny, tmp_path, keys=keys)
+    said = " ".join(str(w.message) for w in caught)
+    assert "lines 1-1 have no checksums" in said and "no head file" in said
+    r = client.post(PRED, content=json.dumps({"instances": [b64(images(1, 41)[0])]}).encode(), headers=auth(ALICE))
+    assert r.headers["X-Budget-Spent"] == "3"
+    app.state.service.close()
+    with pytest.warns(UserWarning) as caught:
+        app2, _ = app_client(tiny, tmp_path, keys=keys)
+    assert [str(w.message) for w in caught if "no head file" in str(w.message)] == []  # the head now exists
+    assert app2.state.service.key_usage()[server.key_id(ALICE)]["spent"] == 3
+
+
+def test_malformed_query_logs_stop_serve_with_one_line_naming_the_file(tiny, tmp_path, capsys, monkeypatch):
+    import uvicorn
+
+    from stealnb import cli
+
+    def started(*a, **kw):
+        raise AssertionError("serve started despite a malformed query log")
+
+    monkeypatch.setattr(uvicorn, "run", started)
+    model = tmp_path / "m.keras"
+    tiny.save(model)
+    log_dir = tmp_path / "serve"
+    log = log_dir / "keys" / f"{server.key_id(ALICE)}.jsonl"
+    log.parent.mkdir(parents=True)
+    argv = ["serve", "--model", str(model), "--log-dir", str(log_dir), "--key", ALICE]
+    ok = json.dumps({"t": 1, "status": 400, "code": "bad_json"})
+    for content, message in [(f"{ok}\n[1, 2]\n{ok}\n", "line 2: expected a JSON object (one record), got a JSON list"),
+                             (f'{ok}\n{{"status": 200, "fp": "abc"}}\n', "line 2: 'fp' must be a list"),
+                             (None, "expected a file, found a directory")]:
+        if content is None:
+            log.unlink()
+            log.mkdir()
+        else:
+            log.write_text(content)
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"stealnb: error: query log {log}") and message in err, err
+    keys_dir = tmp_path / "keys.json"
+    keys_dir.mkdir()
+    assert cli.main(["serve", "--model", str(model), "--log-dir", str(log_dir), "--keys", str(keys_dir)]) == 2
+    assert capsys.readouterr().err.startswith(f"stealnb: error: --keys {keys_dir}: cannot be read")
 
 
 # -- HttpOracle: retries, errors, ledger ---------------------------------------------------------
@@ -347,8 +500,6 @@ def test_extraction_over_http_matches_in_process_and_survives_a_server_kill(secr
     pool = data.load_pool("natural-patches", n=500, seed=0)
     ref = extraction.Extraction(Oracle(model, budget=100), pool, ds.x_test, ds.y_test, _config(), secret=model)
     ref.run()
-
-    import socket
 
     with socket.socket() as s:  # a free port, reused for the restarted server
         s.bind(("127.0.0.1", 0))
