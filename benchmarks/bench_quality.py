@@ -89,18 +89,31 @@ def art_copycat(secret, dataset: str, budgets, seed: int, prof, data_root=None) 
     return out
 
 
-def run_one(ds: str, arch: str, strat: str, seed: int, results: str, data_root, fresh: bool) -> dict:
-    """One demo-profile extraction (read back when already finished under ``results``)."""
-    from stealnb import extraction, profiles
+# Methods beyond the profile's strategies: name -> (strategy, extra strategy options). DFAL's
+# ActiveThief ranking (DeepFool on softmax, every candidate by |r|^2) next to the default one.
+VARIANT_METHODS = {"dfal[activethief]": ("dfal", {"mode": "activethief"}),
+                   "dfal+kcenter[activethief]": ("dfal+kcenter", {"mode": "activethief"})}
 
+
+def run_one(ds: str, arch: str, method: str, seed: int, results: str, data_root, fresh: bool) -> dict:
+    """One demo-profile extraction (read back when already finished under ``results``); a
+    :data:`VARIANT_METHODS` entry runs into ``<results>/demo/bench/...`` with its options."""
+    from stealnb import extraction, layout, profiles
+
+    prof = profiles.get_profile("demo")
+    strat, extra, out = method, None, None
+    if method in VARIANT_METHODS:
+        strat, options = VARIANT_METHODS[method]
+        extra = {"strategy_options": {**prof.strategy_options.get(strat, {}), **options}}
+        out = layout.profile_dir(results, prof.name) / "bench" / f"{ds}-{arch}" / method / f"seed{seed}"
     w0 = time.perf_counter()
-    ex = extraction.run_extraction(ds, arch, strat, profiles.get_profile("demo"), seed=seed, results=results,
-                                   data_root=data_root, resume=not fresh)
+    ex = extraction.run_extraction(ds, arch, strat, prof, seed=seed, results=results, out=out,
+                                   data_root=data_root, resume=not fresh, **(extra or {}))
     s = ex.summary()
     row = {"seed": seed, "budgets": {b: r["agreement"] for b, r in s["budgets"].items()},
            "collapse": {b: r.get("top_class_share") for b, r in s["budgets"].items()},
            "run_seconds": s["seconds"], "wall_seconds_now": round(time.perf_counter() - w0, 1)}
-    print(f"[{ds} {strat} seed {seed}] " + "  ".join(f"{b}: {a:.4f}" for b, a in row["budgets"].items()), flush=True)
+    print(f"[{ds} {method} seed {seed}] " + "  ".join(f"{b}: {a:.4f}" for b, a in row["budgets"].items()), flush=True)
     return row
 
 
@@ -164,13 +177,16 @@ def check_targets(dataset: str, entry: dict, budgets) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["digits", "fashion-mnist"])
-    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES),
+                    help=f"strategies, and optionally {', '.join(VARIANT_METHODS)}")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--results", default="results")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--no-art", action="store_true", help="skip ART's CopycatCNN baseline")
     ap.add_argument("--fresh", action="store_true", help="recompute runs already under --results")
     ap.add_argument("--json", type=Path, default=OUT)
+    ap.add_argument("--variant-seeds", type=int, nargs="+", default=None,
+                    help="seeds for the DFAL-mode variants (default: --seeds)")
     ap.add_argument("--jobs", type=int, default=2, help="extraction runs in parallel (one process each)")
     args = ap.parse_args(argv)
 
@@ -191,12 +207,13 @@ def main(argv=None) -> int:
         secret, s_sum = train.ensure_secret(ds, arch, prof, args.results, data_root=args.data_root)
         entry = {"secret_test_accuracy": s_sum["test_accuracy"], "secret_seconds": s_sum.get("seconds"),
                  "runs": {}, "table": {}}
-        jobs = [(strat, seed) for strat in args.strategies for seed in args.seeds]
+        seeds_of = {m: (args.variant_seeds or args.seeds) if m in VARIANT_METHODS else args.seeds for m in args.strategies}
+        jobs = [(m, seed) for m in args.strategies for seed in seeds_of[m]]
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             done = dict(zip(jobs, pool.map(run_one, *zip(*[(ds, arch, st, sd, args.results, args.data_root, args.fresh)
                                                             for st, sd in jobs]))))
-        for strat in args.strategies:
-            entry["runs"][strat] = [done[strat, seed] for seed in args.seeds]
+        for m in args.strategies:
+            entry["runs"][m] = [done[m, seed] for seed in seeds_of[m]]
         if not args.no_art:
             per_seed = []
             for seed in args.seeds:

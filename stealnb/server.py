@@ -85,7 +85,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._checks import check_positive_int
+from ._checks import UsageError, check_positive_int
 from .oracle import OUTPUTS, softmax
 
 log = logging.getLogger("stealnb.server")
@@ -163,7 +163,7 @@ def parse_keys(keys) -> dict[str, KeySpec]:
     return out
 
 
-class QueryLogError(ValueError):
+class QueryLogError(UsageError):
     """A query log (or its head file) that cannot be read or fails its checks, found at start-up;
     the message names the file (and line). The server refuses to guess a key's spending."""
 
