@@ -135,21 +135,9 @@ def _cmd_extract(args) -> int:
         print(f"  budget {b:>6}: agreement {r['agreement']:.4f}  accuracy {r['accuracy']:.4f}  "
               f"adv_agreement {rate(r.get('adv_agreement'))}  transfer_rate {rate(r['transfer_rate'])}  "
               f"secret_error_under_transfer {r['secret_error_under_transfer']:.3f}")
-    warn_collapse(ex.records)
+    for line in extraction.collapse_warnings(ex.records):
+        print(line, file=sys.stderr)
     return 0
-
-
-def warn_collapse(records) -> None:
-    """One stderr line per round whose substitute put more than :data:`~stealnb.metrics.COLLAPSE_SHARE`
-    of the secret's test set into one class (a near-constant model: the recipe or pool failed it)."""
-    from .metrics import COLLAPSE_SHARE
-
-    for r in records:
-        share = r.get("top_class_share")
-        if share is not None and share > COLLAPSE_SHARE:
-            print(f"stealnb: warning: round {r['round']} ({r['queries']} queries): the substitute predicts one class "
-                  f"for {share:.0%} of the test set ({r.get('classes_predicted')} classes predicted): it has "
-                  f"collapsed towards a constant model", file=sys.stderr)
 
 
 # Modules that add their own subcommands through register_cli(subparsers), when present.

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ import numpy as np
 from . import layout, metrics, models
 from ._checks import UsageError, check_images, check_labels, check_positive_int
 from .cli import _budgets
-from .extraction import Extraction, ExtractionConfig, _atomic_write
+from .extraction import Extraction, ExtractionConfig, _atomic_write, collapse_warnings
 from .train import fit
 
 VARIANTS = ("npdd", "pdd-sl", "npdd+pdd")
@@ -711,6 +712,8 @@ def _cmd_copycat(args) -> int:
         extra = f"  (before fine-tuning {r['npdd']['relative_f1']:.4f})" if "npdd" in r else ""
         print(f"  budget {b:>6} ({r['queries']} queries): agreement {r['agreement']:.4f}  macro-F1 {r['macro_f1']:.4f}  "
               f"relative F1 {r['relative_f1']:.4f}{extra}")
+    for line in collapse_warnings(cc.records):
+        print(line, file=sys.stderr)
     return 0
 
 

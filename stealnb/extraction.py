@@ -325,6 +325,16 @@ def configure(prof, strategy: str, *, seed: int = 0, **overrides) -> ExtractionC
     return config
 
 
+def collapse_warnings(records) -> list[str]:
+    """One line per round record whose substitute put more than
+    :data:`~stealnb.metrics.COLLAPSE_SHARE` of the secret's test set into one class: a
+    near-constant model (the recipe or the pool failed it), whatever its agreement says."""
+    return [f"stealnb: warning: round {r['round']} ({r['queries']} queries): the substitute predicts one class "
+            f"for {r['top_class_share']:.0%} of the test set ({r.get('classes_predicted')} classes predicted): it "
+            f"has collapsed towards a constant model"
+            for r in records if (r.get("top_class_share") or 0) > metrics.COLLAPSE_SHARE]
+
+
 def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results, *, kind: str = "extraction",
                 secret_dir=None, data_root=None, progress: bool = False, oracle=None):
     """Set-up shared by :func:`run_extraction` and :func:`stealnb.copycat.run_copycat` (``kind``
