@@ -456,7 +456,7 @@ def configure(prof, variant: str, *, pool: str | None = None, seed: int = 0, **o
 
     config = CopycatConfig.from_profile(prof, variant, seed=seed, **overrides)
     models.REGISTRY[config.substitute]  # an unknown name is a KeyError listing the known ones
-    data.check_pool_size(pool or prof.pool, prof.pool_size, need=config.budgets[-1])
+    data.check_pool(pool or prof.pool, prof.pool_size, need=config.budgets[-1])
     return config
 
 

@@ -321,7 +321,7 @@ def configure(prof, strategy: str, *, seed: int = 0, **overrides) -> ExtractionC
     config = ExtractionConfig.from_profile(prof, strategy, seed=seed, **overrides)
     REGISTRY[config.strategy]  # an unknown name is a KeyError listing the known ones
     models.REGISTRY[config.substitute]
-    data.check_pool_size(prof.pool, prof.pool_size, need=config.budgets[-1])
+    data.check_pool(prof.pool, prof.pool_size, need=config.budgets[-1])
     return config
 
 

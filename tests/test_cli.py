@@ -77,10 +77,16 @@ def test_resume_without_a_checkpoint_says_it_starts_a_fresh_run(secret_dir, tmp_
     out.mkdir()
     argv = _argv("extract", secret_dir) + ["--out", str(out), "--resume"]
     assert cli.main(argv) == 0
-    assert _one_line(capsys.readouterr().err) == f"stealnb: --resume: no checkpoint in {out}; starting a fresh run"
+    assert _notes(capsys.readouterr().err) == [f"stealnb: --resume: no checkpoint in {out}; starting a fresh run"]
     assert json.loads((out / "summary.json").read_text())["oracle_spent"] == 60
     assert cli.main(argv) == 0  # a checkpoint now: resumed silently
-    assert capsys.readouterr().err == ""
+    assert _notes(capsys.readouterr().err) == []
+
+
+def _notes(err: str) -> list[str]:
+    """stderr lines other than the collapse warnings of :func:`stealnb.cli.warn_collapse` (whether a
+    one-epoch substitute on 40 images collapses depends on which pool images it drew)."""
+    return [line for line in err.splitlines() if not line.startswith("stealnb: warning: round ")]
 
 
 def test_an_unexpected_error_is_one_line_naming_a_saved_traceback(tmp_path, capsys, monkeypatch):
