@@ -781,6 +781,8 @@ def read_photo(path) -> np.ndarray:
             im = im.convert("RGB")
     except (OSError, SyntaxError) as e:
         raise DatasetCorrupt(f"{path}: cannot read image ({e})") from None
+    if min(im.size) < 32:
+        raise DatasetCorrupt(f"{path}: {im.width}x{im.height} pixels, smaller than one 32x32 patch")
     k = PHOTO_SIDE / min(im.size)
     if k < 1:
         im = im.resize((max(32, round(im.width * k)), max(32, round(im.height * k))), Image.Resampling.BILINEAR)
@@ -898,10 +900,13 @@ def natural_patches(photos, n: int, seed, *, progress: bool = False) -> tuple[np
     at most the photo's shorter side) of a uniformly chosen photo, resized to 32x32 with Pillow's
     antialiased bilinear filter and flipped horizontally with p=0.5. Candidates are drawn
     :data:`_PATCH_CHUNK` at a time from one seeded stream, so a smaller pool is the start of a larger
-    one; photos that cannot supply ``n`` distinct patches in ``MAX_PATCH_DRAWS * n`` draws are an error."""
+    one; photos that cannot supply ``n`` distinct patches in about ``MAX_PATCH_DRAWS * n`` draws are an
+    error (:class:`~stealnb._checks.UsageError`)."""
     from PIL import Image
 
     n = check_positive_int(n, "n")
+    if not photos:
+        raise UsageError("natural patches: no photos to cut patches from")
     rng = as_rng(seed)
     pil = [Image.fromarray(im) for _, im in photos]
     hw = np.array([im.shape[:2] for _, im in photos])

@@ -522,6 +522,9 @@ def test_large_photos_are_read_at_the_scale_of_the_bundled_ones(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(data.DatasetCorrupt, match="broken.jpg: cannot read image"):
         data.read_photo(tmp_path / "broken.jpg")
+    Image.fromarray(np.zeros((20, 300, 3), np.uint8)).save(tmp_path / "strip.png")
+    with pytest.raises(data.DatasetCorrupt, match="strip.png: 300x20 pixels, smaller than one 32x32 patch"):
+        data.read_photo(tmp_path / "strip.png")
 
 
 def test_missing_wallpapers_fall_back_to_the_bundled_photos_with_one_warning(tmp_path):
