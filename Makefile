@@ -16,13 +16,16 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 # Optional Debian packages: real Fashion-MNIST for the demo, Chromium for the book's browser
-# test. Installed when we are root with apt-get; otherwise say what is missing and go on.
+# test, the wallpaper photographs of the natural-patches pool (stealnb.data.WALLPAPER_PHOTOS).
+# Installed when we are root with apt-get; otherwise say what is missing and go on.
+SYSPKGS = dataset-fashion-mnist chromium lomiri-wallpapers-16.04 mate-backgrounds
 sysdeps:
-	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v chromium >/dev/null; then :; \
+	@if [ -d /usr/share/datasets/fashion-mnist ] && command -v chromium >/dev/null \
+	  && [ -f /usr/share/backgrounds/Bridge_by_Sander_Klootwijk.jpg ] && [ -d /usr/share/backgrounds/mate/nature ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist chromium >/dev/null) \
-	  || echo "sysdeps: apt-get failed; Fashion-MNIST runs and the browser test will be skipped"; \
-	else echo "sysdeps: not root; run 'sudo apt-get install dataset-fashion-mnist chromium' for the full demo and browser test"; fi
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSPKGS) >/dev/null) \
+	  || echo "sysdeps: apt-get failed; Fashion-MNIST runs and the browser test will be skipped, natural-patches uses the bundled photos only"; \
+	else echo "sysdeps: not root; run 'sudo apt-get install $(SYSPKGS)' for the full demo, pool and browser test"; fi
 
 demo: setup sysdeps
 	$(BIN)/stealnb run --profile $(PROFILE) --jobs 2

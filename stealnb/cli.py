@@ -33,7 +33,7 @@ def _cmd_train_secret(args) -> int:
 def _cmd_data_list(args) -> int:
     from . import data
 
-    rows = data.list_local(args.data_root)
+    rows = data.list_local(args.data_root, build=True)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -45,6 +45,10 @@ def _cmd_data_list(args) -> int:
             size = f"{r['size_bytes'] / 1e6:9.1f} MB" if r.get("present") else "   missing   "
             where = r.get("path") or ""
         print(f"  {r['name']:<16} {r['kind']:<8} {size}  {where}")
+        if "duplicates_dropped" in r:
+            print(f"  {'':<16} {'':<8} {'':<13}  {r['pool_size']:,} patches (seed 0): "
+                  f"{r['duplicates_dropped']:,} near-duplicates dropped")
+    print("Every dataset also serves as a thief pool for a secret trained on another one: --pool NAME.")
     return 0
 
 
@@ -108,14 +112,17 @@ def _cmd_extract(args) -> int:
         prof = prof.with_(pool=args.pool)
     if args.pool_size is not None:
         prof = prof.with_(pool_size=args.pool_size)
+    if args.pool_transform is not None:
+        prof = prof.with_(pool_transform=args.pool_transform)
     if args.secret is None and not (args.dataset and args.arch):
         raise UsageError("extract: give --secret DIR, or --dataset and --arch (trained on demand)")
-    config = extraction.configure(prof, args.strategy, seed=args.seed, **overrides)
-    check_out(args.out, "extraction", args.resume)
     dataset, arch = args.dataset, args.arch
     if args.secret is not None:
         _, summary = train.load_secret(args.secret)
         dataset, arch = summary["dataset"], summary["arch"]
+    config = extraction.configure(prof, args.strategy, seed=args.seed, dataset=dataset,
+                                  allow_problem_domain=args.allow_problem_domain_pool, **overrides)
+    check_out(args.out, "extraction", args.resume)
     oracle, resume = None, args.resume
     if args.oracle_url:
         oracle = http_oracle(args, args.out, budget=config.budgets[-1], kind="extraction")
@@ -123,7 +130,7 @@ def _cmd_extract(args) -> int:
     ex = extraction.run_extraction(
         dataset, arch, args.strategy, prof, seed=args.seed, results=args.results,
         out=args.out, data_root=args.data_root, resume=resume, progress=not args.quiet,
-        oracle=oracle, secret_dir=args.secret, **overrides,
+        oracle=oracle, secret_dir=args.secret, allow_problem_domain=args.allow_problem_domain_pool, **overrides,
     )
     s = ex.summary()
     print(f"{args.strategy} on {dataset}/{arch} ({prof.name}, seed {args.seed}): {s['oracle_spent']} queries, "
@@ -170,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--quiet", action="store_true")
     df.set_defaults(func=_cmd_data_fetch)
 
+    from . import data
     from .selectors import REGISTRY as STRATEGIES
 
     e = sub.add_parser("extract", help="ActiveThief extraction of a secret model (resumable)")
@@ -177,8 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", default=None, help="secret's dataset (with --arch, instead of --secret)")
     e.add_argument("--arch", default=None, help="secret's architecture (trained on demand under --results)")
     e.add_argument("--strategy", required=True, choices=STRATEGIES.names())
-    e.add_argument("--pool", default=None, help="thief pool (default: the profile's)")
+    e.add_argument("--pool", default=None,
+                   help="thief pool (default: the profile's); any dataset serves too, e.g. fashion-mnist")
     e.add_argument("--pool-size", type=int, default=None)
+    e.add_argument("--pool-transform", default=None, choices=sorted(data.POOL_TRANSFORMS),
+                   help="gray: BT.601 luma in all 3 channels, for a secret trained on grey images (thesis §5.1)")
+    e.add_argument("--allow-problem-domain-pool", action="store_true",
+                   help="let the pool be the secret's own dataset (problem-domain data, refused otherwise)")
     e.add_argument("--budgets", type=_budgets, default=None, help="e.g. 500,1000,2000 (default: the profile's)")
     e.add_argument("--round-size", type=int, default=None, help="k, samples selected per round")
     e.add_argument("--seed-size", type=int, default=None, help="|S0|, the random initial set (default: the profile's)")

@@ -449,21 +449,25 @@ class Copycat:
         return {"npdd": npdd, "npdd_index": idx, "pdd": pdd}
 
 
-def configure(prof, variant: str, *, pool: str | None = None, seed: int = 0, **overrides) -> CopycatConfig:
+def configure(prof, variant: str, *, pool: str | None = None, seed: int = 0, dataset: str | None = None,
+              allow_problem_domain: bool = False, **overrides) -> CopycatConfig:
     """The :class:`CopycatConfig` of a ``variant`` run with profile ``prof`` (mirrors
     :func:`stealnb.extraction.configure`): its substitute and its NPDD pool (``pool``, else the
-    profile's) are checked before any data is loaded or model trained."""
+    profile's; not the secret's ``dataset`` unless ``allow_problem_domain``: that is PDD) are
+    checked before any data is loaded or model trained."""
     from . import data
 
     config = CopycatConfig.from_profile(prof, variant, seed=seed, **overrides)
     models.REGISTRY[config.substitute]  # an unknown name is a KeyError listing the known ones
-    data.check_pool_size(pool or prof.pool, prof.pool_size, need=config.budgets[-1])
+    data.check_pool(pool or prof.pool, prof.pool_size, need=config.budgets[-1], transform=prof.pool_transform,
+                    secret_dataset=dataset, allow_problem_domain=allow_problem_domain)
     return config
 
 
 def run_copycat(dataset: str, arch: str, variant: str, profile="demo", *, seed: int = 0, results="results",
                 out=None, data_root=None, resume: bool = True, progress: bool = False, oracle=None,
-                secret_dir=None, pool: str | None = None, **overrides) -> Copycat:
+                secret_dir=None, pool: str | None = None, allow_problem_domain: bool = False,
+                **overrides) -> Copycat:
     """Run (or resume) one Copycat attack on the ``dataset``/``arch`` secret (mirrors
     :func:`stealnb.extraction.run_extraction`); results go to :func:`stealnb.layout.copycat_dir`
     unless ``out`` is given. The secret is trained first when it is not under ``results``.
@@ -483,17 +487,18 @@ def run_copycat(dataset: str, arch: str, variant: str, profile="demo", *, seed: 
     from .extraction import prepare_run
 
     prof = get_profile(profile) if isinstance(profile, str) else profile
-    config = configure(prof, variant, pool=pool, seed=seed, **overrides)
+    config = configure(prof, variant, pool=pool, seed=seed, dataset=dataset,
+                       allow_problem_domain=allow_problem_domain, **overrides)
     out = Path(out) if out is not None else layout.copycat_dir(results, prof.name, dataset, arch, variant, seed)
     secret, ds = prepare_run(out, resume, dataset, arch, prof, results, kind="copycat", secret_dir=secret_dir,
                              data_root=data_root, progress=progress, oracle=oracle)
     pool_name = pool or prof.pool
-    thief = data.load_pool(pool_name, root=data_root, n=prof.pool_size, seed=0)
+    thief = data.load_pool(pool_name, root=data_root, n=prof.pool_size, seed=0, transform=prof.pool_transform)
     pdd_idx = select_pdd(ds.x_train, config.pdd_size, seed) if config.pdd_size else np.zeros(0, np.int64)
     x_pdd = ds.x_train[pdd_idx] if config.pdd_size else None
     if oracle is None:
         oracle = Oracle(secret, output="label", budget=config.budgets[-1] + config.pdd_size, ledger=out / "ledger.bin")
-    info = {"dataset": dataset, "arch": arch, "profile": prof.name, "pool": pool_name, "pool_size": prof.pool_size,
+    info = {"dataset": dataset, "arch": arch, "profile": prof.name, "pool": thief.describe(),
             "pdd_source": f"{dataset} train split (oracle labels)", "pdd_indices": pdd_idx.tolist()}
     cc = Copycat(oracle, thief, x_pdd, ds.x_test, ds.y_test, config, secret=secret, out=out, resume=resume,
                  progress=progress, info=info)
@@ -687,15 +692,18 @@ def _cmd_copycat(args) -> int:
     prof = profiles.get_profile(args.profile)
     if args.pool_size is not None:
         prof = prof.with_(pool_size=args.pool_size)
+    if args.pool_transform is not None:
+        prof = prof.with_(pool_transform=args.pool_transform)
     overrides = {k: getattr(args, k) for k in ("budgets", "pdd_size", "round_size", "seed_size", "val_size",
                                                "epochs", "finetune_epochs", "substitute") if getattr(args, k) is not None}
     if args.secret is None and not (args.dataset and args.arch):
         raise UsageError("copycat: give --secret DIR, or --dataset and --arch (trained on demand)")
-    config = configure(prof, args.variant, pool=args.pool, seed=args.seed, **overrides)
     dataset, arch = args.dataset, args.arch
     if args.secret is not None:
         _, meta = train.load_secret(args.secret)
         dataset, arch = meta["dataset"], meta["arch"]
+    config = configure(prof, args.variant, pool=args.pool, seed=args.seed, dataset=dataset,
+                       allow_problem_domain=args.allow_problem_domain_pool, **overrides)
     out = args.out or layout.copycat_dir(args.results, prof.name, dataset, arch, args.variant, args.seed)
     check_out(out, "copycat", args.resume)
     oracle, resume = None, args.resume
@@ -704,7 +712,8 @@ def _cmd_copycat(args) -> int:
         resume = True  # cleared or resumed above; keeps run_copycat from deleting the new ledger
     cc = run_copycat(dataset, arch, args.variant, prof, seed=args.seed, results=args.results, out=out,
                      data_root=args.data_root, resume=resume, progress=not args.quiet,
-                     secret_dir=args.secret, pool=args.pool, oracle=oracle, **overrides)
+                     secret_dir=args.secret, pool=args.pool, oracle=oracle,
+                     allow_problem_domain=args.allow_problem_domain_pool, **overrides)
     s = cc.summary()
     print(f"copycat {args.variant} of {dataset}/{arch} ({prof.name}, seed {args.seed}): {s['oracle_spent']} queries, "
           f"oracle macro-F1 {s['oracle']['macro_f1']:.4f}, {s['seconds']:.0f} s -> {out}/rounds.jsonl, {out}/summary.json")
@@ -719,6 +728,8 @@ def _cmd_copycat(args) -> int:
 
 def register_cli(subparsers) -> None:
     """Add ``stealnb copycat`` (flags mirror ``stealnb extract``)."""
+    from .data import POOL_TRANSFORMS
+
     c = subparsers.add_parser("copycat", help="Copycat CNN attack: hard labels on random natural images (resumable)")
     c.add_argument("--dataset", "--secret-dataset", dest="dataset", default=None,
                    help="secret's dataset (with --arch, instead of --secret)")
@@ -729,6 +740,10 @@ def register_cli(subparsers) -> None:
                         "images; npdd+pdd: train on the union")
     c.add_argument("--pool", default=None, help="NPDD thief pool (default: the profile's, e.g. natural-patches)")
     c.add_argument("--pool-size", type=int, default=None)
+    c.add_argument("--pool-transform", default=None, choices=sorted(POOL_TRANSFORMS),
+                   help="gray: BT.601 luma in all 3 channels, for a secret trained on grey images (thesis §5.1)")
+    c.add_argument("--allow-problem-domain-pool", action="store_true",
+                   help="let the NPDD pool be the secret's own dataset (that is PDD: use --pdd-size instead)")
     c.add_argument("--budgets", type=_budgets, default=None, help="NPDD query budgets, e.g. 500,1000,2000")
     c.add_argument("--pdd-size", type=int, default=None, help="problem-domain images (from the train split) for pdd variants")
     c.add_argument("--finetune-epochs", type=int, default=None)

@@ -28,6 +28,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -534,15 +535,34 @@ def load_dataset(name, root=None, *, progress: bool = False) -> Dataset:
 
 # -- thief pools ----------------------------------------------------------------------------------
 
+def luma(u8: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma Y = 0.299 R + 0.587 G + 0.114 B of uint8 ``... x 3`` pixels as uint8, rounded
+    half up in integer arithmetic (exact, the same on every machine)."""
+    u = u8.astype(np.int32)
+    return ((299 * u[..., 0] + 587 * u[..., 1] + 114 * u[..., 2] + 500) // 1000).astype(np.uint8)
+
+
+def gray(u8: np.ndarray) -> np.ndarray:
+    """uint8 images with R = G = B = their :func:`luma`: colour photos as a grey-image secret sees its
+    own data (grey channel duplicated three times, thesis §5.1)."""
+    return np.repeat(luma(u8)[..., None], 3, axis=-1)
+
+
+# Pool transforms by name (``load_pool(..., transform=)``, ``Profile.pool_transform``).
+POOL_TRANSFORMS = {"gray": gray}
+
+
 class Pool:
     """The attacker's unlabelled thief pool, stored as uint8 N x 32 x 32 x 3 (possibly a memmap).
 
     ``indices`` (sorted) selects a subset of the storage without copying it; pool positions
-    0..len-1 refer to that subset. Images leave the pool as float32 [0, 1] only via :meth:`get`
-    and :meth:`batches`.
+    0..len-1 refer to that subset. ``transform`` (a :data:`POOL_TRANSFORMS` name) is applied to the
+    uint8 images as they are read, so a memory-mapped pool stays on disk. Images leave the pool as
+    float32 [0, 1] only via :meth:`get` and :meth:`batches`.
     """
 
-    def __init__(self, name: str, storage: np.ndarray, indices=None, info: dict | None = None):
+    def __init__(self, name: str, storage: np.ndarray, indices=None, info: dict | None = None,
+                 transform: str | None = None):
         if not isinstance(storage, np.ndarray) or storage.dtype != np.uint8 or storage.shape[1:] != IMAGE_SHAPE:
             raise TypeError(f"pool storage: expected uint8 N x 32 x 32 x 3, got "
                             f"{getattr(storage, 'dtype', type(storage).__name__)} {getattr(storage, 'shape', '')}")
@@ -551,18 +571,27 @@ class Pool:
             if indices.ndim != 1 or (indices.size and (indices[0] < 0 or indices[-1] >= len(storage)
                                                        or np.any(np.diff(indices) <= 0))):
                 raise ValueError(f"pool indices: expected sorted unique ints in [0, {len(storage)})")
+        if transform is not None and transform not in POOL_TRANSFORMS:
+            raise KeyError(f"unknown pool transform {transform!r}; expected one of: {', '.join(POOL_TRANSFORMS)}")
         self.name, self._storage, self._indices, self.info = name, storage, indices, dict(info or {})
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self._storage) if self._indices is None else len(self._indices)
 
     def __repr__(self) -> str:
         kind = "memmap" if isinstance(self._storage, np.memmap) else "in-memory"
-        return f"Pool({self.name!r}, n={len(self)}, {kind} uint8)"
+        how = "" if self.transform is None else f", {self.transform}"
+        return f"Pool({self.name!r}, n={len(self)}, {kind} uint8{how})"
+
+    def describe(self) -> dict:
+        """What a run records about its pool: name, size, transform and the builder's ``info``
+        (seed; for natural-patches the photos used and the near-duplicates dropped)."""
+        return {"name": self.name, "size": len(self), "transform": self.transform, **self.info}
 
     @property
     def storage(self) -> np.ndarray:
-        """The whole uint8 storage (a memmap for on-disk pools), ignoring any subset."""
+        """The whole uint8 storage (a memmap for on-disk pools), ignoring any subset and transform."""
         return self._storage
 
     @property
@@ -572,11 +601,15 @@ class Pool:
 
     @property
     def uint8(self) -> np.ndarray:
-        """The pool's images as read-only uint8 N x 32 x 32 x 3 (a memmap view for a whole on-disk pool;
-        a subset is gathered into a copy of len(pool) x 3072 bytes)."""
+        """The pool's images as read-only uint8 N x 32 x 32 x 3 (a memmap view for a whole on-disk pool
+        without transform; otherwise a copy of len(pool) x 3072 bytes)."""
         v = self._storage.view() if self._indices is None else self._storage[self._indices]
+        v = self._apply(v)
         v.flags.writeable = False
         return v
+
+    def _apply(self, u8: np.ndarray) -> np.ndarray:
+        return u8 if self.transform is None else POOL_TRANSFORMS[self.transform](u8)
 
     def get(self, idx) -> np.ndarray:
         """float32 [0, 1] images at pool positions ``idx`` (any order, returned in that order)."""
@@ -593,7 +626,7 @@ class Pool:
             u[order] = self._storage[src[order]]
         else:
             u = self._storage[src]
-        return _to_float(u)
+        return _to_float(self._apply(u))
 
     def batches(self, batch_size: int = 4096, idx=None):
         """Yield ``(positions, float32 images)`` chunks over ``idx`` (default: the whole pool, in order)."""
@@ -601,7 +634,7 @@ class Pool:
         if idx is None and self._indices is None:
             for s in range(0, len(self), bs):
                 e = min(s + bs, len(self))
-                yield np.arange(s, e, dtype=np.int64), _to_float(self._storage[s:e])
+                yield np.arange(s, e, dtype=np.int64), _to_float(self._apply(self._storage[s:e]))
             return
         idx = np.arange(len(self), dtype=np.int64) if idx is None else np.asarray(idx)
         for s in range(0, len(idx), bs):
@@ -609,12 +642,12 @@ class Pool:
             yield chunk, self.get(chunk)
 
 
-def _subset(total: int, n, seed) -> np.ndarray | None:
+def _subset(total: int, n, seed, name: str) -> np.ndarray | None:
     if n is None:
         return None
     n = check_positive_int(n, "n")
     if n > total:
-        raise ValueError(f"n={n} exceeds the {total} images of the pool")
+        raise ValueError(f"n={n} exceeds the {total:,} images of the {name} pool; ask for at most {total:,}")
     return np.sort(as_rng(seed).choice(total, size=n, replace=False)).astype(np.int64)
 
 
@@ -705,7 +738,7 @@ def _pool_imagenet32(root: Path, n=None, seed=0, *, progress: bool = False) -> P
         raise DatasetCorrupt(f"{out}: not a readable .npy ({e}); delete it to rebuild from the batches") from None
     if arr.dtype != np.uint8 or arr.shape[1:] != IMAGE_SHAPE:
         raise DatasetCorrupt(f"{out}: holds {arr.dtype} {arr.shape}, expected uint8 N x 32 x 32 x 3")
-    return Pool("imagenet32", arr, _subset(len(arr), n, seed), {"path": str(out), "seed": seed})
+    return Pool("imagenet32", arr, _subset(len(arr), n, seed, "imagenet32"), {"path": str(out), "seed": seed})
 
 
 # Photos shipped inside the scikit-image wheel (no pooch download) and scikit-learn's two samples.
@@ -713,10 +746,51 @@ _SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee",
                    "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket",
                    "stereo_motorcycle", "text")
 
+# The photographs among the wallpapers of Debian's packages (Debian 12), by package, checked one by one:
+# landscapes, plants, animals and objects; the abstract, vector and rendered wallpapers of the same
+# packages are left out. `make sysdeps` installs both packages. lomiri-wallpapers-16.04 (15.8 MB): 13 of
+# its 15 wallpapers (not analogpattern, umang); mate-backgrounds (46.6 MB, 25 MB of it one painting):
+# the 12 of nature/ (abstract/ and desktop/ are art). Not used: gnome-backgrounds, ukui-wallpapers,
+# desktop-base, sway-backgrounds, lomiri-wallpapers (no photographs); lomiri-wallpapers-20.04 (one
+# photo in 11 MB); plasma-workspace-wallpapers (11 photos among 94 MB of art).
+WALLPAPER_PHOTOS = {
+    "lomiri-wallpapers-16.04": tuple(f"/usr/share/backgrounds/{f}.jpg" for f in (
+        "Bridge_by_Sander_Klootwijk", "Dragonfly_by_Bolly", "Picture_0B_by_freespace", "Picture_1A_by_freespace",
+        "Wine_by_Jakkub_Mede", "aitzgorri_by_Aitzol_Berasategi", "free_by_Peter_Nerlich",
+        "friends_by_Aitzol_Berasategi", "greentock_by_Peter_Nerlich", "life_by_Aitzol_Berasategi",
+        "picosdeeuropa_by_Aitzol_Berasategi", "seeding_by_Clements_Engelhardt", "sunset_by_Aitzol_Berasategi")),
+    "mate-backgrounds": tuple(f"/usr/share/backgrounds/mate/nature/{f}.jpg" for f in (
+        "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
+        "TwoWings", "Wood", "YellowFlower")),
+}
+# Photo files are downscaled (antialiased) to this shorter side, the scale of the bundled photos
+# (172..1411 px, most near 512), so a 32..256 px crop spans the same share of a scene in either.
+PHOTO_SIDE = 512
+
+
+def read_photo(path) -> np.ndarray:
+    """A photo file as uint8 H x W x 3, downscaled to a shorter side of :data:`PHOTO_SIDE` when larger
+    (JPEG DCT draft, then Pillow's antialiased bilinear filter)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            k = PHOTO_SIDE / min(im.size)
+            if k < 1:
+                im.draft("RGB", (math.ceil(im.width * k), math.ceil(im.height * k)))
+            im = im.convert("RGB")
+    except (OSError, SyntaxError) as e:
+        raise DatasetCorrupt(f"{path}: cannot read image ({e})") from None
+    if min(im.size) < 32:
+        raise DatasetCorrupt(f"{path}: {im.width}x{im.height} pixels, smaller than one 32x32 patch")
+    k = PHOTO_SIDE / min(im.size)
+    if k < 1:
+        im = im.resize((max(32, round(im.width * k)), max(32, round(im.height * k))), Image.Resampling.BILINEAR)
+    return np.asarray(im, np.uint8)
+
 
 @functools.lru_cache(maxsize=1)
-def natural_photos() -> tuple[tuple[str, np.ndarray], ...]:
-    """(name, uint8 H x W x 3) photos available offline; any that would need a download is skipped."""
+def _bundled_photos() -> tuple[tuple[str, np.ndarray], ...]:
     import skimage.data
     from sklearn.datasets import load_sample_images
 
@@ -737,36 +811,150 @@ def natural_photos() -> tuple[tuple[str, np.ndarray], ...]:
         out += [(Path(f).stem, np.asarray(im, np.uint8)) for f, im in zip(sk.filenames, sk.images)]
     except Exception:
         pass
-    if not out:
-        raise DatasetMissing("natural-patches: no offline sample photos found in scikit-image / scikit-learn")
-    for _, im in out:  # shared by every call: keep the cached photos immutable
-        im.flags.writeable = False
     return tuple(out)
 
 
-@POOLS.register("natural-patches")
-def _pool_natural_patches(root: Path | None = None, n=None, seed=0, *, progress: bool = False) -> Pool:
-    """Offline stand-in for a natural-image thief pool (cf. ActiveThief's ImageNet subset, Pal et al. 2020):
-    seeded random square crops (32..256 px, log-uniform) of the photos bundled with scikit-image and
-    scikit-learn, resized to 32x32 (antialiased bilinear) and flipped horizontally with p=0.5."""
+def wallpapers_present(wallpapers=None) -> tuple[list[str], list[str]]:
+    """``(paths present, packages with a photo missing)`` of ``wallpapers`` (package -> photo paths,
+    default :data:`WALLPAPER_PHOTOS`), in the table's order."""
+    wallpapers = WALLPAPER_PHOTOS if wallpapers is None else wallpapers
+    present = [str(p) for paths in wallpapers.values() for p in paths if Path(p).is_file()]
+    missing = [pkg for pkg, paths in wallpapers.items() if not all(Path(p).is_file() for p in paths)]
+    return present, missing
+
+
+def natural_photos(wallpapers=None) -> tuple[tuple[str, np.ndarray], ...]:
+    """(name, uint8 H x W x 3) photos of the natural-patches pool: those bundled with scikit-image and
+    scikit-learn (by name; any that would need a download is skipped), then the installed ones of
+    ``wallpapers`` (package -> photo paths, default :data:`WALLPAPER_PHOTOS`; by path, read with
+    :func:`read_photo`). Missing wallpapers are one warning saying what to install."""
+    wallpapers = WALLPAPER_PHOTOS if wallpapers is None else wallpapers
+    return _natural_photos(tuple((pkg, tuple(map(str, paths))) for pkg, paths in wallpapers.items()))
+
+
+@functools.lru_cache(maxsize=2)
+def _natural_photos(wallpapers: tuple) -> tuple[tuple[str, np.ndarray], ...]:
+    present, missing = wallpapers_present(dict(wallpapers))
+    out = _bundled_photos() + tuple((p, read_photo(p)) for p in present)
+    if missing:
+        warnings.warn(f"natural-patches: the photographs of {', '.join(missing)} are not all installed, so the "
+                      f"pool is cut from {len(out)} photos ({len(present)} wallpapers); for the full pool run "
+                      f"`apt-get install {' '.join(missing)}` (`make sysdeps` does it as root)", stacklevel=3)
+    if not out:
+        raise DatasetMissing("natural-patches: no offline sample photos found in scikit-image / scikit-learn, "
+                             f"and none of {', '.join(missing)} is installed")
+    for _, im in out:  # shared by every call: keep the cached photos immutable
+        im.flags.writeable = False
+    return out
+
+
+# Two patches are near-duplicates when the RMS difference of their :func:`patch_thumbnails` is below
+# this many grey levels (of 255); the later one is dropped from the pool. Pairs that close look the same
+# at 8x8 (checked by eye on the bundled photos' 20k-patch pool, where 5% of patches had such a partner:
+# flat sky, black backgrounds, overlapping crops of the retina image). On luma, so patches stay
+# distinct under the `gray` transform too (a luma difference bounds a difference in some channel).
+DEDUPE_RMS = 2.0
+_PATCH_CHUNK = 2048  # candidate patches drawn (and deduplicated) at a time
+MAX_PATCH_DRAWS = 4  # candidates per requested patch before the photos count as exhausted
+
+
+def patch_thumbnails(u8: np.ndarray) -> np.ndarray:
+    """float64 N x 64 thumbnails of uint8 N x 32 x 32 x 3 patches: the 8x8 means of 4x4-pixel blocks
+    of their :func:`luma` (multiples of 1/16, so the distances between them are exact)."""
+    return luma(u8).reshape(len(u8), 8, 4, 8, 4).mean(axis=(2, 4)).reshape(len(u8), 64)
+
+
+def _novel(new: np.ndarray, old: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
+    """Rows of the thumbnails ``new`` kept in order, and how many were looked at: a row closer than
+    :data:`DEDUPE_RMS` to a row of ``old`` or to an earlier kept row is dropped; stops after ``limit``
+    kept. Candidates come from a k-d tree on the thumbnails' 2x2 block means, whose RMS difference is
+    at most the thumbnails' (Jensen's inequality), so no near-duplicate is missed."""
+    from sklearn.neighbors import KDTree
+
+    def coarse(t):
+        return t.reshape(len(t), 2, 4, 2, 4).mean(axis=(2, 4)).reshape(len(t), 4)
+
+    far = (8 * DEDUPE_RMS) ** 2  # squared L2 distance over 64 values at that RMS
+    c_new = coarse(new)
+    r = 2 * DEDUPE_RMS  # L2 distance over the 4 block means at that RMS
+    near_old = KDTree(coarse(old)).query_radius(c_new, r) if len(old) else None
+    near_new = KDTree(c_new).query_radius(c_new, r)
+    kept, out = np.zeros(len(new), bool), []
+    for i in range(len(new)):
+        if near_old is not None and len(c := near_old[i]) and (((old[c] - new[i]) ** 2).sum(1) < far).any():
+            continue
+        c = near_new[i]
+        c = c[(c < i) & kept[c]]
+        if len(c) and (((new[c] - new[i]) ** 2).sum(1) < far).any():
+            continue
+        kept[i] = True
+        out.append(i)
+        if len(out) == limit:
+            return np.array(out, np.int64), i + 1
+    return np.array(out, np.int64), len(new)
+
+
+def natural_patches(photos, n: int, seed, *, progress: bool = False) -> tuple[np.ndarray, int]:
+    """``n`` distinct uint8 32 x 32 x 3 patches of ``photos`` ((name, uint8 H x W x 3) pairs) and the
+    number of near-duplicates dropped (:data:`DEDUPE_RMS`): seeded square crops, 32..256 px (log-uniform,
+    at most the photo's shorter side) of a uniformly chosen photo, resized to 32x32 with Pillow's
+    antialiased bilinear filter and flipped horizontally with p=0.5. Candidates are drawn
+    :data:`_PATCH_CHUNK` at a time from one seeded stream, so a smaller pool is the start of a larger
+    one; photos that cannot supply ``n`` distinct patches in about ``MAX_PATCH_DRAWS * n`` draws are an
+    error (:class:`~stealnb._checks.UsageError`)."""
     from PIL import Image
 
-    n = DEFAULT_POOL_SIZE if n is None else check_positive_int(n, "n")
-    photos = natural_photos()
+    n = check_positive_int(n, "n")
+    if not photos:
+        raise UsageError("natural patches: no photos to cut patches from")
     rng = as_rng(seed)
-    src = rng.integers(0, len(photos), n)
-    u, px, py, flip = rng.random(n), rng.random(n), rng.random(n), rng.random(n) < 0.5
     pil = [Image.fromarray(im) for _, im in photos]
-    out = np.empty((n, *IMAGE_SHAPE), np.uint8)
-    for i in tqdm(range(n), desc="natural patches", disable=not progress):
-        h, w = photos[src[i]][1].shape[:2]
-        hi = min(256, h, w)
-        s = int(round(np.exp(np.log(32) + u[i] * (np.log(hi) - np.log(32)))))
-        x0, y0 = int(px[i] * (w - s + 1)), int(py[i] * (h - s + 1))
-        crop = pil[src[i]].crop((x0, y0, x0 + s, y0 + s))
-        patch = np.asarray(crop.resize((32, 32), Image.Resampling.BILINEAR))
-        out[i] = patch[:, ::-1] if flip[i] else patch
-    return Pool("natural-patches", out, None, {"seed": seed, "sources": [p for p, _ in photos]})
+    hw = np.array([im.shape[:2] for _, im in photos])
+    out, thumbs = np.empty((n, *IMAGE_SHAPE), np.uint8), np.empty((n, 64))
+    kept = dropped = drawn = 0
+    with tqdm(total=n, desc="natural patches", disable=not progress) as bar:
+        while kept < n:
+            if drawn >= MAX_PATCH_DRAWS * n + _PATCH_CHUNK:
+                raise UsageError(f"natural patches: {len(photos)} photos gave only {kept:,} distinct patches in "
+                                 f"{drawn:,} draws ({dropped:,} near-duplicates dropped); ask for fewer patches "
+                                 "or add photos")
+            m = _PATCH_CHUNK
+            src = rng.integers(0, len(photos), m)
+            u, px, py, flip = rng.random(m), rng.random(m), rng.random(m), rng.random(m) < 0.5
+            h, w = hw[src, 0], hw[src, 1]
+            size = np.rint(np.exp(np.log(32) + u * (np.log(np.minimum(256, np.minimum(h, w))) - np.log(32))))
+            size = size.astype(np.int64)
+            x0, y0 = (px * (w - size + 1)).astype(np.int64), (py * (h - size + 1)).astype(np.int64)
+            batch = np.empty((m, *IMAGE_SHAPE), np.uint8)
+            for i, (k, x, y, e) in enumerate(zip(src.tolist(), x0.tolist(), y0.tolist(), size.tolist())):
+                batch[i] = np.asarray(pil[k].crop((x, y, x + e, y + e)).resize((32, 32), Image.Resampling.BILINEAR))
+            batch[flip] = batch[flip, :, ::-1]
+            t = patch_thumbnails(batch)
+            keep, looked = _novel(t, thumbs[:kept], n - kept)
+            out[kept:kept + len(keep)], thumbs[kept:kept + len(keep)] = batch[keep], t[keep]
+            kept, dropped, drawn = kept + len(keep), dropped + looked - len(keep), drawn + m
+            bar.update(len(keep))
+    return out, dropped
+
+
+@POOLS.register("natural-patches")
+def _pool_natural_patches(root: Path | None = None, n=None, seed=0, *, progress: bool = False,
+                          photos=None) -> Pool:
+    """Offline natural-image thief pool (cf. ActiveThief's ImageNet subset, Pal et al. 2020): distinct
+    seeded crops (:func:`natural_patches`) of all the natural photos available (:func:`natural_photos`:
+    those bundled with scikit-image and scikit-learn and the installed Debian wallpaper photographs),
+    or of the image files ``photos``. ``info`` lists the photos used and the near-duplicates dropped."""
+    n = DEFAULT_POOL_SIZE if n is None else check_positive_int(n, "n")
+    if photos is None:
+        named, missing = natural_photos(), wallpapers_present()[1]
+    else:
+        named, missing = tuple((str(p), read_photo(p)) for p in photos), []
+    x, dropped = natural_patches(named, n, seed, progress=progress)
+    info = {"seed": seed, "sources": [name for name, _ in named], "duplicates_dropped": dropped,
+            "dedupe_rms": DEDUPE_RMS}
+    if missing:
+        info["wallpapers_missing"] = missing
+    return Pool("natural-patches", x, None, info)
 
 
 @POOLS.register("uniform-noise")
@@ -807,10 +995,39 @@ def _pool_dead_leaves(root: Path | None = None, n=None, seed=0, *, progress: boo
     return Pool("dead-leaves", dead_leaves(n, seed), None, {"seed": seed})
 
 
-def check_pool_size(name, n, *, need: int = 1) -> None:
-    """Refuse (:class:`~stealnb._checks.UsageError`) a pool ``name`` of ``n`` images (``None``: the
-    pool's default) that cannot be built or cannot supply ``need`` distinct images, before any is
-    made. An unknown ``name`` is a ``KeyError`` listing the known pools."""
+def _dataset_pool(dataset: str):
+    def build(root: Path, n=None, seed=0, *, progress: bool = False) -> Pool:
+        x = DATASETS[dataset](root, progress=progress).x_train
+        idx = _subset(len(x), n, seed, dataset)
+        rows = x if idx is None else x[idx]
+        u8 = np.empty(rows.shape, np.uint8)
+        for s in range(0, len(rows), 8192):  # float32 k/255 * 255 rounds back to k (digits: quantised)
+            u8[s:s + 8192] = np.rint(rows[s:s + 8192] * np.float32(255))
+        return Pool(dataset, u8, None, {"dataset": dataset, "split": "train", "train_size": len(x), "seed": seed})
+
+    build.__doc__ = (f"The {dataset} dataset's train split as a cross-domain thief pool (uint8; ``n`` picks a "
+                     "seeded subset) for a secret trained on another dataset: non-problem-domain data as in "
+                     "Copycat CNN (Correia-Silva et al. 2018) and ActiveThief (Pal et al. 2020)")
+    return build
+
+
+for _name in DATASETS.names():
+    POOLS.register(_name)(_dataset_pool(_name))
+
+
+def _same_images(a: str, b: str) -> bool:
+    """Whether datasets/pools ``a`` and ``b`` hold the same images (same name or same files, as gtsrb and
+    gtsrb43)."""
+    return a == b or (a in SOURCES and b in SOURCES and SOURCES[a].dirname == SOURCES[b].dirname)
+
+
+def check_pool(name, n=None, *, need: int = 1, transform=None, secret_dataset=None,
+               allow_problem_domain: bool = False) -> None:
+    """Refuse (:class:`~stealnb._checks.UsageError`), before any image is made, a thief pool ``name`` of
+    ``n`` images (``None``: the pool's default) that cannot be built, cannot supply ``need`` distinct
+    images, has an unknown ``transform``, or holds the images of ``secret_dataset`` -- problem-domain
+    data (Copycat's PDD), not a thief pool -- unless ``allow_problem_domain``. An unknown ``name`` is a
+    ``KeyError`` listing the known pools."""
     POOLS[name]
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_POOL_SIZE:
@@ -818,31 +1035,63 @@ def check_pool_size(name, n, *, need: int = 1) -> None:
         if n < need:
             raise UsageError(f"pool size: {n} images cannot supply the {need} distinct images the largest "
                              f"budget asks for; use a pool size of at least {need}")
+    if transform is not None and transform not in POOL_TRANSFORMS:
+        raise UsageError(f"pool transform: expected one of {', '.join(POOL_TRANSFORMS)}, got {transform!r}")
+    if secret_dataset is not None and not allow_problem_domain and _same_images(name, secret_dataset):
+        others = ", ".join(p for p in POOLS.names() if not _same_images(p, secret_dataset))
+        raise UsageError(f"pool {name!r} holds the images of the secret's own dataset {secret_dataset!r}: that is "
+                         f"problem-domain data (Copycat's PDD), not a thief pool; choose another pool ({others}) "
+                         "or, to use it anyway, pass --allow-problem-domain-pool (allow_problem_domain=True)")
 
 
-def load_pool(name, root=None, n=None, seed=0, *, progress: bool = False) -> Pool:
-    """Build a registered thief pool (see ``POOLS.names()``); ``n`` images (default: all / 20,000), seeded."""
+def load_pool(name, root=None, n=None, seed=0, *, progress: bool = False, transform: str | None = None,
+              **options) -> Pool:
+    """Build a registered thief pool (see ``POOLS.names()``; every dataset is one too: its train split);
+    ``n`` images (default: all / 20,000), seeded; ``transform`` a :data:`POOL_TRANSFORMS` name applied as
+    images are read; ``options`` go to the pool's builder (e.g. natural-patches' ``photos=``)."""
     if n is not None:
         check_positive_int(n, "n")
-    return POOLS[name](data_root(root), n, seed, progress=progress)
+    pool = POOLS[name](data_root(root), n, seed, progress=progress, **options)
+    return pool if transform is None else Pool(pool.name, pool.storage, pool.indices, pool.info, transform)
 
 
 # -- what is present ------------------------------------------------------------------------------
 
-_EMBEDDED = {"digits": "scikit-learn (bundled)", "natural-patches": "scikit-image / scikit-learn sample photos",
-             "uniform-noise": "generated", "dead-leaves": "generated"}
+_EMBEDDED = {"digits": "scikit-learn (bundled)", "uniform-noise": "generated", "dead-leaves": "generated"}
 
 
-def list_local(root=None) -> list[dict]:
-    """One row per registered dataset/pool: name, kind, path, present, size_bytes, files (expected entries)."""
+def _natural_row(build: bool) -> dict:
+    """The natural-patches row of :func:`list_local`: its photos and, with ``build``, the near-duplicates
+    dropped from the pool at its default size and seed 0 (as the profiles build it)."""
+    present, missing = wallpapers_present()
+    bundled = len(_bundled_photos())
+    source = (f"{bundled + len(present)} photos: {bundled} bundled with scikit-image / scikit-learn + "
+              f"{len(present)} Debian wallpaper photographs")
+    if missing:
+        source += f" ({', '.join(missing)} not installed)"
+    row = dict(source=source, photos=bundled + len(present), wallpapers_missing=missing)
+    if build:
+        pool = load_pool("natural-patches", n=DEFAULT_POOL_SIZE, seed=0)
+        row.update(pool_size=len(pool), duplicates_dropped=pool.info["duplicates_dropped"],
+                   sources=pool.info["sources"])
+    return row
+
+
+def list_local(root=None, *, build: bool = False) -> list[dict]:
+    """One row per registered dataset/pool: name, kind, path, present, size_bytes, files (expected entries),
+    source. Datasets, which also serve as thief pools, are listed once. The natural-patches row also has
+    ``photos`` (how many) and, with ``build`` (a few seconds), ``duplicates_dropped`` (:func:`_natural_row`)."""
     r = data_root(root)
     rows = []
     for kind, reg in (("dataset", DATASETS), ("pool", POOLS)):
         for name in reg.names():
+            if kind == "pool" and name in DATASETS:
+                continue
             spec = SOURCES.get(name)
             if spec is None:
-                rows.append(dict(name=name, kind=kind, path=None, present=True, size_bytes=0, files=[],
-                                 source=_EMBEDDED.get(name, "embedded")))
+                row = dict(name=name, kind=kind, path=None, present=True, size_bytes=0, files=[],
+                           source=_EMBEDDED.get(name, "embedded"))
+                rows.append(row | _natural_row(build) if name == "natural-patches" else row)
                 continue
             found = next((d for d in (r / spec.dirname, *spec.system_dirs) if not _missing(d, spec)), None)
             path = found or r / spec.dirname

@@ -161,6 +161,7 @@ class Extraction:
             "rng": self.rng.bit_generator.state,
             "records": self.records,
             "config": asdict(self.config),
+            "pool": self.pool.describe(),
             "has_weights": self.substitute is not None,
         }
         _atomic_write(ck / "state.json", json.dumps(state))
@@ -173,6 +174,13 @@ class Extraction:
         if saved != mine:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
             raise ValueError(f"cannot resume: the checkpoint was written with other settings ({', '.join(diff)})")
+        saved, pool = state.get("pool"), self.pool.describe()
+        # What the pool's images depend on (not where its file lives); older checkpoints lack it.
+        if saved is not None and any(saved.get(k) != pool.get(k) for k in ("name", "size", "transform", "sources")):
+            raise ValueError(f"cannot resume: the checkpoint was written with another thief pool ({saved['name']}, "
+                             f"{saved['size']} images, transform {saved['transform']}, {len(saved.get('sources', []))} "
+                             f"source photos); this one: {pool['name']}, {pool['size']} images, transform "
+                             f"{pool['transform']}, {len(pool.get('sources', []))} source photos")
         self.round = int(state["round"])
         self.val_idx = np.asarray(state["val_idx"], np.int64)
         self.labelled_idx = np.asarray(state["labelled_idx"], np.int64)
@@ -304,6 +312,7 @@ class Extraction:
                 }
         return {
             "config": asdict(self.config),
+            "pool": self.pool.describe(),
             "oracle_spent": int(self.oracle.spent),
             "budgets": per_budget,
             "rounds": len(self.records),
@@ -311,17 +320,21 @@ class Extraction:
         }
 
 
-def configure(prof, strategy: str, *, seed: int = 0, **overrides) -> ExtractionConfig:
+def configure(prof, strategy: str, *, seed: int = 0, dataset: str | None = None,
+              allow_problem_domain: bool = False, **overrides) -> ExtractionConfig:
     """The :class:`ExtractionConfig` of a ``strategy`` run with profile ``prof`` (``overrides``
-    change its fields), once its strategy, substitute and pool size are known to work: argument
-    errors surface here, before any data is loaded or model trained."""
+    change its fields), once its strategy, substitute and pool are known to work for a secret
+    trained on ``dataset`` (:func:`stealnb.data.check_pool`: its size and transform, and not the
+    secret's own dataset unless ``allow_problem_domain``): argument errors surface here, before
+    any data is loaded or model trained."""
     from . import data
     from .selectors import REGISTRY
 
     config = ExtractionConfig.from_profile(prof, strategy, seed=seed, **overrides)
     REGISTRY[config.strategy]  # an unknown name is a KeyError listing the known ones
     models.REGISTRY[config.substitute]
-    data.check_pool_size(prof.pool, prof.pool_size, need=config.budgets[-1])
+    data.check_pool(prof.pool, prof.pool_size, need=config.budgets[-1], transform=prof.pool_transform,
+                    secret_dataset=dataset, allow_problem_domain=allow_problem_domain)
     return config
 
 
@@ -370,10 +383,13 @@ def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results,
 
 def run_extraction(dataset: str, arch: str, strategy: str, profile="demo", *, seed: int = 0,
                    results="results", out=None, data_root=None, resume: bool = True,
-                   progress: bool = False, oracle=None, secret_dir=None, **overrides) -> Extraction:
+                   progress: bool = False, oracle=None, secret_dir=None, allow_problem_domain: bool = False,
+                   **overrides) -> Extraction:
     """Run (or resume) one ActiveThief extraction of the ``dataset``/``arch`` secret with the
-    profile's pool, substitute and budgets; results go to :func:`stealnb.layout.extraction_dir`
-    unless ``out`` is given. The secret is trained first when it is not under ``results`` yet.
+    profile's pool (and pool transform), substitute and budgets; results go to
+    :func:`stealnb.layout.extraction_dir` unless ``out`` is given. The secret is trained first when
+    it is not under ``results`` yet. A pool holding ``dataset``'s own images is refused unless
+    ``allow_problem_domain`` (:func:`configure`).
 
     ``secret_dir`` uses a saved secret (``model.keras`` + ``metrics.json``) instead of the one under
     ``results``. ``oracle`` replaces the in-process :class:`~stealnb.oracle.Oracle` (e.g. an ``HttpOracle``);
@@ -387,12 +403,13 @@ def run_extraction(dataset: str, arch: str, strategy: str, profile="demo", *, se
     from .profiles import get_profile
 
     prof = get_profile(profile) if isinstance(profile, str) else profile
-    config = configure(prof, strategy, seed=seed, **overrides)
+    config = configure(prof, strategy, seed=seed, dataset=dataset, allow_problem_domain=allow_problem_domain,
+                       **overrides)
     out = Path(out) if out is not None else layout.extraction_dir(results, prof.name, dataset, arch, strategy, seed)
     secret, ds = prepare_run(out, resume, dataset, arch, prof, results, secret_dir=secret_dir,
                              data_root=data_root, progress=progress, oracle=oracle)
     # One pool per profile (seed 0): every strategy and seed draws from the same thief images.
-    pool = data.load_pool(prof.pool, root=data_root, n=prof.pool_size, seed=0)
+    pool = data.load_pool(prof.pool, root=data_root, n=prof.pool_size, seed=0, transform=prof.pool_transform)
     if oracle is None:
         oracle = Oracle(secret, output="label", budget=config.budgets[-1], ledger=out / "ledger.bin")
     ex = Extraction(oracle, pool, ds.x_test, ds.y_test, config, secret=secret, out=out,

@@ -12,9 +12,10 @@ dataset is present locally (the demo's Fashion-MNIST secret: 60k images make it 
 
 **Skipping unchanged work.** Each task has two keys (SHA-256):
 
-* the *results key*: the notebook's cells, its parameters, the profile's settings, the source of
-  the package modules that compute results (everything but :data:`PRESENTATION_MODULES`) and
-  the results keys of the tasks it depends on;
+* the *results key*: the notebook's cells, its parameters, the profile's settings, the Debian
+  wallpaper photos installed (the natural-patches pool's sources), the source of the package
+  modules that compute results (everything but :data:`PRESENTATION_MODULES`) and the results
+  keys of the tasks it depends on;
 * the *notebook key*: the results key plus the presentation modules (plots, tables, book).
 
 A task whose notebook key matches the stamp of its last successful run (and whose executed
@@ -194,13 +195,17 @@ def assign_keys(tasks: list[Task], prof: Profile, notebooks_dir: Path) -> None:
     nb_missing = sorted({t.notebook for t in tasks if not (notebooks_dir / t.notebook).is_file()})
     if nb_missing:
         raise FileNotFoundError(f"notebooks missing from {notebooks_dir}: {', '.join(nb_missing)}")
+    from . import data
+
     compute, present = package_hash(False), package_hash(True)
+    photos = data.wallpapers_present()[0]
     by_id = {}
     for t in tasks:
         t.results_key = _sha({
             "notebook": _code_hash(notebooks_dir / t.notebook),
             "params": t.params,
             "profile": prof.to_dict(),
+            "photos": photos,  # the natural-patches pool is cut from whichever wallpapers are installed
             "package": compute,
             "deps": [by_id[d].results_key for d in t.deps],
         })

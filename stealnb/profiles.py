@@ -42,6 +42,9 @@ class Profile:
     substitute_monitor: str = "macro_f1"  # checkpoint selection on the validation split
     substitute_class_weight: bool = False  # loss weights balancing the stolen labels
     substitute_augment: bool = False  # query-free shifts and flips
+    # The pool's images as the secret sees its own: "gray" = BT.601 luma in all three channels, for
+    # secrets trained on grey images (thesis §5.1); None = as they are (stealnb.data.POOL_TRANSFORMS).
+    pool_transform: str | None = None
     fgsm_eps: float = 0.25
     seeds: tuple[int, ...] = (0,)  # extraction seeds per (secret, strategy)
     # Per-strategy options for stealnb.selectors (e.g. DFAL's candidate cap on CPU profiles).

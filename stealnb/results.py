@@ -723,10 +723,10 @@ def open_extraction(dataset: str, arch: str, strategy: str, profile="ci", *, see
     from .profiles import get_profile
 
     prof = get_profile(profile) if isinstance(profile, str) else profile
-    config = configure(prof, strategy, seed=seed, **overrides)
+    config = configure(prof, strategy, seed=seed, dataset=dataset, **overrides)
     out = Path(out) if out is not None else scratch_dir(results, prof.name, dataset, arch, strategy, seed)
     secret, ds = prepare_run(out, resume, dataset, arch, prof, results, data_root=data_root, progress=progress)
-    pool = data.load_pool(prof.pool, root=data_root, n=prof.pool_size, seed=0)
+    pool = data.load_pool(prof.pool, root=data_root, n=prof.pool_size, seed=0, transform=prof.pool_transform)
     oracle = Oracle(secret, output="label", budget=config.budgets[-1], ledger=out / "ledger.bin")
     return Extraction(oracle, pool, ds.x_test, ds.y_test, config, secret=secret, out=out, resume=resume,
                       progress=progress)

@@ -143,3 +143,23 @@ def write_imagenet32(d: Path, sizes: list[int], npz: set[int] = frozenset()) -> 
             (d / f"train_data_batch_{i}").write_bytes(
                 pickle.dumps({"data": data, "labels": labels, "mean": np.zeros(3072)}))
         start += n
+
+
+def write_photos(d: Path, seed: int = 0) -> list[Path]:
+    """Three small synthetic photos in ``d``: a 240 x 320 PNG whose left half is one flat colour (its
+    patches there are all the same image) and right half smooth texture, a 200 x 200 JPEG of noise,
+    and a 160 x 480 PNG of two colour ramps."""
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    half = np.full((240, 320, 3), (120, 60, 30), np.uint8)
+    coarse = rng.integers(0, 256, (15, 10, 3), dtype=np.uint8)
+    half[:, 160:] = np.asarray(Image.fromarray(coarse).resize((160, 240), Image.Resampling.BICUBIC))
+    noise = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    grad = np.empty((160, 480, 3))
+    grad[..., 0] = grad[..., 2] = np.linspace(0, 255, 480)  # left to right
+    grad[..., 1] = np.linspace(40, 200, 160)[:, None]       # top to bottom
+    paths = [d / "half_flat.png", d / "noise.jpg", d / "gradient.png"]
+    Image.fromarray(half).save(paths[0])
+    Image.fromarray(noise).save(paths[1], quality=90)
+    Image.fromarray(np.round(grad).astype(np.uint8)).save(paths[2])
+    return paths

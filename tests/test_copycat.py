@@ -66,7 +66,7 @@ def test_end_to_end_all_variants(runs, tiny_prof):
         s = json.loads((cc.out / "summary.json").read_text())
         pdd = 0 if v == "npdd" else TINY["pdd_size"]
         assert s["variant"] == v and set(s["budgets"]) == {"90", "130"}
-        # PDD paid once, then replayed; "paid" counts distinct images (the pool has a few repeats).
+        # PDD paid once, then replayed; "paid" counts distinct images (a pool may repeat an image).
         assert s["oracle_spent"] == s["budgets"]["130"]["paid"] == cc.oracle.spent
         assert BUDGETS[-1] + pdd - 2 <= s["oracle_spent"] <= BUDGETS[-1] + pdd
         oracle_f1 = s["oracle"]["macro_f1"]
@@ -113,7 +113,7 @@ def test_resume_after_interrupt_matches_uninterrupted(secret_dir, tiny_prof, tmp
     resumed = make(tmp_path / "b", resume=True)
     assert [r["round"] for r in resumed._pending()] == [1]
     again = resumed.run()
-    # <= : this 400-image pool holds two identical near-black patches (22, 57), paid once.
+    # <= : an image a pool holds twice is paid once.
     assert resumed.oracle.spent == full["oracle_spent"] == full["budgets"]["130"]["paid"] <= BUDGETS[-1] + cfg.pdd_size
     for b in ("90", "130"):
         for k in ("queries", "agreement", "accuracy", "macro_f1", "relative_f1"):

@@ -5,20 +5,23 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import tarfile
 import time
 import tracemalloc
+import warnings
 import zipfile
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from stealnb import data
-from stealnb._checks import check_images
+from stealnb import cli, data
+from stealnb._checks import UsageError, check_images
 from fixtures_formats import (IDX_NAMES, cifar_batch, idx_bytes, imagenet32_rows, write_cifar, write_gtsrb,
-                              write_idx, write_imagenet32, write_mnist_like)
+                              write_idx, write_imagenet32, write_mnist_like, write_photos)
 
 
 def _msg(excinfo) -> str:
@@ -467,6 +470,170 @@ def test_natural_patches_use_offline_photos():
     pool = data.load_pool("natural-patches", n=200, seed=0)
     per_image_std = pool.uint8.reshape(200, -1).std(axis=1)
     assert np.median(per_image_std) > 5  # real texture, not flat crops
+
+
+def _min_rms_between(u8: np.ndarray) -> float:
+    """The smallest RMS difference between the thumbnails of two patches (all pairs, brute force)."""
+    t = data.patch_thumbnails(u8)
+    d2 = ((t[:, None, :] - t[None, :, :]) ** 2).mean(-1)
+    d2[np.diag_indices(len(t))] = np.inf
+    return float(np.sqrt(d2.min()))
+
+
+def test_a_pool_cut_from_photos_has_no_two_patches_within_the_dedupe_threshold(tmp_path):
+    photos = write_photos(tmp_path / "photos")
+    pool = data.load_pool("natural-patches", n=600, seed=0, photos=photos)
+    assert pool.uint8.shape == (600, 32, 32, 3) and pool.uint8.dtype == np.uint8
+    assert _min_rms_between(pool.uint8) >= data.DEDUPE_RMS
+    # The flat half of the first photo alone gives hundreds of identical patches: they were dropped.
+    assert pool.info["duplicates_dropped"] > 100
+    assert pool.info["sources"] == [str(p) for p in photos] and pool.info["dedupe_rms"] == data.DEDUPE_RMS
+    flat = (pool.uint8 == (120, 60, 30)).all(axis=(1, 2, 3))
+    assert flat.sum() == 1  # one copy of the flat colour is kept
+
+
+def test_a_photo_pool_is_deterministic_and_a_smaller_pool_is_the_start_of_a_larger(tmp_path):
+    photos = write_photos(tmp_path / "photos")
+    big = data.load_pool("natural-patches", n=2500, seed=3, photos=photos)
+    small = data.load_pool("natural-patches", n=700, seed=3, photos=photos)
+    np.testing.assert_array_equal(small.uint8, big.uint8[:700])
+    assert small.info["duplicates_dropped"] <= big.info["duplicates_dropped"]
+    other = data.load_pool("natural-patches", n=700, seed=4, photos=photos)
+    assert not np.array_equal(other.uint8, small.uint8)
+
+
+def test_photos_that_cannot_supply_n_distinct_patches_are_refused(tmp_path):
+    from PIL import Image
+
+    flat = tmp_path / "flat.png"
+    Image.fromarray(np.full((100, 120, 3), 77, np.uint8)).save(flat)
+    with pytest.raises(UsageError, match=r"1 photos gave only 1 distinct patches in .* ask for fewer patches"):
+        data.load_pool("natural-patches", n=50, seed=0, photos=[flat])
+
+
+def test_large_photos_are_read_at_the_scale_of_the_bundled_ones(tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 2000, 3), dtype=np.uint8)).save(big)
+    assert data.read_photo(big).shape == (data.PHOTO_SIDE, round(2000 * data.PHOTO_SIDE / 1200), 3)
+    small = write_photos(tmp_path / "photos")[1]
+    assert data.read_photo(small).shape == (200, 200, 3)  # smaller ones as they are
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(data.DatasetCorrupt, match="broken.jpg: cannot read image"):
+        data.read_photo(tmp_path / "broken.jpg")
+    Image.fromarray(np.zeros((20, 300, 3), np.uint8)).save(tmp_path / "strip.png")
+    with pytest.raises(data.DatasetCorrupt, match="strip.png: 300x20 pixels, smaller than one 32x32 patch"):
+        data.read_photo(tmp_path / "strip.png")
+
+
+def test_missing_wallpapers_fall_back_to_the_bundled_photos_with_one_warning(tmp_path):
+    present = write_photos(tmp_path / "photos")[0]
+    table = {"no-such-wallpapers": (str(tmp_path / "gone.jpg"),), "fixture-wallpapers": (str(present),)}
+    with pytest.warns(UserWarning) as caught:
+        photos = data.natural_photos(table)
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert "no-such-wallpapers" in msg and "apt-get install no-such-wallpapers" in msg and "fixture" not in msg
+    names = [name for name, _ in photos]
+    assert {"astronaut", "coffee", "china", "flower"} <= set(names) and names[-1] == str(present)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.natural_photos(table) is photos  # one note per process, not one per pool
+
+
+def test_the_wallpaper_table_lists_packages_that_make_sysdeps_installs():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    syspkgs = next(line for line in makefile.splitlines() if line.startswith("SYSPKGS")).split("=")[1].split()
+    assert set(data.WALLPAPER_PHOTOS) <= set(syspkgs)
+    paths = [p for ps in data.WALLPAPER_PHOTOS.values() for p in ps]
+    assert len(paths) == len(set(paths)) == 25 and all(p.startswith("/usr/share/backgrounds/") for p in paths)
+
+
+def test_installed_wallpapers_join_the_natural_patches_pool():
+    if data.wallpapers_present()[1]:
+        pytest.skip("the Debian wallpaper packages are not installed (make sysdeps)")
+    photos = dict(data.natural_photos())
+    for path in (p for ps in data.WALLPAPER_PHOTOS.values() for p in ps):
+        assert min(photos[path].shape[:2]) == data.PHOTO_SIDE
+    pool = data.load_pool("natural-patches", n=300, seed=0)
+    assert pool.info["sources"] == list(photos) and "wallpapers_missing" not in pool.info
+
+
+def test_data_list_shows_the_photos_and_the_near_duplicates_dropped(tmp_path, capsys):
+    row = next(r for r in data.list_local(tmp_path) if r["name"] == "natural-patches")
+    assert row["photos"] == len(data.natural_photos()) and "duplicates_dropped" not in row  # cheap by default
+    assert cli.main(["--data-root", str(tmp_path), "data", "list"]) == 0  # builds the default pool
+    out = capsys.readouterr().out
+    assert f"{row['photos']} photos: " in out
+    assert re.search(r"\n +20,000 patches \(seed 0\): [\d,]+ near-duplicates dropped\n", out)
+    assert sum(line.split()[0] == "digits" for line in out.splitlines() if line.strip()) == 1  # listed once
+    assert "--pool NAME" in out
+
+
+# -- cross-domain pools and the pool checks --------------------------------------------------------
+
+def test_any_dataset_is_a_cross_domain_pool_with_the_uint8_contract(tmp_path):
+    arrays = write_mnist_like(tmp_path / "fashion-mnist", gz=True)
+    pool = data.load_pool("fashion-mnist", root=tmp_path)
+    assert len(pool) == 20 and pool.uint8.dtype == np.uint8 and pool.uint8.shape == (20, 32, 32, 3)
+    for c in range(3):  # the train split's exact pixels, zero-padded, grey in every channel
+        np.testing.assert_array_equal(pool.uint8[:, 2:30, 2:30, c], arrays["x_train"])
+    assert pool.uint8[:, :2].max() == 0
+    np.testing.assert_array_equal(pool.get(np.arange(20)), data.load_dataset("fashion-mnist", root=tmp_path).x_train)
+    a = data.load_pool("fashion-mnist", root=tmp_path, n=12, seed=1)
+    b = data.load_pool("fashion-mnist", root=tmp_path, n=12, seed=1)
+    assert len(a) == 12 and a.uint8.shape == (12, 32, 32, 3)
+    np.testing.assert_array_equal(a.uint8, b.uint8)
+    assert a.describe() == {"name": "fashion-mnist", "size": 12, "transform": None, "dataset": "fashion-mnist",
+                            "split": "train", "train_size": 20, "seed": 1}
+    with pytest.raises(ValueError, match="n=21 exceeds the 20 images of the fashion-mnist pool"):
+        data.load_pool("fashion-mnist", root=tmp_path, n=21)
+    digits = data.load_pool("digits", n=1000, seed=0)
+    assert digits.uint8.shape == (1000, 32, 32, 3) and digits.uint8.dtype == np.uint8
+    assert set(data.DATASETS.names()) <= set(data.POOLS.names())
+
+
+def test_the_secrets_own_dataset_is_refused_as_a_pool_unless_asked_for():
+    for pool, secret in [("digits", "digits"), ("fashion-mnist", "fashion-mnist"), ("gtsrb43", "gtsrb")]:
+        with pytest.raises(UsageError) as e:
+            data.check_pool(pool, 1000, secret_dataset=secret)
+        msg = _msg(e)
+        assert msg.startswith(f"pool {pool!r} holds the images of the secret's own dataset {secret!r}")
+        assert "problem-domain data (Copycat's PDD), not a thief pool" in msg
+        assert "--allow-problem-domain-pool" in msg and "natural-patches" in msg and f"{pool}, " not in msg
+        data.check_pool(pool, 1000, secret_dataset=secret, allow_problem_domain=True)
+    data.check_pool("fashion-mnist", 1000, secret_dataset="digits")
+    data.check_pool("digits", 1000, secret_dataset="mnist")  # other images of the same kind: a real pool
+    with pytest.raises(UsageError, match="pool transform: expected one of gray, got 'sepia'"):
+        data.check_pool("natural-patches", transform="sepia")
+
+
+def _exact_luma(rgb) -> int:
+    r, g, b = (int(v) for v in rgb)
+    y = Fraction(299, 1000) * r + Fraction(587, 1000) * g + Fraction(114, 1000) * b
+    return int(y + Fraction(1, 2))  # rounded half up
+
+
+def test_the_gray_transform_is_exact_luma_in_all_three_channels(tmp_path):
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    u8[0, 0, :4] = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+    pool = data.Pool("fixture", u8, transform="gray")
+    g = pool.uint8
+    assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
+    want = np.array([_exact_luma(px) for px in u8.reshape(-1, 3)], np.uint8).reshape(40, 32, 32)
+    np.testing.assert_array_equal(g[..., 0], want)
+    assert list(g[0, 0, :4, 0]) == [76, 150, 29, 255]  # BT.601: 76.245, 149.685, 29.07, 255
+    np.testing.assert_array_equal(pool.get(np.arange(40)), g / np.float32(255))
+    np.testing.assert_array_equal(np.concatenate([x for _, x in pool.batches(batch_size=16)]), g / np.float32(255))
+    assert pool.describe()["transform"] == "gray" and "gray" in repr(pool)
+    write_imagenet32(tmp_path / "imagenet32", [300])  # on a memory-mapped pool: the file stays as it is
+    mm = data.load_pool("imagenet32", root=tmp_path, n=100, seed=0, transform="gray")
+    assert isinstance(mm.storage, np.memmap) and mm.transform == "gray"
+    np.testing.assert_array_equal(mm.uint8, data.gray(mm.storage[mm.indices]))
+    with pytest.raises(KeyError, match="unknown pool transform 'sepia'"):
+        data.Pool("fixture", u8, transform="sepia")
 
 
 def test_dead_leaves_speed_and_statistics():

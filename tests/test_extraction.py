@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stealnb import data, extraction, oracle, train
+from stealnb import data, extraction, oracle, profiles, train
+from stealnb._checks import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,31 @@ def test_resume_with_other_settings_is_refused(setup, tmp_path):
     ex.step()
     with pytest.raises(ValueError, match="other settings.*seed"):
         extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(seed=4), secret=model, out=tmp_path, resume=True)
+
+
+def test_a_gray_pool_is_what_the_oracle_sees_and_the_summary_records_the_pool(setup, tmp_path):
+    model, ds, pool = setup
+    gray = data.Pool(pool.name, pool.storage, pool.indices, pool.info, transform="gray")
+    orc = oracle.Oracle(model, budget=60, ledger=tmp_path / "ledger.bin")
+    ex = extraction.Extraction(orc, gray, ds.x_test, ds.y_test, _config(budgets=(60,)), secret=model, out=tmp_path)
+    summary = ex.run()
+    asked = ex.query_stream()
+    assert len(asked) == 60 and (asked[..., 0] == asked[..., 1]).all() and (asked[..., 1] == asked[..., 2]).all()
+    assert summary["pool"] == gray.describe() == json.loads((tmp_path / "summary.json").read_text())["pool"]
+    assert summary["pool"]["transform"] == "gray" and summary["pool"]["sources"] == pool.info["sources"]
+    with pytest.raises(ValueError, match="another thief pool .*transform gray.*this one: .*transform None"):
+        extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(budgets=(60,)), secret=model, out=tmp_path,
+                              resume=True)
+
+
+def test_configure_refuses_the_secrets_own_dataset_as_its_pool():
+    prof = profiles.get_profile("ci").with_(pool="digits", pool_size=1000)
+    with pytest.raises(UsageError, match="pool 'digits' holds the images of the secret's own dataset 'digits'"):
+        extraction.configure(prof, "random", dataset="digits")
+    assert extraction.configure(prof, "random", dataset="digits", allow_problem_domain=True).strategy == "random"
+    extraction.configure(prof, "random", dataset="fashion-mnist")
+    with pytest.raises(UsageError, match="pool transform"):
+        extraction.configure(prof.with_(pool_transform="sepia"), "random", dataset="fashion-mnist")
 
 
 def _extract_cmd(secret_dir, out, *extra):
