@@ -189,6 +189,14 @@ def build(name: str, input_shape=(32, 32, 3), num_classes: int = 10, seed: int |
     return builder(input_shape=tuple(input_shape), num_classes=num_classes)
 
 
+def clone(model: keras.Model) -> keras.Model:
+    """A copy of ``model``: the same architecture and weights, nothing shared (``clone_model``)."""
+    keras, _ = _keras()
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def count_params(model: keras.Model) -> tuple[int, int]:
     """(total, trainable) parameter counts, as Keras' ``model.summary()`` reports them."""
     import numpy as np

@@ -99,3 +99,12 @@ def test_forward_traces_once_per_model_whatever_the_batch_sizes_and_never_warns_
             models.predict_logits(m, x, batch_size=batch_size)
         assert _tracing_count(m) == 1
     assert [r.getMessage() for r in tf_warnings if "retracing" in r.getMessage()] == []
+
+
+def test_clone_copies_architecture_and_weights_and_shares_nothing():
+    m = models.build("cnn-tiny", num_classes=10, seed=0)
+    c = models.clone(m)
+    x = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
+    np.testing.assert_array_equal(models.predict_logits(c, x), models.predict_logits(m, x))
+    c.set_weights([w * 0 for w in c.get_weights()])
+    assert np.abs(models.predict_logits(m, x)).sum() > 0
