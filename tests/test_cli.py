@@ -132,7 +132,8 @@ def _python(code_or_args, **env):
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(code_or_args)
     root = str(Path(cli.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **env}
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it: the package sets its own default
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):  # set by conftest; not in a user's shell
+        env.pop(name, None)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
