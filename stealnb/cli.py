@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -197,11 +196,21 @@ def _cmd_copycat(args) -> int:
 _PLUGINS = ("stealnb.pipeline", "stealnb.server", "stealnb.bookcheck")
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("stealnb")
-    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
-        return "(not installed)"
+class _Version(argparse.Action):
+    """``--version``: ``stealnb <version>`` of the installed distribution, looked up only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help="print the version and exit"):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import importlib.metadata
+
+        try:
+            version = importlib.metadata.version("stealnb")
+        except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+            version = "(not installed)"
+        print(f"stealnb {version}")
+        parser.exit()
 
 
 def _choice(names, metavar: str = "NAME", **kwargs) -> dict:
@@ -213,7 +222,7 @@ def _choice(names, metavar: str = "NAME", **kwargs) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     profile = _choice(profiles.PROFILES, "PROFILE", default="demo", help="one of %(choices)s (default: %(default)s)")
     p = argparse.ArgumentParser(prog="stealnb", description="Black-box model extraction of image classifiers.")
-    p.add_argument("--version", action="version", version=f"stealnb {_version()}")
+    p.add_argument("--version", action=_Version)
     p.add_argument("--data-root", default=None, help="dataset folder (default: $STEALNB_DATA or ~/.cache/stealnb)")
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of an error (an unexpected one is otherwise saved to a file)")
