@@ -10,6 +10,9 @@ PROFILE ?= demo
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	@# A .venv made when pyproject.toml asked for tensorflow-cpu still holds it, and pip would put
+	@# tensorflow beside it (two distributions writing the same files): remove both, install one.
+	if $(BIN)/pip show --quiet tensorflow-cpu 2>/dev/null; then $(BIN)/pip uninstall --quiet --yes tensorflow-cpu tensorflow; fi
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

@@ -9,7 +9,12 @@ Conventions used everywhere in the package:
 """
 import os as _os
 
-# Keep TensorFlow's C++ start-up chatter out of notebooks and CLI output.
+from . import _tflog
+
+# TensorFlow's C++ log lines below ERROR (its start-up chatter) stay out of notebooks, the CLI and
+# the server; an explicit TF_CPP_MIN_LOG_LEVEL wins. TensorFlow ignores the level for the lines it
+# logs while being imported: _tflog holds those to it.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_tflog.install()
 
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ and models that output **logits**.
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from .models import weak_logits
 
 __all__ = ["fgsm", "deepfool", "DeepFoolResult", "jbda_queries"]
 
-# Per-model caches of compiled functions (weak keys: a dropped model drops its functions).
+# Per-model caches of compiled functions (weak keys: a dropped model drops its functions). Each
+# compiles a functools.partial over the model's weak_logits, never a closure, so that TensorFlow's
+# retracing detector counts every model's traces on their own (see stealnb.models.weak_logits).
 _FGSM_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _DEEPFOOL_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -62,18 +65,17 @@ def _check_real(v, name: str, minimum: float = 0.0) -> float:
 # ----------------------------------------------------------------------------------------- FGSM
 
 
+def _fgsm_batch(logits, x, eps, y, clip_min, clip_max):
+    from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
+
+    return fast_gradient_method(logits, x, eps, np.inf, clip_min=clip_min, clip_max=clip_max, y=y)
+
+
 def _fgsm_fn(model):
     fn = _FGSM_FNS.get(model)
     if fn is None:
-        from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
-
-        logits = weak_logits(model)
-
-        @tf.function(reduce_retracing=True)
-        def fn(x, eps, y, clip_min, clip_max):
-            return fast_gradient_method(logits, x, eps, np.inf, clip_min=clip_min, clip_max=clip_max, y=y)
-
-        _FGSM_FNS[model] = fn
+        fn = _FGSM_FNS[model] = tf.function(functools.partial(_fgsm_batch, weak_logits(model)),
+                                            reduce_retracing=True)
     return fn
 
 
@@ -105,16 +107,9 @@ def fgsm(model, x, eps=0.25, *, y=None, batch_size=256, clip=(0.0, 1.0)) -> np.n
     fn = _fgsm_fn(model)
     eps_t = tf.constant(eps, tf.float32)
     out = np.empty_like(x)
-    # Every new substitute (one per extraction round) traces its own tf.function once; TF's
-    # "excessive retracing" warning about that is expected here, so keep it out of the output.
-    logger, level = tf.get_logger(), tf.get_logger().level
-    logger.setLevel("ERROR")
-    try:
-        for i in range(0, len(x), batch_size):
-            yb = None if y is None else tf.constant(y[i : i + batch_size], tf.int64)
-            out[i : i + batch_size] = fn(tf.constant(x[i : i + batch_size]), eps_t, yb, lo, hi).numpy()
-    finally:
-        logger.setLevel(level)
+    for i in range(0, len(x), batch_size):
+        yb = None if y is None else tf.constant(y[i : i + batch_size], tf.int64)
+        out[i : i + batch_size] = fn(tf.constant(x[i : i + batch_size]), eps_t, yb, lo, hi).numpy()
     return out
 
 
@@ -160,58 +155,56 @@ def _candidate_gradients(logits_fn, xa, cand, jacobian):
     return fd, g
 
 
+def _deepfool_batch(logits_fn, ncand: int, jacobian: str, x, overshoot, max_iter):
+    """One DeepFool run on the batch ``x``: (x_adv, converged, iterations); see :func:`deepfool`."""
+    n = tf.shape(x)[0]
+    cand = tf.math.top_k(logits_fn(x), k=ncand).indices  # (N, c): original label first
+    scale = 1.0 + overshoot
+
+    def cond(i, r_tot, x_adv, active, flipped, iters):
+        return tf.logical_and(i < max_iter, tf.reduce_any(active))
+
+    def body(i, r_tot, x_adv, active, flipped, iters):
+        idx = tf.where(active)  # (A, 1): only samples whose label has not flipped yet
+        xa, ca = tf.gather_nd(x_adv, idx), tf.gather_nd(cand, idx)
+        fd, w = _candidate_gradients(logits_fn, xa, ca, jacobian)  # (A, c-1), (A, c-1, D)
+        wnorm = tf.norm(w, axis=2)
+        dist = tf.abs(fd) / wnorm  # linearised distance to each candidate's boundary
+        dist = tf.where(tf.math.is_finite(dist), dist, tf.constant(np.inf, dist.dtype))
+        k = tf.argmin(dist, axis=1, output_type=tf.int32)
+        dist_k = tf.gather(dist, k, batch_dims=1)
+        movable = tf.math.is_finite(dist_k)  # False only if every candidate gradient is zero
+        step = tf.where(movable, (dist_k + 1e-4) / tf.gather(wnorm, k, batch_dims=1), 0.0)
+        r_i = tf.reshape(step[:, None] * tf.gather(w, k, batch_dims=1), tf.shape(xa))
+        ra = tf.gather_nd(r_tot, idx) + r_i
+        xa_new = tf.clip_by_value(tf.gather_nd(x, idx) + scale * ra, 0.0, 1.0)
+        pred = tf.argmax(logits_fn(xa_new), axis=1, output_type=tf.int32)
+        flip = pred != ca[:, 0]
+        return (
+            i + 1,
+            tf.tensor_scatter_nd_update(r_tot, idx, ra),
+            tf.tensor_scatter_nd_update(x_adv, idx, xa_new),
+            tf.tensor_scatter_nd_update(active, idx, tf.logical_and(~flip, movable)),
+            tf.tensor_scatter_nd_update(flipped, idx, flip),
+            tf.tensor_scatter_nd_add(iters, idx, tf.ones_like(pred)),
+        )
+
+    init = (tf.constant(0), tf.zeros_like(x), x, tf.ones((n,), tf.bool), tf.zeros((n,), tf.bool),
+            tf.zeros((n,), tf.int32))
+    _, _, x_adv, _, flipped, iters = tf.while_loop(cond, body, init)
+    return x_adv, flipped, iters
+
+
 def _build_deepfool(model, ncand: int, jacobian: str = "batch_jacobian"):
     """Compile DeepFool for ``model`` with ``ncand`` candidate classes: a ``tf.function`` of
     (x, overshoot, max_iter) -> (x_adv, converged, iterations), traced once for any batch size."""
     if jacobian not in _JACOBIANS:
         raise ValueError(f"jacobian: expected one of {_JACOBIANS}, got {jacobian!r}")
-    logits_fn = weak_logits(model)
-    shape = _input_shape(model)
-
-    @tf.function(input_signature=[
-        tf.TensorSpec((None, *shape), tf.float32),
+    return tf.function(functools.partial(_deepfool_batch, weak_logits(model), ncand, jacobian), input_signature=[
+        tf.TensorSpec((None, *_input_shape(model)), tf.float32),
         tf.TensorSpec((), tf.float32),
         tf.TensorSpec((), tf.int32),
     ])
-    def run(x, overshoot, max_iter):
-        n = tf.shape(x)[0]
-        cand = tf.math.top_k(logits_fn(x), k=ncand).indices  # (N, c): original label first
-        scale = 1.0 + overshoot
-
-        def cond(i, r_tot, x_adv, active, flipped, iters):
-            return tf.logical_and(i < max_iter, tf.reduce_any(active))
-
-        def body(i, r_tot, x_adv, active, flipped, iters):
-            idx = tf.where(active)  # (A, 1): only samples whose label has not flipped yet
-            xa, ca = tf.gather_nd(x_adv, idx), tf.gather_nd(cand, idx)
-            fd, w = _candidate_gradients(logits_fn, xa, ca, jacobian)  # (A, c-1), (A, c-1, D)
-            wnorm = tf.norm(w, axis=2)
-            dist = tf.abs(fd) / wnorm  # linearised distance to each candidate's boundary
-            dist = tf.where(tf.math.is_finite(dist), dist, tf.constant(np.inf, dist.dtype))
-            k = tf.argmin(dist, axis=1, output_type=tf.int32)
-            dist_k = tf.gather(dist, k, batch_dims=1)
-            movable = tf.math.is_finite(dist_k)  # False only if every candidate gradient is zero
-            step = tf.where(movable, (dist_k + 1e-4) / tf.gather(wnorm, k, batch_dims=1), 0.0)
-            r_i = tf.reshape(step[:, None] * tf.gather(w, k, batch_dims=1), tf.shape(xa))
-            ra = tf.gather_nd(r_tot, idx) + r_i
-            xa_new = tf.clip_by_value(tf.gather_nd(x, idx) + scale * ra, 0.0, 1.0)
-            pred = tf.argmax(logits_fn(xa_new), axis=1, output_type=tf.int32)
-            flip = pred != ca[:, 0]
-            return (
-                i + 1,
-                tf.tensor_scatter_nd_update(r_tot, idx, ra),
-                tf.tensor_scatter_nd_update(x_adv, idx, xa_new),
-                tf.tensor_scatter_nd_update(active, idx, tf.logical_and(~flip, movable)),
-                tf.tensor_scatter_nd_update(flipped, idx, flip),
-                tf.tensor_scatter_nd_add(iters, idx, tf.ones_like(pred)),
-            )
-
-        init = (tf.constant(0), tf.zeros_like(x), x, tf.ones((n,), tf.bool), tf.zeros((n,), tf.bool),
-                tf.zeros((n,), tf.int32))
-        _, _, x_adv, _, flipped, iters = tf.while_loop(cond, body, init)
-        return x_adv, flipped, iters
-
-    return run
 
 
 def _deepfool_fn(model, ncand: int):

@@ -1,7 +1,15 @@
-"""The ``stealnb`` command line."""
+"""The ``stealnb`` command line.
+
+Building the parser imports no TensorFlow (nor scikit-learn): the choices of ``--strategy``,
+``--arch``, ``--dataset``, ``--pool`` and ``--profile`` come from registries whose modules load
+Keras only in the functions that build or run a model, so ``stealnb --help`` and every
+``stealnb SUB --help`` answer at once. A command imports what it runs when it runs.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import shlex
@@ -10,11 +18,12 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from . import data, models, profiles, selectors
 from ._checks import UsageError
 
 
 def _cmd_train_secret(args) -> int:
-    from . import data, layout
+    from . import layout
     from .train import train_secret
 
     layout.check_run_dir(args.out, "secret")  # before the training, not after it
@@ -31,8 +40,6 @@ def _cmd_train_secret(args) -> int:
 
 
 def _cmd_data_list(args) -> int:
-    from . import data
-
     rows = data.list_local(args.data_root, build=True)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -45,16 +52,10 @@ def _cmd_data_list(args) -> int:
             size = f"{r['size_bytes'] / 1e6:9.1f} MB" if r.get("present") else "   missing   "
             where = r.get("path") or ""
         print(f"  {r['name']:<16} {r['kind']:<8} {size}  {where}")
-        if "duplicates_dropped" in r:
-            print(f"  {'':<16} {'':<8} {'':<13}  {r['pool_size']:,} patches (seed 0): "
-                  f"{r['duplicates_dropped']:,} near-duplicates dropped")
-    print("Every dataset also serves as a thief pool for a secret trained on another one: --pool NAME.")
     return 0
 
 
 def _cmd_data_fetch(args) -> int:
-    from . import data
-
     path = data.fetch(args.name, root=args.data_root, progress=not args.quiet)
     print(f"{args.name}: ready at {path}")
     return 0
@@ -97,7 +98,7 @@ def http_oracle(args, out, budget: int, kind: str):
 
 
 def _cmd_extract(args) -> int:
-    from . import extraction, profiles, train
+    from . import extraction, train
 
     prof = profiles.get_profile(args.profile)
     overrides = {}
@@ -147,21 +148,87 @@ def _cmd_extract(args) -> int:
     return 0
 
 
-# Modules that add their own subcommands through register_cli(subparsers), when present.
-_PLUGINS = ("stealnb.pipeline", "stealnb.copycat", "stealnb.server", "stealnb.bookcheck")
+def _cmd_copycat(args) -> int:
+    from . import copycat, extraction, layout, train
+
+    prof = profiles.get_profile(args.profile)
+    if args.pool_size is not None:
+        prof = prof.with_(pool_size=args.pool_size)
+    if args.pool_transform is not None:
+        prof = prof.with_(pool_transform=args.pool_transform)
+    overrides = {k: getattr(args, k) for k in ("budgets", "pdd_size", "round_size", "seed_size", "val_size",
+                                               "epochs", "finetune_epochs", "substitute") if getattr(args, k) is not None}
+    if args.secret is None and not (args.dataset and args.arch):
+        raise UsageError("copycat: give --secret DIR, or --dataset and --arch (trained on demand)")
+    dataset, arch = args.dataset, args.arch
+    if args.secret is not None:
+        _, meta = train.load_secret(args.secret)
+        dataset, arch = meta["dataset"], meta["arch"]
+    config = copycat.configure(prof, args.variant, pool=args.pool, seed=args.seed, dataset=dataset,
+                       allow_problem_domain=args.allow_problem_domain_pool, **overrides)
+    out = args.out or layout.copycat_dir(args.results, prof.name, dataset, arch, args.variant, args.seed)
+    check_out(out, "copycat", args.resume)
+    oracle, resume = None, args.resume
+    if args.oracle_url:
+        oracle = http_oracle(args, out, budget=config.budgets[-1] + config.pdd_size, kind="copycat")
+        resume = True  # cleared or resumed above; keeps run_copycat from deleting the new ledger
+    cc = copycat.run_copycat(dataset, arch, args.variant, prof, seed=args.seed, results=args.results, out=out,
+                             data_root=args.data_root, resume=resume, progress=not args.quiet,
+                             secret_dir=args.secret, pool=args.pool, oracle=oracle,
+                             allow_problem_domain=args.allow_problem_domain_pool, **overrides)
+    s = cc.summary()
+    print(f"copycat {args.variant} of {dataset}/{arch} ({prof.name}, seed {args.seed}): {s['oracle_spent']} queries, "
+          f"oracle macro-F1 {s['oracle']['macro_f1']:.4f}, {s['seconds']:.0f} s -> {out}/rounds.jsonl, {out}/summary.json")
+    for b, r in s["budgets"].items():
+        extra = f"  (before fine-tuning {r['npdd']['relative_f1']:.4f})" if "npdd" in r else ""
+        print(f"  budget {b:>6} ({r['queries']} queries): agreement {r['agreement']:.4f}  macro-F1 {r['macro_f1']:.4f}  "
+              f"relative F1 {r['relative_f1']:.4f}{extra}")
+    for line in extraction.collapse_warnings(cc.records):
+        print(line, file=sys.stderr)
+    return 0
+
+
+# Modules that add their own subcommands through register_cli(subparsers), when present. Their
+# top-level imports must stay light: every one is imported to build the parser.
+_PLUGINS = ("stealnb.pipeline", "stealnb.server", "stealnb.bookcheck")
+
+
+class _Version(argparse.Action):
+    """``--version``: ``stealnb <version>`` of the installed distribution, looked up only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help="print the version and exit"):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import importlib.metadata
+
+        try:
+            version = importlib.metadata.version("stealnb")
+        except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+            version = "(not installed)"
+        print(f"stealnb {version}")
+        parser.exit()
+
+
+def _choice(names, metavar: str = "NAME", **kwargs) -> dict:
+    """``add_argument`` keywords for one of ``names`` (a registry), shown as ``metavar`` in the
+    usage line; the help lists them through ``%(choices)s``."""
+    return dict(choices=list(names), metavar=metavar, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stealnb", description=__doc__)
+    profile = _choice(profiles.PROFILES, "PROFILE", default="demo", help="one of %(choices)s (default: %(default)s)")
+    p = argparse.ArgumentParser(prog="stealnb", description="Black-box model extraction of image classifiers.")
+    p.add_argument("--version", action=_Version)
     p.add_argument("--data-root", default=None, help="dataset folder (default: $STEALNB_DATA or ~/.cache/stealnb)")
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of an error (an unexpected one is otherwise saved to a file)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train-secret", help="train a secret model with the thesis protocol (k-fold CV)")
-    t.add_argument("--dataset", required=True)
-    t.add_argument("--arch", required=True)
-    t.add_argument("--profile", default="demo", choices=["ci", "demo", "paper"])
+    t.add_argument("--dataset", required=True, **_choice(data.DATASETS, help="one of %(choices)s"))
+    t.add_argument("--arch", required=True, **_choice(models.REGISTRY, help="one of %(choices)s"))
+    t.add_argument("--profile", **profile)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -177,16 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--quiet", action="store_true")
     df.set_defaults(func=_cmd_data_fetch)
 
-    from . import data
-    from .selectors import REGISTRY as STRATEGIES
-
     e = sub.add_parser("extract", help="ActiveThief extraction of a secret model (resumable)")
     e.add_argument("--secret", type=Path, default=None, help="folder with model.keras + metrics.json")
-    e.add_argument("--dataset", default=None, help="secret's dataset (with --arch, instead of --secret)")
-    e.add_argument("--arch", default=None, help="secret's architecture (trained on demand under --results)")
-    e.add_argument("--strategy", required=True, choices=STRATEGIES.names())
-    e.add_argument("--pool", default=None,
-                   help="thief pool (default: the profile's); any dataset serves too, e.g. fashion-mnist")
+    e.add_argument("--dataset", default=None,
+                   **_choice(data.DATASETS, help="secret's dataset (with --arch, instead of --secret): one of %(choices)s"))
+    e.add_argument("--arch", default=None, **_choice(
+        models.REGISTRY, help="secret's architecture (trained on demand under --results): one of %(choices)s"))
+    e.add_argument("--strategy", required=True, **_choice(selectors.REGISTRY, "STRATEGY", help="one of %(choices)s"))
+    e.add_argument("--pool", default=None, **_choice(data.POOLS, help="thief pool (default: the profile's): one of %(choices)s"))
     e.add_argument("--pool-size", type=int, default=None)
     e.add_argument("--pool-transform", default=None, choices=sorted(data.POOL_TRANSFORMS),
                    help="gray: BT.601 luma in all 3 channels, for a secret trained on grey images (thesis §5.1)")
@@ -198,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--val-size", type=int, default=None,
                    help="oracle-labelled validation split for early stopping; counts against the budget")
     e.add_argument("--epochs", type=int, default=None, help="max substitute epochs per round (default: the profile's)")
-    e.add_argument("--substitute", default=None, help="substitute architecture (default: the profile's)")
-    e.add_argument("--profile", default="demo", choices=["ci", "demo", "paper"])
+    e.add_argument("--substitute", default=None,
+                   **_choice(models.REGISTRY, help="substitute architecture (default: the profile's): one of %(choices)s"))
+    e.add_argument("--profile", **profile)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--results", type=Path, default=Path("results"), help="results root (secrets trained on demand go here)")
     e.add_argument("--out", required=True, type=Path)
@@ -210,8 +276,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_extract)
 
-    import importlib
-    import importlib.util
+    # Flags mirror `stealnb extract`. --variant is checked by stealnb.copycat.configure (one line,
+    # exit 2, before any work): the names live with the Copycat protocol, which loads Keras.
+    c = sub.add_parser("copycat", help="Copycat CNN attack: hard labels on random natural images (resumable)")
+    c.add_argument("--dataset", "--secret-dataset", dest="dataset", default=None,
+                   **_choice(data.DATASETS, help="secret's dataset (with --arch, instead of --secret): one of %(choices)s"))
+    c.add_argument("--arch", default=None, **_choice(
+        models.REGISTRY, help="secret's architecture (trained on demand under --results): one of %(choices)s"))
+    c.add_argument("--secret", type=Path, default=None, help="folder with model.keras + metrics.json")
+    c.add_argument("--variant", required=True,
+                   help="npdd: natural images only; pdd-sl: then fine-tune on oracle-labelled problem-domain "
+                        "images; npdd+pdd: train on the union")
+    c.add_argument("--pool", default=None,
+                   **_choice(data.POOLS, help="NPDD thief pool (default: the profile's): one of %(choices)s"))
+    c.add_argument("--pool-size", type=int, default=None)
+    c.add_argument("--pool-transform", default=None, choices=sorted(data.POOL_TRANSFORMS),
+                   help="gray: BT.601 luma in all 3 channels, for a secret trained on grey images (thesis §5.1)")
+    c.add_argument("--allow-problem-domain-pool", action="store_true",
+                   help="let the NPDD pool be the secret's own dataset (that is PDD: use --pdd-size instead)")
+    c.add_argument("--budgets", type=_budgets, default=None, help="NPDD query budgets, e.g. 500,1000,2000")
+    c.add_argument("--pdd-size", type=int, default=None, help="problem-domain images (from the train split) for pdd variants")
+    c.add_argument("--finetune-epochs", type=int, default=None)
+    c.add_argument("--round-size", type=int, default=None, help="extra data-curve rounds every k queries (default: budgets only)")
+    c.add_argument("--seed-size", type=int, default=None)
+    c.add_argument("--val-size", type=int, default=None, help="oracle-labelled NPDD validation split (counts against the budget)")
+    c.add_argument("--epochs", type=int, default=None)
+    c.add_argument("--substitute", default=None,
+                   **_choice(models.REGISTRY, help="copycat architecture (default: the profile's): one of %(choices)s"))
+    c.add_argument("--profile", **profile)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--results", type=Path, default=Path("results"))
+    c.add_argument("--out", type=Path, default=None, help="run folder (default: results/<profile>/copycat/...)")
+    c.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    c.add_argument("--oracle-url", default=None, help="query a `stealnb serve` endpoint instead of an in-process oracle")
+    c.add_argument("--model-name", default="secret", help="model name on the server")
+    c.add_argument("--api-key", default=None, help="API key for --oracle-url (default: $STEALNB_API_KEY)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_cmd_copycat)
 
     for name in _PLUGINS:
         if importlib.util.find_spec(name) is not None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,9 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from . import layout, metrics, models
-from ._checks import UsageError, check_images, check_labels, check_positive_int
-from .cli import _budgets
-from .extraction import Extraction, ExtractionConfig, _atomic_write, collapse_warnings
+from ._checks import check_images, check_labels, check_positive_int
+from .extraction import Extraction, ExtractionConfig, _atomic_write
 from .train import fit
 
 VARIANTS = ("npdd", "pdd-sl", "npdd+pdd")
@@ -681,84 +679,3 @@ def comparison_table(results, profile: str, dataset: str, arch: str):
     order = {"copycat": 0, "activethief": 1}
     out = out.sort_values(["family", "method", "budget"], key=lambda s: s.map(order) if s.name == "family" else s)
     return out[cols].reset_index(drop=True)
-
-
-# -- CLI -------------------------------------------------------------------------------------------
-
-def _cmd_copycat(args) -> int:
-    from . import profiles, train
-    from .cli import check_out, http_oracle
-
-    prof = profiles.get_profile(args.profile)
-    if args.pool_size is not None:
-        prof = prof.with_(pool_size=args.pool_size)
-    if args.pool_transform is not None:
-        prof = prof.with_(pool_transform=args.pool_transform)
-    overrides = {k: getattr(args, k) for k in ("budgets", "pdd_size", "round_size", "seed_size", "val_size",
-                                               "epochs", "finetune_epochs", "substitute") if getattr(args, k) is not None}
-    if args.secret is None and not (args.dataset and args.arch):
-        raise UsageError("copycat: give --secret DIR, or --dataset and --arch (trained on demand)")
-    dataset, arch = args.dataset, args.arch
-    if args.secret is not None:
-        _, meta = train.load_secret(args.secret)
-        dataset, arch = meta["dataset"], meta["arch"]
-    config = configure(prof, args.variant, pool=args.pool, seed=args.seed, dataset=dataset,
-                       allow_problem_domain=args.allow_problem_domain_pool, **overrides)
-    out = args.out or layout.copycat_dir(args.results, prof.name, dataset, arch, args.variant, args.seed)
-    check_out(out, "copycat", args.resume)
-    oracle, resume = None, args.resume
-    if args.oracle_url:
-        oracle = http_oracle(args, out, budget=config.budgets[-1] + config.pdd_size, kind="copycat")
-        resume = True  # cleared or resumed above; keeps run_copycat from deleting the new ledger
-    cc = run_copycat(dataset, arch, args.variant, prof, seed=args.seed, results=args.results, out=out,
-                     data_root=args.data_root, resume=resume, progress=not args.quiet,
-                     secret_dir=args.secret, pool=args.pool, oracle=oracle,
-                     allow_problem_domain=args.allow_problem_domain_pool, **overrides)
-    s = cc.summary()
-    print(f"copycat {args.variant} of {dataset}/{arch} ({prof.name}, seed {args.seed}): {s['oracle_spent']} queries, "
-          f"oracle macro-F1 {s['oracle']['macro_f1']:.4f}, {s['seconds']:.0f} s -> {out}/rounds.jsonl, {out}/summary.json")
-    for b, r in s["budgets"].items():
-        extra = f"  (before fine-tuning {r['npdd']['relative_f1']:.4f})" if "npdd" in r else ""
-        print(f"  budget {b:>6} ({r['queries']} queries): agreement {r['agreement']:.4f}  macro-F1 {r['macro_f1']:.4f}  "
-              f"relative F1 {r['relative_f1']:.4f}{extra}")
-    for line in collapse_warnings(cc.records):
-        print(line, file=sys.stderr)
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add ``stealnb copycat`` (flags mirror ``stealnb extract``)."""
-    from .data import POOL_TRANSFORMS
-
-    c = subparsers.add_parser("copycat", help="Copycat CNN attack: hard labels on random natural images (resumable)")
-    c.add_argument("--dataset", "--secret-dataset", dest="dataset", default=None,
-                   help="secret's dataset (with --arch, instead of --secret)")
-    c.add_argument("--arch", default=None, help="secret's architecture (trained on demand under --results)")
-    c.add_argument("--secret", type=Path, default=None, help="folder with model.keras + metrics.json")
-    c.add_argument("--variant", required=True, choices=VARIANTS,
-                   help="npdd: natural images only; pdd-sl: then fine-tune on oracle-labelled problem-domain "
-                        "images; npdd+pdd: train on the union")
-    c.add_argument("--pool", default=None, help="NPDD thief pool (default: the profile's, e.g. natural-patches)")
-    c.add_argument("--pool-size", type=int, default=None)
-    c.add_argument("--pool-transform", default=None, choices=sorted(POOL_TRANSFORMS),
-                   help="gray: BT.601 luma in all 3 channels, for a secret trained on grey images (thesis §5.1)")
-    c.add_argument("--allow-problem-domain-pool", action="store_true",
-                   help="let the NPDD pool be the secret's own dataset (that is PDD: use --pdd-size instead)")
-    c.add_argument("--budgets", type=_budgets, default=None, help="NPDD query budgets, e.g. 500,1000,2000")
-    c.add_argument("--pdd-size", type=int, default=None, help="problem-domain images (from the train split) for pdd variants")
-    c.add_argument("--finetune-epochs", type=int, default=None)
-    c.add_argument("--round-size", type=int, default=None, help="extra data-curve rounds every k queries (default: budgets only)")
-    c.add_argument("--seed-size", type=int, default=None)
-    c.add_argument("--val-size", type=int, default=None, help="oracle-labelled NPDD validation split (counts against the budget)")
-    c.add_argument("--epochs", type=int, default=None)
-    c.add_argument("--substitute", default=None, help="copycat architecture (default: the profile's)")
-    c.add_argument("--profile", default="demo", choices=["ci", "demo", "paper"])
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--results", type=Path, default=Path("results"))
-    c.add_argument("--out", type=Path, default=None, help="run folder (default: results/<profile>/copycat/...)")
-    c.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
-    c.add_argument("--oracle-url", default=None, help="query a `stealnb serve` endpoint instead of an in-process oracle")
-    c.add_argument("--model-name", default="secret", help="model name on the server")
-    c.add_argument("--api-key", default=None, help="API key for --oracle-url (default: $STEALNB_API_KEY)")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
-    c.set_defaults(func=_cmd_copycat)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix as _sk_confusion
-from sklearn.metrics import f1_score
 
 from ._checks import check_labels
+
+# scikit-learn (about a second to import) is imported in the two functions that use it: the
+# command line reaches this module through the strategy registry (stealnb.selectors) just to
+# print its help.
 
 
 def _pair(a, b, names=("a", "b")):
@@ -46,6 +48,8 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int | None = N
     """Macro-averaged F1 over ``num_classes`` classes (thesis 002 §4: the Copycat metric).
     A class absent from both ``y_true`` and ``y_pred`` contributes 0, as in scikit-learn."""
     a, b = _pair(y_true, y_pred, ("y_true", "y_pred"))
+    from sklearn.metrics import f1_score
+
     labels = np.arange(num_classes) if num_classes else None
     return float(f1_score(a, b, labels=labels, average="macro", zero_division=0))
 
@@ -108,7 +112,9 @@ def relative_f1(copy_f1: float, oracle_f1: float) -> float:
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """``num_classes × num_classes`` counts, rows = true class, columns = predicted class."""
     a, b = _pair(y_true, y_pred, ("y_true", "y_pred"))
-    return _sk_confusion(a, b, labels=np.arange(num_classes))
+    from sklearn import metrics as sk_metrics
+
+    return sk_metrics.confusion_matrix(a, b, labels=np.arange(num_classes))
 
 
 def transfer_metrics(y_true, substitute_adv_labels, secret_adv_labels) -> dict:

@@ -5,26 +5,41 @@ The five thesis architectures reproduce thesis Table 4's parameter counts exactl
 backbones (no ImageNet weights, nothing is downloaded) are topped by the head the counts
 imply: ``Flatten -> Dense(64, relu) -> Dense(num_classes)``. The CPU-sized models serve the
 ``ci`` and ``demo`` profiles.
+
+Keras (and with it TensorFlow, ~10 s) is imported by the builders, not by this module: the
+registry's names are the command line's ``--arch`` choices, needed before any model is.
 """
 from __future__ import annotations
 
+import functools
+import sys
 import weakref
-
-import keras
-from keras import layers
+from typing import TYPE_CHECKING
 
 from .registry import Registry
+
+if TYPE_CHECKING:
+    import keras
 
 REGISTRY = Registry("model")
 
 
+def _keras():
+    """``(keras, keras.layers)``, imported on first use."""
+    import keras
+
+    return keras, keras.layers
+
+
 def _head(x, num_classes: int, hidden: int = 64):
+    _, layers = _keras()
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(hidden, activation="relu", name="fc1")(x)
     return layers.Dense(num_classes, name="logits")(x)
 
 
 def _from_backbone(app, name, input_shape, num_classes):
+    keras, _ = _keras()
     inp = keras.Input(shape=input_shape, name="image")
     base = app(include_top=False, weights=None, input_tensor=inp)
     return keras.Model(inp, _head(base.output, num_classes), name=name)
@@ -33,24 +48,28 @@ def _from_backbone(app, name, input_shape, num_classes):
 @REGISTRY.register("vgg16")
 def vgg16(input_shape=(32, 32, 3), num_classes=10):
     """VGG16 (Simonyan & Zisserman 2014; thesis §2.2.1, Fig. 13 config D, Table 4: 14,748,170 params)."""
+    keras, _ = _keras()
     return _from_backbone(keras.applications.VGG16, "vgg16", input_shape, num_classes)
 
 
 @REGISTRY.register("vgg19")
 def vgg19(input_shape=(32, 32, 3), num_classes=10):
     """VGG19 (Simonyan & Zisserman 2014; thesis §2.2.1, Fig. 13 config E, Table 4: 20,057,866 params)."""
+    keras, _ = _keras()
     return _from_backbone(keras.applications.VGG19, "vgg19", input_shape, num_classes)
 
 
 @REGISTRY.register("resnet50")
 def resnet50(input_shape=(32, 32, 3), num_classes=10):
     """ResNet50 (He et al. 2016; thesis §2.2.2, Table 4: 23,719,498 total / 23,666,378 trainable)."""
+    keras, _ = _keras()
     return _from_backbone(keras.applications.ResNet50, "resnet50", input_shape, num_classes)
 
 
 @REGISTRY.register("resnet101")
 def resnet101(input_shape=(32, 32, 3), num_classes=10):
     """ResNet101 (He et al. 2016; thesis §2.2.2, Table 4: 42,789,962 total / 42,684,618 trainable)."""
+    keras, _ = _keras()
     return _from_backbone(keras.applications.ResNet101, "resnet101", input_shape, num_classes)
 
 
@@ -63,6 +82,7 @@ def alexnet(input_shape=(32, 32, 3), num_classes=10):
     by BatchNormalization (the 21,156 non-trainable parameters of Table 4 are exactly these BN
     moving statistics). Strides/pools bring 32x32 down to 1x1x256 before the dense layers.
     """
+    keras, layers = _keras()
     inp = keras.Input(shape=input_shape, name="image")
     x = inp
     convs = [(96, 11, 4, True), (256, 5, 1, True), (384, 3, 1, False), (384, 3, 1, False), (256, 3, 1, True)]
@@ -87,6 +107,7 @@ def alexnet(input_shape=(32, 32, 3), num_classes=10):
 def cnn_small(input_shape=(32, 32, 3), num_classes=10):
     """Small VGG-style CNN for 2-core CPU runs (demo profile): two conv3 blocks (32, 64 filters)
     and a 128-unit dense layer: the VGG pattern of thesis §2.2.1 at 591,274 parameters."""
+    keras, layers = _keras()
     inp = keras.Input(shape=input_shape, name="image")
     x = inp
     for i, filters in enumerate((32, 64), 1):
@@ -105,6 +126,7 @@ def cnn_small_bn(input_shape=(32, 32, 3), num_classes=10):
     """cnn-small with BatchNormalization (Ioffe & Szegedy 2015) after every convolution and the
     dense layer: a candidate substitute for small, skewed labelled sets (stealnb's own variant,
     not a thesis architecture; ``benchmarks/`` measures whether it helps)."""
+    keras, layers = _keras()
     inp = keras.Input(shape=input_shape, name="image")
     x = inp
     for i, filters in enumerate((32, 64), 1):
@@ -125,6 +147,7 @@ def cnn_small_bn(input_shape=(32, 32, 3), num_classes=10):
 @REGISTRY.register("lenet5")
 def lenet5(input_shape=(32, 32, 3), num_classes=10):
     """LeNet-5 (LeCun et al. 1998; thesis §2.2.1): conv5-6, pool, conv5-16, pool, 120-84 dense."""
+    keras, layers = _keras()
     inp = keras.Input(shape=input_shape, name="image")
     x = layers.Conv2D(6, 5, activation="relu", name="conv1")(inp)
     x = layers.AveragePooling2D(2, name="pool1")(x)
@@ -141,6 +164,7 @@ def lenet5(input_shape=(32, 32, 3), num_classes=10):
 def cnn_tiny(input_shape=(32, 32, 3), num_classes=10):
     """Tiny CNN for tests and the ci profile (conv3-16, pool, conv3-32, pool, dense 64): a
     scaled-down instance of the VGG pattern (thesis §2.2.1) that trains in seconds."""
+    keras, layers = _keras()
     inp = keras.Input(shape=input_shape, name="image")
     x = layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inp)
     x = layers.MaxPooling2D(2, name="pool1")(x)
@@ -160,8 +184,17 @@ def build(name: str, input_shape=(32, 32, 3), num_classes: int = 10, seed: int |
         raise ValueError(f"input_shape: expected (height, width, channels), got {input_shape!r}")
     builder = REGISTRY[name]
     if seed is not None:
+        keras, _ = _keras()
         keras.utils.set_random_seed(int(seed))
     return builder(input_shape=tuple(input_shape), num_classes=num_classes)
+
+
+def clone(model: keras.Model) -> keras.Model:
+    """A copy of ``model``: the same architecture and weights, nothing shared (``clone_model``)."""
+    keras, _ = _keras()
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def count_params(model: keras.Model) -> tuple[int, int]:
@@ -177,18 +210,21 @@ _FORWARD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def forward(model):
     """``x -> model(x, training=False)`` for batched inference, compiled once per Keras model with
-    ``tf.function`` (shape-generic, so batches of any size share one graph). Its logits match the
-    eager call's (bit for bit on this project's CPU build; the extraction results did not change)
-    and it is about 1.5x faster on CPU over a 20k-image pool (5.1 s -> 3.4 s, cnn-small, 2 cores).
+    ``tf.function`` over float32 batches of the model's input shape and any size: one trace per
+    model, whatever the batch sizes. Its logits match the eager call's (bit for bit on this
+    project's CPU build; the extraction results did not change) and it is about 1.5x faster on
+    CPU over a 20k-image pool (5.1 s -> 3.4 s, cnn-small, 2 cores).
     Weights are read when called, so a model trained further after the first call is seen as it
     is now. Anything that is not a Keras model is returned unchanged."""
-    if not isinstance(model, keras.Model):
+    keras = sys.modules.get("keras")  # no Keras loaded: ``model`` cannot be a Keras model
+    if keras is None or not isinstance(model, keras.Model):
         return model
     f = _FORWARD.get(model)
     if f is None:
         import tensorflow as tf
 
-        call = tf.function(weak_logits(model), reduce_retracing=True)
+        images = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        call = tf.function(weak_logits(model), input_signature=[images])
 
         def f(x, training=False):
             if training:
@@ -201,13 +237,18 @@ def forward(model):
 
 def weak_logits(model):
     """``x -> logits`` calling ``model`` in inference mode through a weak reference, so the compiled
-    functions cached per model (here and in :mod:`stealnb.attacks`) do not keep the model alive."""
-    ref = weakref.ref(model)
+    functions cached per model (here and in :mod:`stealnb.attacks`) do not keep the model alive.
 
-    def logits(x):
-        return ref()(x, training=False)
+    A :func:`functools.partial`, not a closure, so that each model's ``tf.function`` is told apart:
+    TensorFlow's retracing detector keys a function by its Python code, which every closure of
+    one ``def`` shares, and so counted each new model's first trace (a new substitute every
+    extraction round) as a retrace of one function ("5 out of the last 7 calls to
+    <function weak_logits.<locals>.logits> triggered tf.function retracing")."""
+    return functools.partial(_logits, weakref.ref(model))
 
-    return logits
+
+def _logits(ref, x):
+    return ref()(x, training=False)
 
 
 def predict_logits(model, x, batch_size: int = 512):

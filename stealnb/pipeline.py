@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import layout
-from .profiles import Profile, get_profile
+from .profiles import PROFILES, Profile, get_profile
 
 NOTEBOOKS = {
     "eda": "01_eda.ipynb",
@@ -503,7 +503,8 @@ def _cmd_run(args) -> int:
 
 def register_cli(subparsers) -> None:
     r = subparsers.add_parser("run", help="execute a profile's notebook grid with papermill, then build the book")
-    r.add_argument("--profile", default="demo", choices=["ci", "demo", "paper"])
+    r.add_argument("--profile", default="demo", choices=list(PROFILES), metavar="PROFILE",
+                   help="one of %(choices)s (default: %(default)s)")
     r.add_argument("--results", type=Path, default=Path("results"), help="results root (default: ./results)")
     r.add_argument("--jobs", type=int, default=1, help="notebooks executed in parallel processes")
     r.add_argument("--force", action="store_true", help="rerun every notebook, even unchanged ones")

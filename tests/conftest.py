@@ -30,3 +30,18 @@ def secret_dir(tmp_path_factory):
     prof = profiles.get_profile("ci").with_(epochs=2)
     res = train.train_secret(data.load_dataset("digits"), "cnn-tiny", prof, seed=0, progress=False)
     return res.save(tmp_path_factory.mktemp("secret"))
+
+
+@pytest.fixture
+def tf_warnings():
+    """The records TensorFlow's Python logger emits during the test (its retracing warning among them)."""
+    import logging
+
+    import tensorflow as tf
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    tf.get_logger().addHandler(handler)
+    yield records
+    tf.get_logger().removeHandler(handler)

@@ -239,6 +239,19 @@ def test_deepfool_vs_art(trained_tiny, probe):
     assert ((ratio > 0.95) & (ratio < 1.01)).all()
 
 
+def test_attacks_on_one_new_model_after_another_never_warn_of_retracing(tf_warnings):
+    """Each model compiles its own FGSM and DeepFool functions; TensorFlow must not take the first
+    trace of each (a new substitute every extraction round) for retracing of one function."""
+    x = np.random.default_rng(0).random((24, 32, 32, 3), dtype=np.float32)
+    level = tf.get_logger().level
+    for seed in range(6):
+        m = models.build("cnn-tiny", seed=seed)
+        fgsm(m, x, batch_size=10)
+        deepfool(m, x, max_iter=2, batch_size=10)
+    assert [r.getMessage() for r in tf_warnings if "retracing" in r.getMessage()] == []
+    assert tf.get_logger().level == level
+
+
 def test_attacks_accept_empty_batch(tiny_model):
     x = np.zeros((0, 32, 32, 3), np.float32)
     res = deepfool(tiny_model, x)

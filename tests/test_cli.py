@@ -126,3 +126,73 @@ def test_an_unexpected_error_is_one_line_naming_a_saved_traceback(tmp_path, caps
     assert text.startswith("stealnb train-secret --dataset digits") and "Traceback" in text and "broken_disk" in text
     assert cli.main(["--debug", *argv]) == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+# -- a quiet, fast command line -----------------------------------------------------------------
+
+_HELP_IN_A_FRESH_PROCESS = """
+import argparse, contextlib, io, sys
+from stealnb import cli
+parser = cli.build_parser()
+(sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+commands = [[]] + [[name] for name in sub.choices] + [["data", "list"], ["data", "fetch"]]
+for argv in commands:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            parser.parse_args(argv + ["--help"])
+        except SystemExit as e:
+            assert e.code == 0, (argv, e.code)
+    assert "usage: stealnb" in out.getvalue(), argv
+heavy = sorted(m for m in ("tensorflow", "keras", "sklearn") if m in sys.modules)
+assert not heavy, f"building the parser imported {heavy}"
+print(len(commands), "helps")
+"""
+
+
+def _python(code_or_args, **env):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["-c", code_or_args] if isinstance(code_or_args, str) else list(code_or_args)
+    root = str(Path(cli.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **env}
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):  # set by conftest; not in a user's shell
+        env.pop(name, None)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_every_help_imports_no_tensorflow():
+    p = _python(_HELP_IN_A_FRESH_PROCESS)
+    assert p.returncode == 0, p.stderr
+    assert int(p.stdout.split()[0]) >= 9 and p.stderr == ""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["extract", "--help"], ["copycat", "--help"], ["data", "list"]])
+def test_help_and_data_list_print_nothing_on_stderr(argv):
+    p = _python(["-m", "stealnb.cli", *argv])
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.stdout.startswith("usage: stealnb") or p.stdout.startswith("data root: ")
+
+
+def test_version_is_the_installed_distributions(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"stealnb {importlib.metadata.version('stealnb')}\n"
+
+
+@pytest.mark.parametrize("flag, value", [("--arch", "vgg17"), ("--dataset", "mnist2"), ("--pool", "imagenet"),
+                                         ("--strategy", "entropy"), ("--profile", "fast")])
+def test_an_unknown_name_is_refused_by_the_parser_with_the_known_ones(capsys, flag, value):
+    argv = ["extract", "--strategy", "random", "--dataset", "digits", "--arch", "cnn-tiny", "--out", "x"]
+    argv = argv + [flag, value]
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: invalid choice: '{value}'" in err

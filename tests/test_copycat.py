@@ -141,7 +141,7 @@ def test_cli_copycat(secret_dir, tmp_path, capsys):
     assert "relative F1" in capsys.readouterr().out
     args = cli.build_parser().parse_args(["copycat", "--secret-dataset", "digits", "--arch", "cnn-tiny",
                                           "--variant", "npdd", "--resume"])
-    assert args.dataset == "digits" and args.resume and args.func is copycat._cmd_copycat
+    assert args.dataset == "digits" and args.resume and args.func is cli._cmd_copycat
 
 
 def test_label_distribution_and_api_cost():

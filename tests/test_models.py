@@ -82,3 +82,29 @@ def test_compiled_forward_equals_eager_and_does_not_keep_the_model_alive():
     del m, f
     gc.collect()
     assert ref() is None
+
+
+def _tracing_count(model) -> int:
+    """Traces of ``model``'s compiled forward function (the ``tf.function`` inside ``forward(model)``)."""
+    (compiled,) = [c.cell_contents for c in models.forward(model).__closure__
+                   if hasattr(c.cell_contents, "experimental_get_tracing_count")]
+    return compiled.experimental_get_tracing_count()
+
+
+def test_forward_traces_once_per_model_whatever_the_batch_sizes_and_never_warns_of_retracing(tf_warnings):
+    x = np.random.default_rng(0).random((100, 32, 32, 3), dtype=np.float32)
+    for seed in range(6):  # a new substitute every extraction round
+        m = models.build("cnn-tiny", seed=seed)
+        for batch_size in (64, 30, 100):  # last batches of 36, 10 and 100 images
+            models.predict_logits(m, x, batch_size=batch_size)
+        assert _tracing_count(m) == 1
+    assert [r.getMessage() for r in tf_warnings if "retracing" in r.getMessage()] == []
+
+
+def test_clone_copies_architecture_and_weights_and_shares_nothing():
+    m = models.build("cnn-tiny", num_classes=10, seed=0)
+    c = models.clone(m)
+    x = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
+    np.testing.assert_array_equal(models.predict_logits(c, x), models.predict_logits(m, x))
+    c.set_weights([w * 0 for w in c.get_weights()])
+    assert np.abs(models.predict_logits(m, x)).sum() > 0

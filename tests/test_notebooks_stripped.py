@@ -35,3 +35,23 @@ def test_one_parameters_cell_with_ci_defaults(path):
               for t in node.targets if isinstance(t, ast.Name)}
     assert values.get("profile") == "ci", f"{path.name}: parameters must default to profile = 'ci'"
     assert "results_dir" in values and "data_root" in values, path.name
+
+
+_TENSORFLOW = {"tensorflow", "keras", "cleverhans"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stealnb_is_imported_before_tensorflow(path):
+    """Importing stealnb first is what keeps TensorFlow's start-up log lines out of the page
+    (stealnb._tflog)."""
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.walk(ast.parse("".join(cell["source"]))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            tops = {n.split(".")[0] for n in names}
+            if "stealnb" in tops:
+                return
+            assert not tops & _TENSORFLOW, f"{path.name} imports {sorted(tops & _TENSORFLOW)} before stealnb"
