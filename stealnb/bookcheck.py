@@ -2,8 +2,16 @@
 
 Uses the system's Chromium (Debian package ``chromium``; nothing is downloaded) through the
 Chrome DevTools Protocol over a websocket (tornado's client, already a Jupyter dependency).
-Per page it collects console errors, uncaught exceptions and failed resource loads, and counts
-rendered plotly charts (``.js-plotly-plot`` elements holding an SVG); it can save a screenshot.
+Per page it collects console errors, uncaught exceptions and failed resource loads
+(:func:`page_errors`), waits until the page has settled -- loaded, every plotly chart drawn, no
+request pending (:func:`wait_until_settled`; a condition, not a fixed sleep) -- and counts the
+plotly charts placed and drawn. Given the number of charts each executed notebook made
+(:func:`notebook_plots`), a page that shows fewer or more is an error. It can save a screenshot.
+
+The browser is ``$STEALNB_CHROMIUM`` when set (a path or a command name; when it does not
+resolve to an executable there is no fallback, so pointing it at a missing file behaves like a
+machine without Chromium), else the first of ``chromium``, ``chromium-browser`` and
+``google-chrome`` on ``PATH``.
 
 ``stealnb check-book [_build/html]`` runs it from the command line.
 """
@@ -13,7 +21,6 @@ import asyncio
 import base64
 import json
 import os
-
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+CHROMIUM_ENV = "STEALNB_CHROMIUM"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM_FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--no-default-browser-check", "--disable-background-networking", "--disable-component-update",
@@ -28,28 +37,144 @@ CHROMIUM_FLAGS = (
     "--allow-file-access-from-files", "--window-size=1280,1600",
 )
 
-_PLOTLY_JS = """(() => {
-  const plots = Array.from(document.querySelectorAll('.js-plotly-plot'));
-  return {plots: plots.length,
-          rendered: plots.filter(p => p.querySelector('svg.main-svg') !== null).length};
+# A chart's placeholder is the ``plotly-graph-div`` of the figure's HTML snippet
+# (stealnb.plots); Plotly.newPlot marks it ``js-plotly-plot`` and draws its ``svg.main-svg``.
+# Counting placeholders (not only ``js-plotly-plot``) makes a chart whose script never ran visible.
+_STATE_JS = """(() => {
+  const divs = Array.from(document.querySelectorAll('.plotly-graph-div, .js-plotly-plot'));
+  return {ready: document.readyState, plots: divs.length,
+          rendered: divs.filter(d => d.classList.contains('js-plotly-plot')
+                                     && d.querySelector('svg.main-svg') !== null).length};
 })()"""
+_PLOTLY_DIV = 'class="plotly-graph-div"'
+_PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
 
 def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
+    """The Chromium executable to use, or None (see the module docstring)."""
+    env = os.environ.get(CHROMIUM_ENV)
+    if env:
+        return shutil.which(env)
+    for name in CHROMIUM_NAMES:
         path = shutil.which(name)
         if path:
             return path
     return None
 
 
+def chromium_missing_reason() -> str:
+    """Why :func:`find_chromium` found nothing, and how to fix it."""
+    env = os.environ.get(CHROMIUM_ENV)
+    if env:
+        return (f"Chromium not found: {CHROMIUM_ENV}={env} is not an executable "
+                f"(unset it to look for {', '.join(CHROMIUM_NAMES)} on PATH)")
+    return (f"Chromium not found: none of {', '.join(CHROMIUM_NAMES)} is on PATH "
+            f"(Debian: apt-get install chromium, or `make sysdeps` as root; or set {CHROMIUM_ENV})")
+
+
 @dataclass
 class PageReport:
     page: str
     errors: list[str] = field(default_factory=list)
-    plots: int = 0
-    rendered_plots: int = 0
+    plots: int = 0  # plotly charts placed on the page
+    rendered_plots: int = 0  # of those, drawn by plotly.js
+    expected_plots: int | None = None  # charts the executed notebook made (None: not a notebook page)
+    seconds: float = 0.0  # from navigation until the page settled (or the timeout)
     screenshot: str | None = None
+
+
+# -- what the notebooks made ---------------------------------------------------------------------
+
+def notebook_plots(nb) -> int:
+    """The plotly charts an executed notebook (a path or its JSON dict) shows: per output, the
+    figure placeholders in its ``text/html`` (what the book renders), or one for an output that
+    carries only plotly's JSON mimetype (a chart the static book cannot show: the page then has
+    fewer charts than the notebook made, which :func:`check_book` reports)."""
+    if not isinstance(nb, dict):
+        nb = json.loads(Path(nb).read_text())
+    n = 0
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            data = out.get("data") or {}
+            html = data.get("text/html", "")
+            html = "".join(html) if isinstance(html, list) else str(html)
+            n += max(html.count(_PLOTLY_DIV), 1 if _PLOTLY_MIME in data else 0)
+    return n
+
+
+def expected_from_sources(html_dir) -> dict[str, int]:
+    """``{page: charts}`` for every notebook page of a Sphinx build, read from the notebook
+    copies Sphinx keeps under ``_sources/`` (``book/x.ipynb`` -> ``book/x.html``)."""
+    html_dir = Path(html_dir)
+    src = html_dir / "_sources"
+    out = {}
+    for nb in sorted(src.rglob("*.ipynb")) if src.is_dir() else []:
+        rel = nb.relative_to(src)
+        out[str(rel.with_suffix(".html"))] = notebook_plots(nb)
+    return out
+
+
+# -- classifying the browser's events --------------------------------------------------------------
+
+def _request_urls(events: list[dict]) -> dict[str, str]:
+    return {e["params"].get("requestId"): e["params"].get("request", {}).get("url", "")
+            for e in events if e.get("method") == "Network.requestWillBeSent"}
+
+
+def pending_requests(events: list[dict]) -> list[str]:
+    """URLs of requests the page started and that neither finished nor failed yet."""
+    urls = _request_urls(events)
+    done = {e.get("params", {}).get("requestId") for e in events
+            if e.get("method") in ("Network.loadingFinished", "Network.loadingFailed")}
+    return [u for r, u in urls.items() if r not in done]
+
+
+def page_errors(events: list[dict]) -> list[str]:
+    """The problems among a page's DevTools events, one line each: ``console.error`` and failed
+    ``console.assert`` calls, uncaught exceptions, error-level log entries (e.g. a resource that
+    failed to load) and failed network loads (with their URL; a load the page itself cancelled
+    is not an error). Warnings, info and debug messages are not errors."""
+    urls = _request_urls(events)
+    out = []
+    for e in events:
+        m, p = e.get("method"), e.get("params", {})
+        if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+            args = " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+            out.append(f"console.{p['type']}: {args}")
+        elif m == "Runtime.exceptionThrown":
+            d = p.get("exceptionDetails", {})
+            out.append("exception: " + ((d.get("exception") or {}).get("description") or d.get("text", "")))
+        elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
+            en = p["entry"]
+            out.append(f"{en.get('source', 'log')}: {en.get('text', '')} {en.get('url', '')}".strip())
+        elif m == "Network.loadingFailed" and not p.get("canceled"):
+            url = urls.get(p.get("requestId")) or f"request {p.get('requestId')}"
+            out.append(f"load failed: {p.get('errorText')} {url}")
+    return out
+
+
+def settled(state: dict, pending: list[str], expected: int | None = None) -> bool:
+    """A page is settled when the document has loaded, every chart on it is drawn, no request is
+    pending and (when ``expected`` is given) at least that many charts have been placed."""
+    plots = int(state.get("plots", 0))
+    return (state.get("ready") == "complete" and int(state.get("rendered", 0)) == plots and not pending
+            and (expected is None or plots >= expected))
+
+
+async def wait_until_settled(cdp, expected: int | None = None, timeout: float = 30.0, poll: float = 0.05,
+                             clock=time.monotonic) -> tuple[dict, bool]:
+    """Poll the page (``cdp``: an object with ``call(method, params)`` and the ``events`` seen so
+    far) until :func:`settled` or ``timeout`` seconds on ``clock``; returns (last state, settled).
+    Events that arrive meanwhile are collected, so late console errors are seen too."""
+    deadline = clock() + timeout
+    while True:
+        res = await cdp.call("Runtime.evaluate", {"expression": _STATE_JS, "returnByValue": True})
+        state = res.get("result", {}).get("value") or {}
+        if settled(state, pending_requests(cdp.events), expected):
+            return state, True
+        if clock() >= deadline:
+            return state, False
+        await cdp.drain(poll)
 
 
 class _CDP:
@@ -89,6 +214,7 @@ class _CDP:
             self.events.append(json.loads(msg))
 
     async def drain(self, seconds: float) -> None:
+        """Collect the events that arrive within ``seconds`` (returns early on a closed socket)."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -100,24 +226,21 @@ class _CDP:
             self.events.append(json.loads(msg))
 
 
-def _errors(events: list[dict]) -> list[str]:
+def _settle_errors(state: dict, pending: list[str], expected: int | None, timeout: float) -> list[str]:
+    """What kept a page from settling within ``timeout``."""
     out = []
-    for e in events:
-        m, p = e.get("method"), e.get("params", {})
-        if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-            out.append("console.error: " + " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
-        elif m == "Runtime.exceptionThrown":
-            d = p.get("exceptionDetails", {})
-            out.append("exception: " + (d.get("exception", {}).get("description") or d.get("text", "")))
-        elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
-            en = p["entry"]
-            out.append(f"{en.get('source', 'log')}: {en.get('text', '')} {en.get('url', '')}".strip())
-        elif m == "Network.loadingFailed" and not p.get("canceled"):
-            out.append(f"load failed: {p.get('errorText')} ({p.get('requestId')})")
+    plots, rendered = int(state.get("plots", 0)), int(state.get("rendered", 0))
+    if state.get("ready") != "complete":
+        out.append(f"document not loaded after {timeout:g} s (readyState {state.get('ready')!r})")
+    if rendered != plots:
+        out.append(f"plotly: {rendered} of {plots} chart(s) drawn after {timeout:g} s")
+    if pending:
+        out.append(f"{len(pending)} request(s) still pending after {timeout:g} s: " + ", ".join(pending[:5]))
     return out
 
 
-async def _check(pages: list[Path], screenshots: dict[Path, Path], chromium: str, settle: float) -> list[PageReport]:
+async def _check(pages: list[Path], screenshots: dict[Path, Path], expected: dict[Path, int], chromium: str,
+                 timeout: float) -> list[PageReport]:
     from tornado.httpclient import AsyncHTTPClient
     from tornado.websocket import websocket_connect
 
@@ -141,15 +264,20 @@ async def _check(pages: list[Path], screenshots: dict[Path, Path], chromium: str
         reports = []
         for page in pages:
             cdp.events = []
+            t0 = time.monotonic()
             await cdp.call("Page.navigate", {"url": page.resolve().as_uri()})
             if not await cdp.wait_event("Page.loadEventFired", 60):
                 reports.append(PageReport(str(page), ["page did not finish loading in 60 s"]))
                 continue
-            await cdp.drain(settle)  # let plotly and the theme's scripts run
-            rep = PageReport(str(page), _errors(cdp.events))
-            res = await cdp.call("Runtime.evaluate", {"expression": _PLOTLY_JS, "returnByValue": True})
-            val = res.get("result", {}).get("value") or {}
-            rep.plots, rep.rendered_plots = int(val.get("plots", 0)), int(val.get("rendered", 0))
+            want = expected.get(page)
+            state, ok = await wait_until_settled(cdp, want, timeout)
+            rep = PageReport(str(page), page_errors(cdp.events), expected_plots=want,
+                             seconds=round(time.monotonic() - t0, 2))
+            rep.plots, rep.rendered_plots = int(state.get("plots", 0)), int(state.get("rendered", 0))
+            if not ok:
+                rep.errors += _settle_errors(state, pending_requests(cdp.events), want, timeout)
+            if want is not None and rep.plots != want:
+                rep.errors.append(f"plotly: the executed notebook made {want} chart(s), the page has {rep.plots}")
             if page in screenshots:
                 shot = await cdp.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False})
                 out = screenshots[page]
@@ -172,30 +300,37 @@ def book_pages(html_dir: Path) -> list[Path]:
                   if not any(part.startswith("_") for part in p.relative_to(html_dir).parts[:-1]))
 
 
-def check_book(html_dir, *, screenshots: dict[str, str | Path] | None = None, settle: float = 1.0,
+def check_book(html_dir, *, screenshots: dict[str, str | Path] | None = None,
+               expected_plots: dict[str, int] | None = None, timeout: float = 30.0,
                chromium: str | None = None) -> list[PageReport]:
-    """Open every page under ``html_dir``; ``screenshots`` maps a page (relative path, e.g.
-    ``"book/generated/results/results.html"``) to the PNG to write."""
+    """Open every page under ``html_dir``. ``screenshots`` maps a page (relative path, e.g.
+    ``"book/generated/results/results.html"``) to the PNG to write; ``expected_plots`` maps a
+    page to the number of plotly charts its executed notebook made (a different count on the
+    page is an error); ``timeout``: seconds a page may take to settle after loading."""
     html_dir = Path(html_dir)
     if not html_dir.is_dir():
         raise FileNotFoundError(f"no built book at {html_dir} (run `stealnb run` first)")
     chromium = chromium or find_chromium()
     if chromium is None:
-        raise FileNotFoundError("Chromium not found; on Debian: apt-get install chromium")
+        raise FileNotFoundError(chromium_missing_reason())
     pages = book_pages(html_dir)
     shots = {html_dir / k: Path(v) for k, v in (screenshots or {}).items()}
-    for p in shots:
+    want = {html_dir / k: int(v) for k, v in (expected_plots or {}).items()}
+    for p in [*shots, *want]:
         if p not in pages:
-            raise FileNotFoundError(f"screenshot page {p} is not in the book")
-    return asyncio.run(_check(pages, shots, chromium, settle))
+            raise FileNotFoundError(f"page {p} is not in the book")
+    return asyncio.run(_check(pages, shots, want, chromium, timeout))
 
 
 def _cmd_check_book(args) -> int:
-    reps = check_book(args.html, screenshots={args.screenshot_page: args.screenshot} if args.screenshot else None)
+    expected = expected_from_sources(args.html)
+    reps = check_book(args.html, screenshots={args.screenshot_page: args.screenshot} if args.screenshot else None,
+                      expected_plots=expected, timeout=args.timeout)
     bad = [r for r in reps if r.errors]
     for r in reps:
         flag = "ERR" if r.errors else "ok "
-        print(f"{flag} {os.path.relpath(r.page, args.html)}  plotly {r.rendered_plots}/{r.plots}")
+        want = "" if r.expected_plots is None else f" (notebook: {r.expected_plots})"
+        print(f"{flag} {os.path.relpath(r.page, args.html)}  plotly {r.rendered_plots}/{r.plots}{want}  {r.seconds:.1f} s")
         for e in r.errors:
             print(f"      {e}")
     print(f"{len(reps)} pages, {len(bad)} with errors")
@@ -207,4 +342,5 @@ def register_cli(subparsers) -> None:
     c.add_argument("html", nargs="?", default="_build/html", type=Path)
     c.add_argument("--screenshot", type=Path, default=None, help="PNG to write of --screenshot-page")
     c.add_argument("--screenshot-page", default="book/generated/results/results.html")
+    c.add_argument("--timeout", type=float, default=30.0, help="seconds a page may take to settle after loading")
     c.set_defaults(func=_cmd_check_book)

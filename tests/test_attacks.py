@@ -216,29 +216,6 @@ def test_deepfool_compiles_once_per_model(trained_tiny, probe):
     assert fn.experimental_get_tracing_count() == before == 1
 
 
-def test_deepfool_vs_art(trained_tiny, probe):
-    pytest.importorskip("art")
-    import keras
-    from art.attacks.evasion import DeepFool
-    from art.estimators.classification import TensorFlowV2Classifier
-
-    clf = TensorFlowV2Classifier(trained_tiny, nb_classes=10, input_shape=(32, 32, 3), clip_values=(0.0, 1.0),
-                                 loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x_art = DeepFool(clf, max_iter=10, epsilon=OVERSHOOT, nb_grads=10, batch_size=20, verbose=False).generate(probe)
-    res = deepfool(trained_tiny, probe)
-    assert res.iterations.max() < 10  # ART's max_iter=10 (kept small for speed) is then no handicap
-    orig = _labels(trained_tiny, probe)
-    flip_art = _labels(trained_tiny, x_art) != orig
-    flip_ours = _labels(trained_tiny, res.x_adv) != orig
-    assert flip_ours.mean() == flip_art.mean()
-    both = flip_art & flip_ours
-    ratio = res.norms[both] / np.linalg.norm((x_art - probe).reshape(len(probe), -1), axis=1)[both]
-    # ART applies the overshoot only after its loop (and checks the label without it), so its norms
-    # are ~(1 + overshoot) times ours where the linearisation is good (see the deepfool docstring).
-    assert 1 / (1 + OVERSHOOT) - 0.01 <= np.median(ratio) <= 1.0
-    assert ((ratio > 0.95) & (ratio < 1.01)).all()
-
-
 def test_attacks_on_one_new_model_after_another_never_warn_of_retracing(tf_warnings):
     """Each model compiles its own FGSM and DeepFool functions; TensorFlow must not take the first
     trace of each (a new substitute every extraction round) for retracing of one function."""

@@ -1,17 +1,41 @@
-"""End to end: `stealnb run --profile ci` executes the notebook grid with papermill, builds the
-Jupyter Book with warnings as errors, and every page opens in headless Chromium without console
-errors, with rendered plotly charts on the results page (screenshot saved under the build folder).
+"""End to end, on the one execution of the ci grid per test run: `stealnb run --profile ci`
+executes every notebook of the grid with papermill, builds the Jupyter Book with warnings as
+errors, and every page opens in headless Chromium without console errors, showing as many
+rendered plotly charts as its executed notebook made (screenshot of the results page saved
+under the build folder).
+
+That papermill run is also the notebook test: papermill stops a notebook at the first cell that
+raises -- an error, or one of the assertions the notebooks end their sections with -- and
+``test_notebook_runs_without_error[<task>]`` reports that cell. ``make test`` does not run nbval
+on notebooks/ as well (it would execute the notebooks a second time, and 04_results needs the
+whole grid); ``pytest --nbval-lax notebooks/02_secret.ipynb`` still checks one notebook by hand.
 
 Runs in a copy of the project under tmp_path so a developer's own book and results are untouched.
+Without Chromium the browser test is skipped -- a failure under CI=true (tests/strict_ci.py).
 """
+import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from stealnb import bookcheck, pipeline
+from stealnb import bookcheck, layout, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+# The module fixture builds the whole ci grid and the book (8-10 min on 2 cores) inside the first
+# test's set-up, which pytest-timeout counts: far above the default for unit tests (pyproject.toml).
+pytestmark = pytest.mark.timeout(1800)
+TASK_IDS = [t.id for t in pipeline.plan("ci", ROOT / "results")]
+RESULTS_PAGE = "book/generated/results/results.html"
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    path = bookcheck.find_chromium()
+    if path is None:
+        pytest.skip(bookcheck.chromium_missing_reason())
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +50,45 @@ def built_book(tmp_path_factory):
     return proj, report
 
 
-def test_pipeline_runs_every_notebook_and_builds_the_book(built_book):
+def _tasks(proj):
+    return pipeline.plan("ci", proj / "results")
+
+
+def _executed(proj, task) -> Path:
+    return pipeline._executed_path(layout.profile_dir(proj / "results", "ci"), task)
+
+
+def cell_error(nb_path: Path) -> str:
+    """The first cell of an executed notebook whose output is an error: its source and traceback."""
+    if not nb_path.is_file():
+        return f"no executed notebook at {nb_path}"
+    nb = json.loads(nb_path.read_text())
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                tb = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(out.get("traceback", [])))
+                src = "".join(cell["source"])
+                return (f"cell [{cell.get('execution_count')}] raised {out.get('ename')}: {out.get('evalue')}\n"
+                        f"--- cell source ---\n{src}\n--- traceback ---\n{tb[-4000:]}")
+    return f"no cell error recorded in {nb_path} (the kernel may have died)"
+
+
+@pytest.mark.parametrize("task_id", TASK_IDS)
+def test_notebook_runs_without_error(built_book, task_id):
+    proj, report = built_book
+    task = next(t for t in _tasks(proj) if t.id == task_id)
+    if task_id in report["failed"]:
+        log = layout.profile_dir(proj / "results", "ci") / "logs" / (task_id.replace("/", "__") + ".log")
+        pytest.fail(f"{task_id} ({task.notebook}) failed: {cell_error(_executed(proj, task))}\nlog: {log}",
+                    pytrace=False)
+    assert task_id not in report["blocked"], f"{task_id} did not run: a notebook it depends on failed"
+    assert task_id in report["ran"] and _executed(proj, task).is_file(), report
+
+
+def test_pipeline_builds_the_book(built_book):
     proj, report = built_book
     assert report["failed"] == [] and report["blocked"] == [], report
-    tasks = pipeline.plan("ci", proj / "results")
+    tasks = _tasks(proj)
     assert sorted(report["ran"]) == sorted(t.id for t in tasks)
     html = proj / "_build" / "html"
     assert Path(report["book"]) == html / "index.html"
@@ -40,25 +99,32 @@ def test_pipeline_runs_every_notebook_and_builds_the_book(built_book):
 def test_second_run_skips_everything_unchanged(built_book):
     proj, _ = built_book
     rep = pipeline.run("ci", results=proj / "results", root=proj, book=False, progress=False)
-    assert rep["ran"] == [] and len(rep["skipped"]) == len(pipeline.plan("ci", proj / "results"))
+    assert rep["ran"] == [] and len(rep["skipped"]) == len(_tasks(proj))
 
 
-@pytest.mark.skipif(bookcheck.find_chromium() is None, reason="Chromium not installed (Debian: apt-get install chromium)")
-def test_every_page_opens_without_errors_and_results_show_plotly(built_book):
-    proj, _ = built_book
+def test_every_page_opens_without_errors_and_shows_its_notebooks_plots(chromium, built_book):
+    proj, report = built_book
+    assert report["book"], report
     html = proj / "_build" / "html"
-    results_page = "book/generated/results/results.html"
+    # The charts each executed notebook made (papermill's copy, not the book's): every page of
+    # an executed notebook must show exactly these, all drawn.
+    expected = {f"book/generated/{t.chapter}/{t.name}.html": bookcheck.notebook_plots(_executed(proj, t))
+                for t in _tasks(proj)}
+    assert all(n > 0 for n in expected.values()), expected  # every chapter plots something
     shot = html / "screenshots" / "results.png"
-    reports = bookcheck.check_book(html, screenshots={results_page: shot})
+    reports = bookcheck.check_book(html, screenshots={RESULTS_PAGE: shot}, expected_plots=expected,
+                                   chromium=chromium)
     assert len(reports) >= 15
     bad = {r.page: r.errors for r in reports if r.errors}
     assert not bad, bad
-    res = next(r for r in reports if r.page.endswith(results_page))
-    assert res.plots >= 1 and res.rendered_plots == res.plots, (res.plots, res.rendered_plots)
+    by_page = {Path(r.page).relative_to(html).as_posix(): r for r in reports}
+    for page, n in expected.items():
+        r = by_page[page]
+        assert (r.expected_plots, r.plots, r.rendered_plots) == (n, n, n), page
+    for r in reports:  # pages that are not notebooks (text chapters) draw whatever they place
+        assert r.rendered_plots == r.plots, (r.page, r.plots, r.rendered_plots)
     assert shot.is_file() and shot.stat().st_size > 10_000
     # Keep a copy where a developer finds it after the temporary folder is gone.
     keep = ROOT / "_build" / "test-screenshots" / "results-ci.png"
     keep.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(shot, keep)
-    for r in reports:  # every executed notebook page with figures rendered them
-        assert r.rendered_plots == r.plots, (r.page, r.plots, r.rendered_plots)
