@@ -31,7 +31,7 @@ missing() {
   m=""
   have_chromium || m="chromium"
   [ -d "$FASHION_DIR" ] || m="${m:+$m }dataset-fashion-mnist"
-  for p in ${WALLPAPER_PKGS:-lomiri-wallpapers-16.04 mate-backgrounds}; do
+  for p in ${WALLPAPER_PKGS-lomiri-wallpapers-16.04 mate-backgrounds}; do
     dpkg -s "$p" >/dev/null 2>&1 || m="${m:+$m }$p"
   done
   printf %s "$m"

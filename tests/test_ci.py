@@ -88,13 +88,15 @@ def sysdeps(tmp_path):
                               '[ "$1" = install ] || exit 0\n'
                               'echo "E: Unable to locate package" >&2\nexit "${APT_RC:-0}"\n')
     _stub(bindir / "id", 'echo 0\n')
+    _stub(bindir / "dpkg", 'exit 1\n')  # no Debian package counts as installed
     chromium = tmp_path / "chromium"
     _stub(chromium, "exit 0\n")
     fashion = tmp_path / "fashion-mnist"
     fashion.mkdir()
 
     def run(**env):
-        full = {"PATH": str(bindir), "STEALNB_CHROMIUM": str(chromium), "FASHION_DIR": str(fashion), **env}
+        full = {"PATH": str(bindir), "STEALNB_CHROMIUM": str(chromium), "FASHION_DIR": str(fashion),
+                "WALLPAPER_PKGS": "", **env}
         full = {k: v for k, v in full.items() if v is not None}  # None: unset
         proc = subprocess.run([str(bindir / "sh"), str(ROOT / ".ci" / "sysdeps.sh")], env=full, capture_output=True,
                               text=True)
@@ -123,6 +125,12 @@ def test_sysdeps_fails_under_ci_when_apt_fails_and_warns_locally(sysdeps):
     proc, apt = sysdeps(FASHION_DIR=gone, APT_RC="100")  # locally: a warning, and on
     assert proc.returncode == 0 and "sysdeps: warning: missing dataset-fashion-mnist" in proc.stderr
     assert "will be skipped" in proc.stderr
+
+
+def test_sysdeps_fails_under_ci_without_the_wallpaper_photos(sysdeps):
+    proc, apt = sysdeps(CI="true", WALLPAPER_PKGS="mate-backgrounds")  # dpkg says: not installed
+    assert proc.returncode == 1 and "apt-get install mate-backgrounds" in proc.stderr
+    assert "install -y -qq mate-backgrounds" in " ".join(apt)
 
 
 def test_sysdeps_installs_what_is_missing(sysdeps):
