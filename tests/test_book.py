@@ -12,6 +12,9 @@ import pytest
 from stealnb import bookcheck, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+# The module fixture builds the whole ci grid and the book (8-10 min on 2 cores) inside the first
+# test's set-up, which pytest-timeout counts: far above the default for unit tests (pyproject.toml).
+pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
