@@ -469,11 +469,11 @@ def test_natural_patches_use_offline_photos():
     assert np.median(per_image_std) > 5  # real texture, not flat crops
 
 
-def test_dead_leaves_speed_and_statistics():
-    t = time.perf_counter()
-    x = data.dead_leaves(2000, seed=0)
-    took = time.perf_counter() - t
-    assert took < 15, f"dead-leaves n=2000 took {took:.1f}s"
+def test_dead_leaves_are_piecewise_constant_discs():
+    """Statistics only; its speed is timed in benchmarks/bench_dead_leaves.py, not asserted here."""
+    x = data.dead_leaves(500, seed=0)
+    assert x.shape == (500, 32, 32, 3) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x, data.dead_leaves(500, seed=0))  # seeded
     # piecewise-constant discs: neighbouring pixels are usually identical (unlike uniform noise)
     same = (x[:, :, 1:] == x[:, :, :-1]).all(-1).mean()
     assert same > 0.5
