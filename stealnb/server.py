@@ -214,8 +214,9 @@ class _KeyState:
     against the head.
     """
 
-    def __init__(self, key: str, spec: KeySpec, log_path: Path | None, fsync: bool):
+    def __init__(self, key: str, spec: KeySpec, log_path: Path | None, fsync: bool, clock=time.monotonic):
         self.id, self.spec, self.log_path, self.fsync = key_id(key), spec, log_path, fsync
+        self.clock = clock  # seconds, monotonic: refills the token bucket
         self.seen: set[bytes] = set()  # sha256 of every sample this key has been charged for
         self.requests = 0  # answered predict requests
         self.pending = 0  # predict requests of this key in progress
@@ -223,7 +224,7 @@ class _KeyState:
         self.queued: list[dict] = []  # records (a PRADA alarm) to log before the next one
         self.detector = None
         self.tokens = float(spec.burst or 0)
-        self.updated = time.monotonic()
+        self.updated = clock()
         self.tlock = threading.Lock()
         self.seq = self._size = 0  # records and bytes in the log
         self._fd = self._head_fd = None
@@ -245,7 +246,7 @@ class _KeyState:
         if self.spec.rate is None:
             return None
         with self.tlock:
-            now = time.monotonic()
+            now = self.clock()
             self.tokens = min(float(self.spec.burst), self.tokens + (now - self.updated) * self.spec.rate)
             self.updated = now
             if self.tokens >= 1.0:
@@ -576,7 +577,7 @@ class PredictionService:
                  max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  log_dir=None, defense=None, fsync: bool = True, max_pending: int = 64,
                  max_pending_per_key: int | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                 batch_size: int = 256):
+                 batch_size: int = 256, clock=None):
         if not isinstance(name, str) or not name or any(c in name for c in "/:?# "):
             raise ValueError(f"name: expected a model name without '/', ':', '?', '#' or spaces, got {name!r}")
         if output not in OUTPUTS:
@@ -600,6 +601,9 @@ class PredictionService:
             raise ValueError(f"body_timeout: expected a positive number of seconds, got {body_timeout!r}")
         self.body_timeout = float(body_timeout)
         self.batch_size = check_positive_int(batch_size, "batch_size")
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock: expected a function returning monotonic seconds (like time.monotonic), got {clock!r}")
+        self.clock = time.monotonic if clock is None else clock
         self.log_dir = None if log_dir is None else Path(log_dir)
         if self.log_dir is not None:
             try:
@@ -615,7 +619,7 @@ class PredictionService:
         self._keys: dict[bytes, _KeyState] = {}
         for k, spec in parse_keys(keys).items():
             path = None if self.log_dir is None else self.log_dir / "keys" / f"{key_id(k)}.jsonl"
-            self._keys[hashlib.sha256(k.encode()).digest()] = _KeyState(k, spec, path, fsync)
+            self._keys[hashlib.sha256(k.encode()).digest()] = _KeyState(k, spec, path, fsync, self.clock)
         self._pixels = int(np.prod(self.input_shape))
         _logits(self.model, np.zeros((1, *self.input_shape), np.float32), 1)  # warm up
 
@@ -875,7 +879,7 @@ class PredictionService:
 def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top_k: int = 3, keys,
                max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_dir=None,
                defense=None, fsync: bool = True, max_pending: int = 64, max_pending_per_key: int | None = None,
-               body_timeout: float = DEFAULT_BODY_TIMEOUT):
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, clock=None):
     """A FastAPI app serving ``model_or_dir`` (Keras model, ``.keras`` file or secret folder) under
     ``name`` with the TF Serving REST predict API (see the module docstring).
 
@@ -885,8 +889,9 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
     nothing, spending is forgotten on restart); ``defense``: :class:`ServerDefense` or its dict
     form; ``max_pending``: predict requests in progress before new ones get 503, at most
     ``max_pending_per_key`` (default ``max(1, max_pending // 4)``) of one key (then 429);
-    ``body_timeout``: seconds to receive a request's whole body (then 408). The service is
-    ``app.state.service``.
+    ``body_timeout``: seconds to receive a request's whole body (then 408); ``clock``: the
+    monotonic seconds the rate limits refill on (default ``time.monotonic``; tests pass a fake).
+    The service is ``app.state.service``.
     """
     import anyio
     from fastapi import FastAPI, Request
@@ -898,7 +903,7 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
     svc = PredictionService(model_or_dir, name=name, output=output, top_k=top_k, keys=keys, max_batch=max_batch,
                             max_body_bytes=max_body_bytes, log_dir=log_dir, defense=defense, fsync=fsync,
                             max_pending=max_pending, max_pending_per_key=max_pending_per_key,
-                            body_timeout=body_timeout)
+                            body_timeout=body_timeout, clock=clock)
     app = FastAPI(title="stealnb prediction service", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
 

@@ -218,12 +218,32 @@ def test_spending_survives_a_restart_and_a_torn_log_line(tiny, tmp_path):
         app_client(tiny, tmp_path, keys=keys)
 
 
-def test_rate_limit_answers_429_with_retry_after(tiny):
-    _, client = app_client(tiny, keys={ALICE: {"rate": 0.5, "burst": 2}})
-    codes = [client.post(PRED, content=GOOD, headers=auth(ALICE)) for _ in range(3)]
-    assert [r.status_code for r in codes] == [200, 200, 429]
-    r = codes[-1]
-    assert r.json()["code"] == "rate_limited" and int(r.headers["Retry-After"]) == 2 and 1.5 < r.json()["retry_after"] <= 2
+class FakeClock:
+    """Monotonic seconds that move only when a test says so."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_rate_limit_refills_its_bucket_at_the_rate_on_the_injected_clock(tiny):
+    clock = FakeClock()
+    _, client = app_client(tiny, keys={ALICE: {"rate": 0.5, "burst": 2}, BOB: {"rate": 0.5, "burst": 2}}, clock=clock)
+    post = lambda key=ALICE: client.post(PRED, content=GOOD, headers=auth(key))  # noqa: E731
+    assert [post().status_code for _ in range(2)] == [200, 200]  # a burst of 2
+    r = post()
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited"
+    assert r.headers["Retry-After"] == "2" and r.json()["retry_after"] == 2.0  # 1 token at 0.5/s
+    clock.now += 1.0  # half a token refilled; the refusal above took none
+    r = post()
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1" and r.json()["retry_after"] == 1.0
+    clock.now += 1.0
+    assert [post().status_code for _ in range(2)] == [200, 429]
+    assert post(BOB).status_code == 200  # every key has its own bucket
+    clock.now += 3600.0  # an idle hour refills at most the burst
+    assert [post().status_code for _ in range(3)] == [200, 200, 429]
 
 
 def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
