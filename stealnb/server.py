@@ -75,6 +75,7 @@ import json
 import logging
 import math
 import os
+import socket
 import stat
 import threading
 import time
@@ -997,21 +998,18 @@ class BackgroundServer:
         with BackgroundServer(app) as srv:
             HttpOracle(srv.url, api_key=...)
 
-    ``port=0`` picks a free port; ``srv.url`` is the base URL once started."""
+    The listening socket is bound here, before the thread starts: ``port=0`` lets the kernel
+    pick a free port, which ``srv.port`` reads back from the socket (no port is probed, closed
+    and bound again, which another process could take in between); ``srv.url`` is the base URL."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import socket
-
         import uvicorn
 
         self.host = host
-        if port == 0:
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-        self.port = port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.socket = listen_socket(host, port)
+        self.port = self.socket.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -1028,13 +1026,33 @@ class BackgroundServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        self.socket.close()  # uvicorn closes it on shutdown; also when the thread never started
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def listen_socket(host: str = "127.0.0.1", port: int = 0, fd: int | None = None) -> socket.socket:
+    """A listening TCP socket: bound to ``host``:``port`` (``port=0``: a free port the kernel picks;
+    read it back with ``sock.getsockname()[1]``), or the already bound socket inherited as file
+    descriptor ``fd`` (a parent that keeps the port across restarts of the server)."""
+    if fd is not None:
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            sock.detach()
+            raise ValueError(f"--fd {fd}: expected a bound TCP socket")
+        sock.listen(2048)
+        return sock
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror})") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1095,11 +1113,15 @@ def _cmd_serve(args) -> int:
                      defense=defense or None, fsync=not args.no_fsync, max_pending=args.max_pending,
                      max_pending_per_key=args.max_pending_per_key, body_timeout=args.body_timeout)
     svc = app.state.service
-    print(f"serving {args.model} as {args.name!r} ({args.output}) on http://{args.host}:{args.port}"
+    sock = listen_socket(args.host, args.port, args.fd)
+    host, port = sock.getsockname()[:2]
+    where = f"[{host}]" if ":" in host else host
+    # the port actually bound (--port 0 asks the kernel for a free one), for whoever reads this line
+    print(f"serving {args.model} as {args.name!r} ({args.output}) on http://{where}:{port}"
           f"/v1/models/{args.name}:predict for {len(keys)} key(s); logs in {args.log_dir}", flush=True)
     for kid, u in svc.key_usage().items():
         print(f"  key {kid} {u['name'] or ''}: budget {u['budget']}, spent {u['spent']}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, lifespan="off")).run(sockets=[sock])
     svc.close()
     return 0
 
@@ -1112,7 +1134,9 @@ def register_cli(subparsers) -> None:
     s.add_argument("--output", default="label", choices=OUTPUTS, help="answer mode")
     s.add_argument("--top-k", type=int, default=3)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8500)
+    s.add_argument("--port", type=int, default=8500, help="0: a free port, printed on start-up")
+    s.add_argument("--fd", type=int, default=None,
+                   help="serve on this inherited, already bound TCP socket instead of --host/--port")
     s.add_argument("--keys", type=Path, default=None,
                    help='JSON file {"<api key>": {"budget": 1000, "rate": 5, "burst": 10, "name": "alice"}}')
     s.add_argument("--key", action="append", default=None,
