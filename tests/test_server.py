@@ -246,16 +246,32 @@ def test_rate_limit_refills_its_bucket_at_the_rate_on_the_injected_clock(tiny):
     assert [post().status_code for _ in range(3)] == [200, 200, 429]
 
 
-def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
+def _synthetic_attack(n=200):
+    """A JbDA-like query stream: a few random seeds, then new seeds or small sign steps from earlier queries."""
     rng = np.random.default_rng(0)
     base = list(rng.uniform(0.2, 0.8, (8, 32, 32, 3)).astype(np.float32))
-    while len(base) < 200:  # JbDA-like: new seeds or small sign steps from earlier queries
+    while len(base) < n:
         if rng.random() < 0.3:
             base.append(rng.uniform(0.2, 0.8, (32, 32, 3)).astype(np.float32))
         else:
             p = base[rng.integers(len(base))]
             base.append(np.clip(p + 0.02 * np.sign(rng.normal(size=p.shape)), 0, 1).astype(np.float32))
-    x = np.asarray(base)
+    return np.asarray(base)
+
+
+def _ask_in_requests(client, x, size=10, key=ALICE):
+    """``x`` in requests of ``size`` images: the statuses and the predictions (None where refused)."""
+    statuses, answers = [], []
+    for s in range(0, len(x), size):
+        r = client.post(PRED, content=json.dumps({"instances": [b64(i) for i in x[s : s + size]]}).encode(),
+                        headers=auth(key))
+        statuses.append(r.status_code)
+        answers += r.json().get("predictions", [None] * len(x[s : s + size]))
+    return statuses, answers
+
+
+def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
+    x = _synthetic_attack()
     truth = Oracle(tiny).query(x)
     prada = {"delta": 0.9, "min_queries": 40}
     for action in ("block", "poison"):
@@ -291,6 +307,101 @@ def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
                          headers=auth(ALICE))
         assert r.status_code == 200
     assert app3.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"] is None
+
+
+PRADA = {"delta": 0.9, "min_queries": 40}
+
+
+@pytest.mark.parametrize("output", ["probs", "topk"])
+def test_prada_poison_of_soft_labels_moves_the_top1_of_every_answer_after_the_alarm(tiny, output):
+    x = _synthetic_attack()
+    app, client = app_client(tiny, output=output, top_k=3, keys={ALICE: None},
+                             defense={"prada": {**PRADA, "action": "poison"}})
+    statuses, answers = _ask_in_requests(client, x)
+    assert set(statuses) == {200}
+    flagged_at = app.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"]
+    assert flagged_at is not None and 40 < flagged_at <= len(x)
+    cut = (flagged_at - 1) // 10 * 10  # the first answer of the request that raised the alarm
+    probs = Oracle(tiny, output="probs").query(x).astype(np.float64)
+    if output == "probs":
+        got = np.asarray(answers, np.float64)
+        np.testing.assert_allclose(got[:cut], probs[:cut], atol=1e-6)  # the truth before
+        for g, p in zip(got[cut:], probs[cut:]):  # after: the same vector rolled by 1..C-1 classes
+            assert any(np.allclose(g, np.roll(p, k), atol=1e-6) for k in range(1, 10)), (g, p)
+        assert (got[cut:].argmax(1) != probs[cut:].argmax(1)).all()
+    else:
+        idx, ref = [a["classes"] for a in answers], Oracle(tiny, output="topk", top_k=3).query(x)[0]
+        assert idx[:cut] == ref[:cut].tolist()
+        assert all(c[0] != t for c, t in zip(idx[cut:], probs[cut:].argmax(1)))  # every top-1 is a lie
+    # a poisoned sample asked again gets the same lie, and is not charged again
+    spent = app.state.service.key_usage()[server.key_id(ALICE)]["spent"]
+    again = _ask_in_requests(client, x[cut : cut + 10])[1]
+    assert again == answers[cut : cut + 10] and app.state.service.key_usage()[server.key_id(ALICE)]["spent"] == spent
+
+
+def test_prada_log_records_the_alarm_and_keeps_answering_the_truth(tiny, tmp_path):
+    x = _synthetic_attack()
+    keys, defense = {ALICE: None}, {"prada": {**PRADA, "action": "log"}}
+    app, client = app_client(tiny, tmp_path, keys=keys, defense=defense)
+    statuses, answers = _ask_in_requests(client, x)
+    assert set(statuses) == {200} and answers == Oracle(tiny).query(x).tolist()
+    flagged_at = app.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"]
+    assert flagged_at is not None and 40 < flagged_at <= len(x)
+    log = (tmp_path / "keys" / f"{server.key_id(ALICE)}.jsonl").read_text()
+    assert log.count('"event":"prada_flag"') == 1 and f'"query":{flagged_at}' in log and "poisoned" not in log
+    app.state.service.close()
+    app2, client2 = app_client(tiny, tmp_path, keys=keys, defense=defense)  # the alarm survives a restart ...
+    assert app2.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"] == flagged_at
+    r = client2.post(PRED, content=json.dumps({"instances": [b64(images(1, 50)[0])]}).encode(), headers=auth(ALICE))
+    assert r.status_code == 200 and r.json()["predictions"] == Oracle(tiny).query(images(1, 50)).tolist()  # ... and only logs
+
+
+def test_x_api_key_header_authenticates_like_a_bearer_token(tiny):
+    app, client = app_client(tiny)
+    x = images(3, 51)
+    body = json.dumps({"instances": [b64(i) for i in x]}).encode()
+    r = client.post(PRED, content=body, headers={"X-API-Key": ALICE})
+    assert r.status_code == 200 and r.json()["predictions"] == Oracle(tiny).query(x).tolist()
+    assert client.get("/v1/models/secret", headers={"X-API-Key": ALICE}).json()["stealnb"]["key"]["spent"] == 3
+    assert client.get("/v1/models/secret", headers=auth(ALICE)).json()["stealnb"]["key"]["spent"] == 3  # the same key
+    assert app.state.service.key_usage()[server.key_id(BOB)]["spent"] == 0
+    r = client.post(PRED, content=body, headers={"X-API-Key": "mallory-key-0"})
+    assert r.status_code == 403 and r.json()["code"] == "unknown_key"
+
+
+def test_versions_1_is_the_same_model_and_the_same_budget(tiny):
+    app, client = app_client(tiny)
+    x = images(4, 52)
+    body = json.dumps({"instances": [b64(i) for i in x]}).encode()
+    r = client.post("/v1/models/secret/versions/1:predict", content=body, headers=auth(ALICE))
+    assert r.status_code == 200 and r.headers["X-Budget-Spent"] == "4"
+    assert r.json()["predictions"] == Oracle(tiny).query(x).tolist()
+    r2 = client.post(PRED, content=body, headers=auth(ALICE))  # paid on either route, free on the other
+    assert r2.json() == r.json() and r2.headers["X-Budget-Spent"] == "4"
+
+
+def test_too_many_requests_in_progress_answer_503_with_retry_after_and_charge_nothing(tiny):
+    carol = "carol-key-0003"
+    app = server.create_app(tiny, keys={ALICE: None, BOB: None, carol: None}, max_pending=2, max_pending_per_key=1,
+                            body_timeout=60.0)
+    svc = app.state.service
+    with server.BackgroundServer(app) as srv:
+        stalled = [_stalled_predict(srv, key, GOOD, 10) for key in (ALICE, BOB)]  # two bodies that never end
+        try:
+            deadline = time.monotonic() + 30
+            while svc.pending < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            r = httpx.post(srv.url + PRED, content=GOOD, headers=auth(carol), timeout=30)
+            assert r.status_code == 503 and r.json()["code"] == "overloaded" and r.headers["Retry-After"] == "1"
+            assert all(u["spent"] == 0 and u["requests"] == 0 for u in svc.key_usage().values())
+        finally:
+            for s in stalled:
+                s.close()
+        deadline = time.monotonic() + 30
+        while svc.pending and time.monotonic() < deadline:  # the server notices the hang-ups
+            time.sleep(0.01)
+        r = httpx.post(srv.url + PRED, content=GOOD, headers=auth(carol), timeout=30)
+        assert r.status_code == 200 and svc.key_usage()[server.key_id(carol)]["spent"] == 1
 
 
 # -- faults: a stalling key, a full disk, damaged query logs --------------------------------------
