@@ -90,6 +90,7 @@ def _comparable(out: Path):
     return rounds, state["val_idx"], state["labelled_idx"], per_budget, summary["oracle_spent"]
 
 
+@pytest.mark.timeout(900)  # two extraction subprocesses: ~2 min, longer on a loaded 2-core runner
 def test_resume_after_kill_equals_uninterrupted_run(secret_dir, tmp_path):
     env = dict(os.environ, PYTHONHASHSEED="0")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
