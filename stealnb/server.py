@@ -75,6 +75,7 @@ import json
 import logging
 import math
 import os
+import socket
 import stat
 import threading
 import time
@@ -214,8 +215,9 @@ class _KeyState:
     against the head.
     """
 
-    def __init__(self, key: str, spec: KeySpec, log_path: Path | None, fsync: bool):
+    def __init__(self, key: str, spec: KeySpec, log_path: Path | None, fsync: bool, clock=time.monotonic):
         self.id, self.spec, self.log_path, self.fsync = key_id(key), spec, log_path, fsync
+        self.clock = clock  # seconds, monotonic: refills the token bucket
         self.seen: set[bytes] = set()  # sha256 of every sample this key has been charged for
         self.requests = 0  # answered predict requests
         self.pending = 0  # predict requests of this key in progress
@@ -223,7 +225,7 @@ class _KeyState:
         self.queued: list[dict] = []  # records (a PRADA alarm) to log before the next one
         self.detector = None
         self.tokens = float(spec.burst or 0)
-        self.updated = time.monotonic()
+        self.updated = clock()
         self.tlock = threading.Lock()
         self.seq = self._size = 0  # records and bytes in the log
         self._fd = self._head_fd = None
@@ -245,7 +247,7 @@ class _KeyState:
         if self.spec.rate is None:
             return None
         with self.tlock:
-            now = time.monotonic()
+            now = self.clock()
             self.tokens = min(float(self.spec.burst), self.tokens + (now - self.updated) * self.spec.rate)
             self.updated = now
             if self.tokens >= 1.0:
@@ -576,7 +578,7 @@ class PredictionService:
                  max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  log_dir=None, defense=None, fsync: bool = True, max_pending: int = 64,
                  max_pending_per_key: int | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                 batch_size: int = 256):
+                 batch_size: int = 256, clock=None):
         if not isinstance(name, str) or not name or any(c in name for c in "/:?# "):
             raise ValueError(f"name: expected a model name without '/', ':', '?', '#' or spaces, got {name!r}")
         if output not in OUTPUTS:
@@ -600,6 +602,9 @@ class PredictionService:
             raise ValueError(f"body_timeout: expected a positive number of seconds, got {body_timeout!r}")
         self.body_timeout = float(body_timeout)
         self.batch_size = check_positive_int(batch_size, "batch_size")
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock: expected a function returning monotonic seconds (like time.monotonic), got {clock!r}")
+        self.clock = time.monotonic if clock is None else clock
         self.log_dir = None if log_dir is None else Path(log_dir)
         if self.log_dir is not None:
             try:
@@ -615,7 +620,7 @@ class PredictionService:
         self._keys: dict[bytes, _KeyState] = {}
         for k, spec in parse_keys(keys).items():
             path = None if self.log_dir is None else self.log_dir / "keys" / f"{key_id(k)}.jsonl"
-            self._keys[hashlib.sha256(k.encode()).digest()] = _KeyState(k, spec, path, fsync)
+            self._keys[hashlib.sha256(k.encode()).digest()] = _KeyState(k, spec, path, fsync, self.clock)
         self._pixels = int(np.prod(self.input_shape))
         _logits(self.model, np.zeros((1, *self.input_shape), np.float32), 1)  # warm up
 
@@ -875,7 +880,7 @@ class PredictionService:
 def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top_k: int = 3, keys,
                max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_dir=None,
                defense=None, fsync: bool = True, max_pending: int = 64, max_pending_per_key: int | None = None,
-               body_timeout: float = DEFAULT_BODY_TIMEOUT):
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, clock=None):
     """A FastAPI app serving ``model_or_dir`` (Keras model, ``.keras`` file or secret folder) under
     ``name`` with the TF Serving REST predict API (see the module docstring).
 
@@ -885,8 +890,9 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
     nothing, spending is forgotten on restart); ``defense``: :class:`ServerDefense` or its dict
     form; ``max_pending``: predict requests in progress before new ones get 503, at most
     ``max_pending_per_key`` (default ``max(1, max_pending // 4)``) of one key (then 429);
-    ``body_timeout``: seconds to receive a request's whole body (then 408). The service is
-    ``app.state.service``.
+    ``body_timeout``: seconds to receive a request's whole body (then 408); ``clock``: the
+    monotonic seconds the rate limits refill on (default ``time.monotonic``; tests pass a fake).
+    The service is ``app.state.service``.
     """
     import anyio
     from fastapi import FastAPI, Request
@@ -898,7 +904,7 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
     svc = PredictionService(model_or_dir, name=name, output=output, top_k=top_k, keys=keys, max_batch=max_batch,
                             max_body_bytes=max_body_bytes, log_dir=log_dir, defense=defense, fsync=fsync,
                             max_pending=max_pending, max_pending_per_key=max_pending_per_key,
-                            body_timeout=body_timeout)
+                            body_timeout=body_timeout, clock=clock)
     app = FastAPI(title="stealnb prediction service", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = svc
 
@@ -992,21 +998,18 @@ class BackgroundServer:
         with BackgroundServer(app) as srv:
             HttpOracle(srv.url, api_key=...)
 
-    ``port=0`` picks a free port; ``srv.url`` is the base URL once started."""
+    The listening socket is bound here, before the thread starts: ``port=0`` lets the kernel
+    pick a free port, which ``srv.port`` reads back from the socket (no port is probed, closed
+    and bound again, which another process could take in between); ``srv.url`` is the base URL."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import socket
-
         import uvicorn
 
         self.host = host
-        if port == 0:
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-        self.port = port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.socket = listen_socket(host, port)
+        self.port = self.socket.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -1023,13 +1026,33 @@ class BackgroundServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        self.socket.close()  # uvicorn closes it on shutdown; also when the thread never started
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def listen_socket(host: str = "127.0.0.1", port: int = 0, fd: int | None = None) -> socket.socket:
+    """A listening TCP socket: bound to ``host``:``port`` (``port=0``: a free port the kernel picks;
+    read it back with ``sock.getsockname()[1]``), or the already bound socket inherited as file
+    descriptor ``fd`` (a parent that keeps the port across restarts of the server)."""
+    if fd is not None:
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            sock.detach()
+            raise ValueError(f"--fd {fd}: expected a bound TCP socket")
+        sock.listen(2048)
+        return sock
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror})") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1090,11 +1113,15 @@ def _cmd_serve(args) -> int:
                      defense=defense or None, fsync=not args.no_fsync, max_pending=args.max_pending,
                      max_pending_per_key=args.max_pending_per_key, body_timeout=args.body_timeout)
     svc = app.state.service
-    print(f"serving {args.model} as {args.name!r} ({args.output}) on http://{args.host}:{args.port}"
+    sock = listen_socket(args.host, args.port, args.fd)
+    host, port = sock.getsockname()[:2]
+    where = f"[{host}]" if ":" in host else host
+    # the port actually bound (--port 0 asks the kernel for a free one), for whoever reads this line
+    print(f"serving {args.model} as {args.name!r} ({args.output}) on http://{where}:{port}"
           f"/v1/models/{args.name}:predict for {len(keys)} key(s); logs in {args.log_dir}", flush=True)
     for kid, u in svc.key_usage().items():
         print(f"  key {kid} {u['name'] or ''}: budget {u['budget']}, spent {u['spent']}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="off")
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, lifespan="off")).run(sockets=[sock])
     svc.close()
     return 0
 
@@ -1107,7 +1134,9 @@ def register_cli(subparsers) -> None:
     s.add_argument("--output", default="label", choices=OUTPUTS, help="answer mode")
     s.add_argument("--top-k", type=int, default=3)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8500)
+    s.add_argument("--port", type=int, default=8500, help="0: a free port, printed on start-up")
+    s.add_argument("--fd", type=int, default=None,
+                   help="serve on this inherited, already bound TCP socket instead of --host/--port")
     s.add_argument("--keys", type=Path, default=None,
                    help='JSON file {"<api key>": {"budget": 1000, "rate": 5, "burst": 10, "name": "alice"}}')
     s.add_argument("--key", action="append", default=None,

@@ -340,3 +340,37 @@ def test_jbda_queries_are_sign_steps_of_the_seeds():
         attacks.jbda_queries(oracle, seeds, "cnn-tiny", rounds=1, lam=1.5)
     with pytest.raises(ValueError, match="max_queries"):
         attacks.jbda_queries(oracle, seeds, "cnn-tiny", rounds=1, max_queries=4)
+
+
+def test_jbda_steps_up_the_substitutes_probability_of_the_oracles_label(monkeypatch):
+    """Papernot et al. 2017 (thesis 002 eq. 3.4): x + lam * sign(grad_x F(x)[O(x)]). On a two-class
+    linear substitute F = softmax(x W), grad_x F_y = F_0 F_1 (w_y - w_other): every pixel moves by
+    +lam where w_y > w_other and -lam elsewhere, for the *oracle's* label y (not the substitute's
+    own prediction, not the logit's gradient, not down the slope)."""
+    import keras
+
+    from stealnb import train
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.01, (32 * 32 * 3, 2)).astype(np.float32)
+    w[:, 1] = w[:, 0] + rng.choice([-0.01, 0.01], 32 * 32 * 3).astype(np.float32)  # |w_1 - w_0| far from 0
+    w[: 32 * 32 * 3 // 2, 0] = np.abs(w[: 32 * 32 * 3 // 2, 0])  # sign(w_y) != sign(w_y - w_other) on many pixels
+
+    def linear_substitute(name, num_classes, seed):
+        inp = keras.Input((32, 32, 3))
+        dense = keras.layers.Dense(num_classes)
+        model = keras.Model(inp, dense(keras.layers.Flatten()(inp)))
+        dense.set_weights([w, np.zeros(2, np.float32)])
+        return model
+
+    monkeypatch.setattr(models, "build", linear_substitute)
+    monkeypatch.setattr(train, "fit", lambda *a, **kw: {})  # keep the hand-set weights
+    seeds = _mid_images(12, seed=6)
+    own = _labels(linear_substitute("", 2, 0), seeds)
+    oracle_labels = np.arange(12) % 2  # the oracle disagrees with the substitute on some seeds
+    assert 0 < (oracle_labels != own).sum() < 12
+    oracle = lambda z: oracle_labels[: len(z)] if len(z) == 12 else np.zeros(len(z), np.int64)  # noqa: E731
+    xq, yq = attacks.jbda_queries(oracle, seeds, "linear", rounds=1, lam=0.1, num_classes=2)
+    d = np.sign(w[:, 1] - w[:, 0]).reshape(32, 32, 3)
+    up = np.where(oracle_labels[:, None, None, None] == 1, d, -d)  # sign(w_y - w_other) per seed
+    np.testing.assert_allclose(xq[12:], seeds + np.float32(0.1) * up, atol=1e-6)

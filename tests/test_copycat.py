@@ -189,3 +189,65 @@ def test_comparison_table(runs, tmp_path):
     assert r.macro_f1_mean == pytest.approx(0.5) and r.macro_f1_std == pytest.approx(np.std([0.4, 0.6], ddof=1))
     assert np.isnan(r.relative_f1_mean)  # no secret metrics.json and no copycat summary there
     assert copycat.comparison_table(tmp_path / "none", "ci", "digits", "cnn-tiny").empty
+
+
+class _FitSpy:
+    """Wraps :func:`stealnb.train.fit` as the copycat module calls it, keeping each call's
+    arguments, its model's starting weights and, at that moment, the NPDD extraction's copy."""
+
+    def __init__(self, fit):
+        self.fit, self.calls, self.copycat = fit, [], None
+
+    def __call__(self, model, x, y, **kw):
+        npdd = self.copycat.ex.substitute
+        call = {"model": model, "start": model.get_weights(), "x": x.copy(), "y": y.copy(), "kw": kw,
+                "npdd_model": npdd, "npdd_weights": npdd.get_weights()}
+        self.calls.append(call)
+        call["hist"] = self.fit(model, x, y, **kw)
+        return call["hist"]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("variant", ["pdd-sl", "npdd+pdd"])
+def test_pdd_sl_fine_tunes_a_copy_of_the_npdd_copycat_and_npdd_pdd_trains_a_fresh_one_on_the_union(
+        secret_dir, tiny_prof, monkeypatch, variant):
+    import reference
+
+    model, _ = train.load_secret(secret_dir)
+    ds = data.load_dataset("digits")
+    pool = data.load_pool("natural-patches", n=400, seed=0)
+    cfg = copycat.CopycatConfig.from_profile(tiny_prof, variant, seed=1, **{**TINY, "budgets": (90,), "finetune_epochs": 3})
+    x_pdd = ds.x_train[copycat.select_pdd(ds.x_train, cfg.pdd_size, 1)]
+    spy = _FitSpy(copycat.fit)
+    monkeypatch.setattr(copycat, "fit", spy)
+    cc = spy.copycat = copycat.Copycat(oracle.Oracle(model, budget=90 + cfg.pdd_size), pool, x_pdd, ds.x_test,
+                                       ds.y_test, cfg, secret=model)
+    assert cc.step() is None  # round 0 (seed + validation set): below the budget, no copycat
+    row = cc.step()  # the NPDD round at 90 queries, then the variant's copycat
+    assert row["budget"] == 90 and len(spy.calls) == 1
+    call = spy.calls[0]
+    secret_labels = lambda x: models.predict_labels(model, x)  # noqa: E731
+    x_npdd = pool.get(np.sort(cc.ex.labelled_idx))
+    fresh = models.build(cfg.substitute, num_classes=10, seed=cfg.seed * 1000 + row["round"]).get_weights()
+    assert not _same(call["npdd_weights"], fresh)
+    if variant == "pdd-sl":  # from the NPDD copycat's weights, on the PDD-SL only, the fine-tuning recipe
+        assert _same(call["start"], call["npdd_weights"]) and call["model"] is not call["npdd_model"]
+        np.testing.assert_array_equal(call["x"], x_pdd)
+        np.testing.assert_array_equal(call["y"], secret_labels(x_pdd))
+        assert {k: call["kw"][k] for k in ("epochs", "learning_rate", "batch_size")} == {
+            "epochs": 3, "learning_rate": cfg.finetune_learning_rate, "batch_size": cfg.finetune_batch_size}
+        assert call["kw"].get("validation") is None and row["epochs_trained"] == len(call["hist"]["loss"]) == 3
+        assert row["labelled"] == len(x_npdd) + len(x_pdd)  # what the copy has seen, NPDD first
+    else:  # from a fresh initialisation, on NPDD-SL + PDD-SL, the substitute's recipe
+        assert _same(call["start"], fresh)
+        np.testing.assert_array_equal(call["x"], np.concatenate([x_npdd, x_pdd]))
+        np.testing.assert_array_equal(call["y"], secret_labels(call["x"]))
+        assert row["labelled"] == len(call["x"]) == 70 + cfg.pdd_size
+        assert call["kw"]["epochs"] == cfg.epochs and row["epochs_trained"] == len(call["hist"]["loss"])
+        np.testing.assert_array_equal(call["kw"]["validation"][0], pool.get(cc.ex.val_idx))
+    assert _same(call["npdd_model"].get_weights(), call["npdd_weights"])  # the NPDD copycat is left as it was
+    assert cc.model is call["model"]
+    assert row["transfer"] == reference.transferability(model, cc.model, ds.x_test, ds.y_test, cfg.fgsm_eps)

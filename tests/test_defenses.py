@@ -612,3 +612,36 @@ def test_watermark_claim_controls_for_a_collapsed_copy():
     assert collapsed["watermark_success"] == 1.0 and collapsed["base_rate"] == 1.0 and collapsed["p_value"] == 1.0
     null = D.watermark_claim(_patch_model(7), x_wm, src, 7, 10, null_rate=0.5)
     assert null["base_rate"] == 0.5 and null["p_value"] == pytest.approx(0.5**60)
+
+
+def test_admis_at_tau_0_misinforms_nothing_and_its_copy_agrees_like_the_undefended_copy(secret_dir):
+    """At tau = 0 no query's top probability is below tau: ADMIS answers what the secret answers,
+    so the copy trained on its labels is the copy trained on the secret's own labels, with the
+    same test agreement with the secret (computed here from a copy stolen without any defence)."""
+    from stealnb import metrics
+
+    secret, _ = train.load_secret(secret_dir)
+    x, y = _digits32()
+    x_test, y_test = x[100:300], y[100:300]
+    fit_options = dict(epochs=10, batch_size=20)  # the checkpoint on the validation split picks an earlier epoch
+    copies = []
+
+    def replay(label_fn, x_train, x_val, **kw):
+        copies.append(D.replay_copy(label_fn, x_train, x_val, **kw))
+        return copies[-1]
+
+    rows = D.admis_tradeoff(secret, models.build("cnn-tiny", seed=1), x_test, y_test, {"a": (x[:80], x[80:100])},
+                            [0.0], substitute="cnn-tiny", nu=1e4, seed=5, replay=replay, **fit_options)
+    secret_labels = lambda z: models.predict_labels(secret, z)  # noqa: E731
+    undefended = D.replay_copy(secret_labels, x[:80], x[80:100], substitute="cnn-tiny", num_classes=10, seed=5,
+                               **fit_options)
+    truth, pred = secret_labels(x_test), models.predict_labels(undefended, x_test)
+    assert rows[0]["misinformed_queries"] == 0.0
+    np.testing.assert_array_equal(models.predict_labels(copies[0], x_test), pred)  # the same copy
+    assert rows[0]["copy_agreement"] == metrics.agreement(truth, pred)
+    assert rows[0]["copy_accuracy"] == metrics.accuracy(y_test, pred)
+    assert rows[0]["defender_accuracy"] == metrics.accuracy(y_test, truth)
+    # not degenerate: agreement is with the secret, not the truth, and the copy's recipe shows in it
+    assert metrics.agreement(truth, pred) != metrics.accuracy(y_test, pred)
+    no_val = D.replay_copy(secret_labels, x[:80], None, substitute="cnn-tiny", num_classes=10, seed=5, **fit_options)
+    assert (models.predict_labels(no_val, x_test) != pred).any()

@@ -116,6 +116,7 @@ def _comparable(out: Path):
     return rounds, state["val_idx"], state["labelled_idx"], per_budget, summary["oracle_spent"]
 
 
+@pytest.mark.timeout(900)  # two extraction subprocesses: ~2 min, longer on a loaded 2-core runner
 def test_resume_after_kill_equals_uninterrupted_run(secret_dir, tmp_path):
     env = dict(os.environ, PYTHONHASHSEED="0")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
@@ -229,3 +230,85 @@ def test_round_records_say_how_near_the_substitute_is_to_constant(setup):
     lines = extraction.collapse_warnings([{**rec, "top_class_share": metrics.COLLAPSE_SHARE + 0.01},
                                           {**rec, "top_class_share": 0.5}])
     assert len(lines) == 1 and f"round {rec['round']}" in lines[0] and "collapsed" in lines[0]
+
+
+def test_each_budget_reports_the_transferability_of_its_own_substitute(setup):
+    """FGSM crafted on that round's substitute with the true test labels and the configured eps,
+    measured on the secret (recomputed here with cleverhans directly: tests/reference.py)."""
+    import reference
+
+    model, ds, pool = setup
+    ex = extraction.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test,
+                               _config(strategy="random", fgsm_eps=0.1, budgets=(80, 100)), secret=model)
+    budgets = []
+    while not ex.done:
+        rec = ex.step()
+        if rec["budget"] is None:
+            assert rec["transfer"] is None
+            continue
+        budgets.append(rec["budget"])
+        assert rec["transfer"] == reference.transferability(model, ex.substitute, ds.x_test, ds.y_test, 0.1)
+    assert budgets == [80, 100]
+    assert ex.summary()["budgets"]["100"]["adv_agreement"] == rec["transfer"]["adv_agreement"]
+
+
+class _FitSpy:
+    """Wraps :func:`stealnb.train.fit`, keeping each call's model and its weights before and after."""
+
+    def __init__(self, fit):
+        self.fit, self.calls = fit, []
+
+    def __call__(self, model, x, y, **kw):
+        call = {"model": model, "start": model.get_weights(), "n": len(x), "kw": kw}
+        self.calls.append(call)
+        call["hist"] = self.fit(model, x, y, **kw)
+        call["end"] = model.get_weights()
+        return call["hist"]
+
+
+def test_warm_start_continues_from_the_previous_rounds_weights_and_cold_start_does_not(setup, monkeypatch):
+    from stealnb import models
+
+    model, ds, pool = setup
+    for warm in (True, False):
+        spy = _FitSpy(extraction.fit)
+        monkeypatch.setattr(extraction, "fit", spy)
+        cfg = _config(strategy="random", warm_start=warm)
+        ex = extraction.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test, cfg, secret=model)
+        ex.step()
+        ex.step()
+        first, second = spy.calls
+        fresh = models.build(cfg.substitute, num_classes=10, seed=cfg.seed * 1000 + 1).get_weights()
+        assert not _arrays_equal(first["end"], fresh)
+        if warm:  # the same model, continued from where round 0 ended
+            assert second["model"] is first["model"] and _arrays_equal(second["start"], first["end"])
+        else:  # a new model each round, initialised with that round's seed
+            assert second["model"] is not first["model"] and _arrays_equal(second["start"], fresh)
+        assert (first["n"], second["n"]) == (40, 60)
+
+
+def _arrays_equal(a, b):
+    return len(a) == len(b) and all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+def test_a_resumed_warm_start_run_ends_with_the_weights_and_records_of_an_uninterrupted_one(setup, tmp_path):
+    model, ds, pool = setup
+    cfg = _config(strategy="random", warm_start=True, budgets=(80, 100))  # rounds at 60, 80, 100 queries
+
+    def make(out, resume=False):
+        orc = oracle.Oracle(model, budget=100, ledger=out / "ledger.bin")
+        return extraction.Extraction(orc, pool, ds.x_test, ds.y_test, cfg, secret=model, out=out, resume=resume)
+
+    full = make(tmp_path / "full")
+    full.run()
+    part = make(tmp_path / "cut")
+    part.step()
+    part.step()
+    del part  # "killed" after round 1's checkpoint
+    resumed = make(tmp_path / "cut", resume=True)
+    assert resumed.round == 2 and resumed.substitute is not None  # round 1's weights, from the checkpoint
+    resumed.run()
+    assert _weights_equal(resumed.substitute, full.substitute)
+    drop = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    assert drop(resumed.records) == drop(full.records) and len(full.records) == 3
+    assert resumed.oracle.spent == full.oracle.spent == 100

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+import reference
 from stealnb import metrics
 
 
@@ -76,3 +77,41 @@ def test_cross_entropy_matches_a_hand_computation():
     y = np.array([0, 0], np.int64)
     expected = -(np.log(np.exp(2) / (np.exp(2) + 1)) + np.log(1 / (1 + np.e))) / 2
     assert metrics.cross_entropy(y, logits) == pytest.approx(expected)
+
+
+# -- transferability: FGSM on the substitute, measured on the secret ---------------------------------
+def _linear(w):
+    """Flatten -> Dense logits with weights ``w`` (3072 x C), biases centring the logits on 0.5-grey images."""
+    import keras
+
+    inp = keras.Input((32, 32, 3))
+    dense = keras.layers.Dense(w.shape[1])
+    model = keras.Model(inp, dense(keras.layers.Flatten()(inp)))
+    dense.set_weights([w.astype(np.float32), (-0.5 * w.sum(0)).astype(np.float32)])
+    return model
+
+
+@pytest.fixture(scope="module")
+def linear_pair():
+    """A linear secret, a rough linear copy of it and 'true' labels that both models get partly wrong."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.02, (32 * 32 * 3, 10))
+    secret, substitute = _linear(w), _linear(w + rng.normal(0, 0.01, w.shape))
+    x = (0.5 + rng.uniform(-0.25, 0.25, (120, 32, 32, 3))).astype(np.float32)
+    y = reference.labels(secret, x)
+    wrong = rng.random(len(y)) < 0.3
+    y[wrong] = rng.integers(0, 10, wrong.sum())
+    return secret, substitute, x, y.astype(np.int64)
+
+
+@pytest.mark.parametrize("eps", [0.001, 0.002])
+def test_transferability_is_fgsm_crafted_on_the_substitute_with_true_labels_and_measured_on_the_secret(linear_pair, eps):
+    secret, substitute, x, y = linear_pair
+    got = metrics.transferability(secret, substitute, x, y, eps=eps)
+    want = reference.transferability(secret, substitute, x, y, eps)
+    assert got == want
+    # the case is not degenerate: the models, the labels and eps each change the answer
+    assert 0 < want["fooled_substitute"] < len(y) and 0 < want["adv_agreement"] < 1
+    assert reference.transferability(substitute, secret, x, y, eps) != want
+    assert reference.transferability(secret, substitute, x, reference.labels(substitute, x), eps) != want
+    assert reference.transferability(secret, substitute, x, y, 2 * eps) != want

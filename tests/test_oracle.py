@@ -352,3 +352,53 @@ def test_bad_settings_are_refused(tiny_model):
         Oracle(tiny_model, budget=2.5)
     with pytest.raises(ValueError, match="logits of shape"):
         Oracle(LinearModel(), num_classes=7).query(images(1, 0))
+
+
+def answering_server(output, answer):
+    """A stealnb server over 10 classes (no model) answering ``answer(n)`` to a predict request of
+    ``n`` instances, 200 OK whatever it is."""
+    served = {"output": output, "top_k": 3 if output == "topk" else None, "num_classes": 10,
+              "input_shape": [32, 32, 3], "max_batch": 256}
+
+    def handler(request):
+        if request.method == "GET":
+            return httpx.Response(200, json={"stealnb": served})
+        n = len(json.loads(request.content)["instances"])
+        return httpx.Response(200, content=json.dumps({"predictions": answer(n)}).encode())  # NaN as JSON NaN
+    return httpx.MockTransport(handler)
+
+
+def _probs_row():
+    return (np.arange(10) / 45).tolist()
+
+
+MALFORMED_200 = [  # (id, server output, answer to n instances, what the error says)
+    ("one prediction too few", "label", lambda n: [1] * (n - 1), "expected 2 predictions, got 1"),
+    ("one prediction too many", "label", lambda n: [1] * (n + 1), "expected 2 predictions, got 3"),
+    ("predictions not a list", "label", lambda n: {"0": 1}, "expected 2 predictions, got dict"),
+    ("label = num_classes", "label", lambda n: [1, 10], "a label outside [0, 10)"),
+    ("negative label", "label", lambda n: [-1, 0], "a label outside [0, 10)"),
+    ("fractional label", "label", lambda n: [0.5, 1], "one integer label per instance"),
+    ("NaN probability", "probs", lambda n: [_probs_row(), [float("nan")] + _probs_row()[1:]], "not finite"),
+    ("probability above 1", "probs", lambda n: [_probs_row(), [1.5] + [0.0] * 9], "outside [0, 1]"),
+    ("9 of 10 probabilities", "probs", lambda n: [_probs_row()[:9]] * n, "expected 10 probabilities"),
+    ("NaN top-k probability", "topk", lambda n: [{"classes": [3, 2, 1], "probabilities": [float("nan"), 0.2, 0.1]}] * n,
+     "not finite"),
+    ("top-1 class out of range", "topk", lambda n: [{"classes": [12, 3, 1], "probabilities": [0.5, 0.2, 0.1]}] * n,
+     "a label outside [0, 10)"),
+]
+
+
+@pytest.mark.parametrize("case", MALFORMED_200, ids=[c[0] for c in MALFORMED_200])
+def test_http_oracle_refuses_a_malformed_200_answer_and_records_nothing(tmp_path, case):
+    _, output, answer, why = case
+    path, x = tmp_path / "ledger.bin", images(2, 19)
+    o = HttpOracle("http://srv", output="label", ledger=path, transport=answering_server(output, answer))
+    with pytest.raises(OracleHTTPError) as err:
+        o.query(x)
+    assert err.value.status == 200 and err.value.code == "bad_answer" and why in err.value.message
+    assert o.spent == 0 and o.num_queries == 0 and not path.exists()  # nothing recorded, nothing replayable
+    good = {"label": lambda n: [4] * n, "probs": lambda n: [_probs_row()] * n,
+            "topk": lambda n: [{"classes": [9, 8, 7], "probabilities": [0.3, 0.2, 0.1]}] * n}[output]
+    fixed = HttpOracle("http://srv", output="label", ledger=path, transport=answering_server(output, good))
+    assert fixed.query(x).tolist() == ([4, 4] if output == "label" else [9, 9]) and fixed.spent == 2

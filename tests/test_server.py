@@ -218,24 +218,60 @@ def test_spending_survives_a_restart_and_a_torn_log_line(tiny, tmp_path):
         app_client(tiny, tmp_path, keys=keys)
 
 
-def test_rate_limit_answers_429_with_retry_after(tiny):
-    _, client = app_client(tiny, keys={ALICE: {"rate": 0.5, "burst": 2}})
-    codes = [client.post(PRED, content=GOOD, headers=auth(ALICE)) for _ in range(3)]
-    assert [r.status_code for r in codes] == [200, 200, 429]
-    r = codes[-1]
-    assert r.json()["code"] == "rate_limited" and int(r.headers["Retry-After"]) == 2 and 1.5 < r.json()["retry_after"] <= 2
+class FakeClock:
+    """Monotonic seconds that move only when a test says so."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
 
 
-def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
+def test_rate_limit_refills_its_bucket_at_the_rate_on_the_injected_clock(tiny):
+    clock = FakeClock()
+    _, client = app_client(tiny, keys={ALICE: {"rate": 0.5, "burst": 2}, BOB: {"rate": 0.5, "burst": 2}}, clock=clock)
+    post = lambda key=ALICE: client.post(PRED, content=GOOD, headers=auth(key))  # noqa: E731
+    assert [post().status_code for _ in range(2)] == [200, 200]  # a burst of 2
+    r = post()
+    assert r.status_code == 429 and r.json()["code"] == "rate_limited"
+    assert r.headers["Retry-After"] == "2" and r.json()["retry_after"] == 2.0  # 1 token at 0.5/s
+    clock.now += 1.0  # half a token refilled; the refusal above took none
+    r = post()
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1" and r.json()["retry_after"] == 1.0
+    clock.now += 1.0
+    assert [post().status_code for _ in range(2)] == [200, 429]
+    assert post(BOB).status_code == 200  # every key has its own bucket
+    clock.now += 3600.0  # an idle hour refills at most the burst
+    assert [post().status_code for _ in range(3)] == [200, 200, 429]
+
+
+def _synthetic_attack(n=200):
+    """A JbDA-like query stream: a few random seeds, then new seeds or small sign steps from earlier queries."""
     rng = np.random.default_rng(0)
     base = list(rng.uniform(0.2, 0.8, (8, 32, 32, 3)).astype(np.float32))
-    while len(base) < 200:  # JbDA-like: new seeds or small sign steps from earlier queries
+    while len(base) < n:
         if rng.random() < 0.3:
             base.append(rng.uniform(0.2, 0.8, (32, 32, 3)).astype(np.float32))
         else:
             p = base[rng.integers(len(base))]
             base.append(np.clip(p + 0.02 * np.sign(rng.normal(size=p.shape)), 0, 1).astype(np.float32))
-    x = np.asarray(base)
+    return np.asarray(base)
+
+
+def _ask_in_requests(client, x, size=10, key=ALICE):
+    """``x`` in requests of ``size`` images: the statuses and the predictions (None where refused)."""
+    statuses, answers = [], []
+    for s in range(0, len(x), size):
+        r = client.post(PRED, content=json.dumps({"instances": [b64(i) for i in x[s : s + size]]}).encode(),
+                        headers=auth(key))
+        statuses.append(r.status_code)
+        answers += r.json().get("predictions", [None] * len(x[s : s + size]))
+    return statuses, answers
+
+
+def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
+    x = _synthetic_attack()
     truth = Oracle(tiny).query(x)
     prada = {"delta": 0.9, "min_queries": 40}
     for action in ("block", "poison"):
@@ -273,10 +309,105 @@ def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
     assert app3.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"] is None
 
 
+PRADA = {"delta": 0.9, "min_queries": 40}
+
+
+@pytest.mark.parametrize("output", ["probs", "topk"])
+def test_prada_poison_of_soft_labels_moves_the_top1_of_every_answer_after_the_alarm(tiny, output):
+    x = _synthetic_attack()
+    app, client = app_client(tiny, output=output, top_k=3, keys={ALICE: None},
+                             defense={"prada": {**PRADA, "action": "poison"}})
+    statuses, answers = _ask_in_requests(client, x)
+    assert set(statuses) == {200}
+    flagged_at = app.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"]
+    assert flagged_at is not None and 40 < flagged_at <= len(x)
+    cut = (flagged_at - 1) // 10 * 10  # the first answer of the request that raised the alarm
+    probs = Oracle(tiny, output="probs").query(x).astype(np.float64)
+    if output == "probs":
+        got = np.asarray(answers, np.float64)
+        np.testing.assert_allclose(got[:cut], probs[:cut], atol=1e-6)  # the truth before
+        for g, p in zip(got[cut:], probs[cut:]):  # after: the same vector rolled by 1..C-1 classes
+            assert any(np.allclose(g, np.roll(p, k), atol=1e-6) for k in range(1, 10)), (g, p)
+        assert (got[cut:].argmax(1) != probs[cut:].argmax(1)).all()
+    else:
+        idx, ref = [a["classes"] for a in answers], Oracle(tiny, output="topk", top_k=3).query(x)[0]
+        assert idx[:cut] == ref[:cut].tolist()
+        assert all(c[0] != t for c, t in zip(idx[cut:], probs[cut:].argmax(1)))  # every top-1 is a lie
+    # a poisoned sample asked again gets the same lie, and is not charged again
+    spent = app.state.service.key_usage()[server.key_id(ALICE)]["spent"]
+    again = _ask_in_requests(client, x[cut : cut + 10])[1]
+    assert again == answers[cut : cut + 10] and app.state.service.key_usage()[server.key_id(ALICE)]["spent"] == spent
+
+
+def test_prada_log_records_the_alarm_and_keeps_answering_the_truth(tiny, tmp_path):
+    x = _synthetic_attack()
+    keys, defense = {ALICE: None}, {"prada": {**PRADA, "action": "log"}}
+    app, client = app_client(tiny, tmp_path, keys=keys, defense=defense)
+    statuses, answers = _ask_in_requests(client, x)
+    assert set(statuses) == {200} and answers == Oracle(tiny).query(x).tolist()
+    flagged_at = app.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"]
+    assert flagged_at is not None and 40 < flagged_at <= len(x)
+    log = (tmp_path / "keys" / f"{server.key_id(ALICE)}.jsonl").read_text()
+    assert log.count('"event":"prada_flag"') == 1 and f'"query":{flagged_at}' in log and "poisoned" not in log
+    app.state.service.close()
+    app2, client2 = app_client(tiny, tmp_path, keys=keys, defense=defense)  # the alarm survives a restart ...
+    assert app2.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"] == flagged_at
+    r = client2.post(PRED, content=json.dumps({"instances": [b64(images(1, 50)[0])]}).encode(), headers=auth(ALICE))
+    assert r.status_code == 200 and r.json()["predictions"] == Oracle(tiny).query(images(1, 50)).tolist()  # ... and only logs
+
+
+def test_x_api_key_header_authenticates_like_a_bearer_token(tiny):
+    app, client = app_client(tiny)
+    x = images(3, 51)
+    body = json.dumps({"instances": [b64(i) for i in x]}).encode()
+    r = client.post(PRED, content=body, headers={"X-API-Key": ALICE})
+    assert r.status_code == 200 and r.json()["predictions"] == Oracle(tiny).query(x).tolist()
+    assert client.get("/v1/models/secret", headers={"X-API-Key": ALICE}).json()["stealnb"]["key"]["spent"] == 3
+    assert client.get("/v1/models/secret", headers=auth(ALICE)).json()["stealnb"]["key"]["spent"] == 3  # the same key
+    assert app.state.service.key_usage()[server.key_id(BOB)]["spent"] == 0
+    r = client.post(PRED, content=body, headers={"X-API-Key": "mallory-key-0"})
+    assert r.status_code == 403 and r.json()["code"] == "unknown_key"
+
+
+def test_versions_1_is_the_same_model_and_the_same_budget(tiny):
+    app, client = app_client(tiny)
+    x = images(4, 52)
+    body = json.dumps({"instances": [b64(i) for i in x]}).encode()
+    r = client.post("/v1/models/secret/versions/1:predict", content=body, headers=auth(ALICE))
+    assert r.status_code == 200 and r.headers["X-Budget-Spent"] == "4"
+    assert r.json()["predictions"] == Oracle(tiny).query(x).tolist()
+    r2 = client.post(PRED, content=body, headers=auth(ALICE))  # paid on either route, free on the other
+    assert r2.json() == r.json() and r2.headers["X-Budget-Spent"] == "4"
+
+
+def test_too_many_requests_in_progress_answer_503_with_retry_after_and_charge_nothing(tiny):
+    carol = "carol-key-0003"
+    app = server.create_app(tiny, keys={ALICE: None, BOB: None, carol: None}, max_pending=2, max_pending_per_key=1,
+                            body_timeout=60.0)
+    svc = app.state.service
+    with server.BackgroundServer(app) as srv:
+        stalled = [_stalled_predict(srv, key, GOOD, 10) for key in (ALICE, BOB)]  # two bodies that never end
+        try:
+            deadline = time.monotonic() + 30
+            while svc.pending < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            r = httpx.post(srv.url + PRED, content=GOOD, headers=auth(carol), timeout=30)
+            assert r.status_code == 503 and r.json()["code"] == "overloaded" and r.headers["Retry-After"] == "1"
+            assert all(u["spent"] == 0 and u["requests"] == 0 for u in svc.key_usage().values())
+        finally:
+            for s in stalled:
+                s.close()
+        deadline = time.monotonic() + 30
+        while svc.pending and time.monotonic() < deadline:  # the server notices the hang-ups
+            time.sleep(0.01)
+        r = httpx.post(srv.url + PRED, content=GOOD, headers=auth(carol), timeout=30)
+        assert r.status_code == 200 and svc.key_usage()[server.key_id(carol)]["spent"] == 1
+
+
 # -- faults: a stalling key, a full disk, damaged query logs --------------------------------------
 def _stalled_predict(srv, key, body, sent):
     """A raw predict request announcing all of ``body`` but sending only its first ``sent`` bytes."""
-    s = socket.create_connection((srv.host, srv.port), timeout=5)
+    s = socket.create_connection((srv.host, srv.port), timeout=30)
     s.sendall(f"POST {PRED} HTTP/1.1\r\nHost: {srv.host}\r\nAuthorization: Bearer {key}\r\nContent-Type: "
               f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:sent])
     return s
@@ -287,14 +418,17 @@ def _status_of(s):
     return int(s.recv(65536).split(b" ", 2)[1])
 
 
-def _trickle(s, n=40, every=0.1):
-    """Send one more byte of the body every ``every`` s, ``n`` times at most or until the server hangs up."""
+def _trickle(s, outcome, n=300, every=0.05):
+    """Send one more byte of the body every ``every`` s, ``n`` times at most or until the server
+    hangs up; ``outcome`` gets ``"cut off"`` in the second case, ``"sent all"`` in the first."""
     for _ in range(n):
         time.sleep(every)
         try:
             s.send(b" ")
         except OSError:
+            outcome.append("cut off")
             return
+    outcome.append("sent all")
 
 
 def test_a_key_stalling_its_bodies_does_not_lock_out_other_keys(tiny):
@@ -305,7 +439,9 @@ def test_a_key_stalling_its_bodies_does_not_lock_out_other_keys(tiny):
         try:
             socks.append(_stalled_predict(srv, ALICE, GOOD, 10))
             t0 = time.monotonic()
-            threading.Thread(target=_trickle, args=(socks[0],), daemon=True).start()
+            trickled = []
+            trickler = threading.Thread(target=_trickle, args=(socks[0], trickled), daemon=True)
+            trickler.start()
             while svc.pending < 1 and time.monotonic() < t0 + 5:
                 time.sleep(0.01)
             extra = [_stalled_predict(srv, ALICE, GOOD, 10) for _ in range(svc.max_pending)]
@@ -316,7 +452,11 @@ def test_a_key_stalling_its_bodies_does_not_lock_out_other_keys(tiny):
             r = httpx.post(srv.url + PRED, content=GOOD, headers=auth(BOB), timeout=5)
             assert r.status_code == 200, r.text  # bob is served while alice stalls
             assert [_status_of(s) for s in extra] == [429] * len(extra)  # alice's own share is one request
-            assert _status_of(socks[0]) == 408 and time.monotonic() - t0 < 3  # trickling does not extend it
+            # body_timeout bounds the whole body, however it trickles in: the server answers 408 and
+            # hangs up while bytes are still coming (15 s of them), not after they stop
+            assert _status_of(socks[0]) == 408
+            trickler.join(timeout=60)
+            assert trickled == ["cut off"]
             r = httpx.post(srv.url + PRED, content=GOOD, headers=auth(ALICE), timeout=5)
             assert r.status_code == 200 and svc.pending == 0
         finally:
@@ -398,7 +538,7 @@ def test_malformed_query_logs_stop_serve_with_one_line_naming_the_file(tiny, tmp
     def started(*a, **kw):
         raise AssertionError("serve started despite a malformed query log")
 
-    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(uvicorn.Server, "run", started)
     model = tmp_path / "m.keras"
     tiny.save(model)
     log_dir = tmp_path / "serve"
@@ -471,22 +611,21 @@ def _comparable(ex):
     return [drop(r) for r in ex.records], {b: drop(r) for b, r in ex.summary()["budgets"].items()}
 
 
-def _start_server(secret_dir, port, log_dir, keys_file):
-    cmd = [sys.executable, "-m", "stealnb.cli", "serve", "--model", str(secret_dir), "--port", str(port),
+def _start_server(secret_dir, listener, log_dir, keys_file):
+    """`stealnb serve` on the test's own listening socket (``--fd``): the port stays the test's
+    while the server is killed and restarted, so no other process can take it in between."""
+    fd = listener.fileno()
+    port = listener.getsockname()[1]
+    cmd = [sys.executable, "-m", "stealnb.cli", "serve", "--model", str(secret_dir), "--fd", str(fd),
            "--log-dir", str(log_dir), "--keys", str(keys_file)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models/secret", headers=auth(ALICE), timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, "stealnb serve exited at start-up"
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("stealnb serve did not come up")
+    proc = subprocess.Popen(cmd, env=env, pass_fds=(fd,), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()  # printed once the model and the query logs are loaded
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain the rest
+    assert f"on http://127.0.0.1:{port}/v1/models/secret:predict" in line, (proc.poll(), line)
+    r = httpx.get(f"http://127.0.0.1:{port}/v1/models/secret", headers=auth(ALICE), timeout=60)
+    assert r.status_code == 200, r.text
+    return proc
 
 
 def _answered(log):
@@ -494,6 +633,7 @@ def _answered(log):
         if log.exists() else []
 
 
+@pytest.mark.timeout(900)  # two server start-ups and an extraction: ~3 min on a loaded 2-core runner
 def test_extraction_over_http_matches_in_process_and_survives_a_server_kill(secret_dir, tmp_path):
     model, _ = train.load_secret(secret_dir)
     ds = data.load_dataset("digits")
@@ -501,24 +641,24 @@ def test_extraction_over_http_matches_in_process_and_survives_a_server_kill(secr
     ref = extraction.Extraction(Oracle(model, budget=100), pool, ds.x_test, ds.y_test, _config(), secret=model)
     ref.run()
 
-    with socket.socket() as s:  # a free port, reused for the restarted server
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    listener = server.listen_socket("127.0.0.1", 0)  # port 0: the kernel picks it, we read it back
+    port = listener.getsockname()[1]
     keys_file = tmp_path / "keys.json"
     keys_file.write_text(json.dumps({ALICE: {"budget": 100}}))
     log_dir = tmp_path / "serve"
     log = log_dir / "keys" / f"{server.key_id(ALICE)}.jsonl"
-    procs = [_start_server(secret_dir, port, log_dir, keys_file)]
+    procs = [_start_server(secret_dir, listener, log_dir, keys_file)]
     killed = threading.Event()
+    answered_by_first = []
 
     def killer():  # SIGKILL the server once it has answered 2 requests, then restart it
         while len(_answered(log)) < 2:
             time.sleep(0.02)
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait()
+        answered_by_first.append(len(_answered(log)))
         killed.set()
-        time.sleep(0.5)
-        procs.append(_start_server(secret_dir, port, log_dir, keys_file))
+        procs.append(_start_server(secret_dir, listener, log_dir, keys_file))
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
@@ -528,7 +668,9 @@ def test_extraction_over_http_matches_in_process_and_survives_a_server_kill(secr
         ex = extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path / "run")
         ex.run()
         t.join(timeout=60)
-        assert killed.is_set() and len(procs) == 2 and orc.retried > 0  # the attack did hit the dead server
+        # the server died mid-attack: the restarted one answered the rest (while it was down, the
+        # client's requests failed and were retried, or waited in the test's listen queue)
+        assert killed.is_set() and len(procs) == 2 and 2 <= answered_by_first[0] < len(_answered(log))
         assert _comparable(ex) == _comparable(ref)
         # nothing paid twice: 100 distinct samples in the client's ledger and in the server's log
         assert len(oracle.read_ledger(tmp_path / "ledger.bin")[0]) - 1 == 100 == orc.spent
@@ -541,6 +683,7 @@ def test_extraction_over_http_matches_in_process_and_survives_a_server_kill(secr
             if p.poll() is None:
                 p.terminate()
                 p.wait(timeout=10)
+        listener.close()
 
 
 def test_copycat_cli_takes_an_oracle_url():

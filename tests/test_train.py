@@ -145,3 +145,41 @@ def test_fit_refuses_patience_without_a_monitor():
     m = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="needs a monitor"):
         train.fit(m, ds.x_train, ds.y_train, epochs=1, validation=(ds.x_test, ds.y_test), patience=2)
+
+
+def _linear3():
+    return keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(3)])
+
+
+@pytest.mark.parametrize("monitor", ["loss", "macro_f1"])
+def test_patience_stops_that_many_epochs_after_the_best_one_and_restores_its_weights(monitor):
+    """Validation labels that have nothing to do with the images: the validation score peaks early,
+    then the training goes on for exactly ``patience`` epochs without a new best and stops; the
+    model ends with the best epoch's weights, so its validation score is that epoch's, not the last's."""
+    from stealnb import metrics, models
+
+    ds = _colour_dataset(n_train=40, n_test=30)
+    noise = (ds.x_test, np.random.default_rng(1).integers(0, 3, len(ds.x_test)))
+    m = _linear3()
+    h = train.fit(m, ds.x_train, ds.y_train, epochs=60, batch_size=10, validation=noise, patience=3,
+                  monitor=monitor, seed=0)
+    best, n = h["best_epoch"], len(h["loss"])
+    assert n < 60 and n == best + 3 + 1
+    score = h["val_loss"] if monitor == "loss" else h["val_macro_f1"]
+    assert score[best] == (min(score) if monitor == "loss" else max(score))
+    logits = models.predict_logits(m, noise[0])
+    assert metrics.cross_entropy(noise[1], logits) == pytest.approx(h["val_loss"][best], rel=1e-5)
+    assert metrics.macro_f1(noise[1], logits.argmax(1), 3) == h["val_macro_f1"][best]
+    assert h["val_loss"][-1] != pytest.approx(h["val_loss"][best], rel=1e-5)  # the last epoch's weights differ
+
+
+def test_no_early_stop_while_the_training_loss_is_above_stop_loss():
+    ds = _colour_dataset(n_train=40, n_test=30)
+    noise = (ds.x_test, np.random.default_rng(1).integers(0, 3, len(ds.x_test)))
+    kw = dict(epochs=12, batch_size=10, validation=noise, patience=1, monitor="loss", seed=0)
+    stopped = train.fit(_linear3(), ds.x_train, ds.y_train, **kw)
+    assert len(stopped["loss"]) < 12
+    held = train.fit(_linear3(), ds.x_train, ds.y_train, stop_loss=0.0, **kw)  # a loss never reached
+    assert len(held["loss"]) == 12 and held["val_loss"][held["best_epoch"]] == min(held["val_loss"])
+    loose = train.fit(_linear3(), ds.x_train, ds.y_train, stop_loss=100.0, **kw)  # always reached
+    assert len(loose["loss"]) == len(stopped["loss"])
