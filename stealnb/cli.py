@@ -52,6 +52,10 @@ def _cmd_data_list(args) -> int:
             size = f"{r['size_bytes'] / 1e6:9.1f} MB" if r.get("present") else "   missing   "
             where = r.get("path") or ""
         print(f"  {r['name']:<16} {r['kind']:<8} {size}  {where}")
+        if "duplicates_dropped" in r:
+            print(f"  {'':<16} {'':<8} {'':<13}  {r['pool_size']:,} patches (seed 0): "
+                  f"{r['duplicates_dropped']:,} near-duplicates dropped")
+    print("Every dataset also serves as a thief pool for a secret trained on another one: --pool NAME.")
     return 0
 
 
