@@ -384,7 +384,7 @@ def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results,
 def run_extraction(dataset: str, arch: str, strategy: str, profile="demo", *, seed: int = 0,
                    results="results", out=None, data_root=None, resume: bool = True,
                    progress: bool = False, oracle=None, secret_dir=None, allow_problem_domain: bool = False,
-                   **overrides) -> Extraction:
+                   thief_pool=None, **overrides) -> Extraction:
     """Run (or resume) one ActiveThief extraction of the ``dataset``/``arch`` secret with the
     profile's pool (and pool transform), substitute and budgets; results go to
     :func:`stealnb.layout.extraction_dir` unless ``out`` is given. The secret is trained first when
@@ -392,8 +392,10 @@ def run_extraction(dataset: str, arch: str, strategy: str, profile="demo", *, se
     ``allow_problem_domain`` (:func:`configure`).
 
     ``secret_dir`` uses a saved secret (``model.keras`` + ``metrics.json``) instead of the one under
-    ``results``. ``oracle`` replaces the in-process :class:`~stealnb.oracle.Oracle` (e.g. an ``HttpOracle``);
-    ``overrides`` change :class:`ExtractionConfig` fields (``budgets=(...)``, ``round_size=``...).
+    ``results``. ``thief_pool`` is the profile's pool built already (a :class:`~stealnb.data.Pool`
+    with the profile's ``pool``, ``pool_transform`` and ``pool_size``; checked), so that many runs on
+    one pool build it once (:func:`stealnb.pools.run_pools`). ``oracle`` replaces the in-process
+    :class:`~stealnb.oracle.Oracle` (e.g. an ``HttpOracle``); ``overrides`` change :class:`ExtractionConfig` fields (``budgets=(...)``, ``round_size=``...).
     With ``resume=False`` an earlier run in ``out`` (ledger included) is deleted first; a folder
     holding files stealnb did not write is refused (:func:`stealnb.layout.check_run_dir`).
     Returns the finished :class:`Extraction` (``.summary()``, ``.records``, ``.substitute``).
@@ -405,11 +407,18 @@ def run_extraction(dataset: str, arch: str, strategy: str, profile="demo", *, se
     prof = get_profile(profile) if isinstance(profile, str) else profile
     config = configure(prof, strategy, seed=seed, dataset=dataset, allow_problem_domain=allow_problem_domain,
                        **overrides)
+    if thief_pool is not None:
+        got = (thief_pool.name, thief_pool.transform, len(thief_pool))
+        want = (prof.pool, prof.pool_transform, prof.pool_size if prof.pool_size is not None else len(thief_pool))
+        if got != want:
+            raise ValueError(f"thief_pool: expected the profile's pool {want[0]!r} (transform {want[1]}, {want[2]} "
+                             f"images), got {got[0]!r} (transform {got[1]}, {got[2]} images)")
     out = Path(out) if out is not None else layout.extraction_dir(results, prof.name, dataset, arch, strategy, seed)
     secret, ds = prepare_run(out, resume, dataset, arch, prof, results, secret_dir=secret_dir,
                              data_root=data_root, progress=progress, oracle=oracle)
     # One pool per profile (seed 0): every strategy and seed draws from the same thief images.
-    pool = data.load_pool(prof.pool, root=data_root, n=prof.pool_size, seed=0, transform=prof.pool_transform)
+    pool = thief_pool if thief_pool is not None else data.load_pool(
+        prof.pool, root=data_root, n=prof.pool_size, seed=0, transform=prof.pool_transform)
     if oracle is None:
         oracle = Oracle(secret, output="label", budget=config.budgets[-1], ledger=out / "ledger.bin")
     ex = Extraction(oracle, pool, ds.x_test, ds.y_test, config, secret=secret, out=out,

@@ -8,6 +8,7 @@ the book agree on paths.
                                                                      ledger.bin, checkpoint/}
     results/<profile>/copycat/<dataset>-<arch>/<variant>/seed<N>/{rounds.jsonl, summary.json, ...}
     results/<profile>/defenses/<dataset>-<arch>/...
+    results/<profile>/pools/<dataset>-<arch>/<pool>/<strategy>/seed<N>/{rounds.jsonl, summary.json, ...}
 
 Output folders. A new run writes :data:`MARKER` (its kind) into its folder, and replaces a folder
 only when everything in it is something stealnb writes there (:data:`RUN_FILES`): a folder that
@@ -46,6 +47,9 @@ RUN_FILES: dict[str, dict] = {
     "extraction seeds": {"seed*": "extraction"},
     "copycat variants": {"*": "copycat seeds"},
     "copycat seeds": {"seed*": "copycat"},
+    # The pool chapter (stealnb.pools): one extraction per pool, strategy and seed.
+    "pools": {"*": "pool strategies"},
+    "pool strategies": {"*": "extraction seeds"},
     "defenses": {**_files("prada.json", "admis.json", "ewe.json"), "server-logs": "server logs"},
     "server logs": {"keys": "server key logs"},
     "server key logs": _files("*.jsonl"),
@@ -80,6 +84,15 @@ def copycat_dir(results, profile: str, dataset: str, arch: str, variant: str, se
 
 def defenses_dir(results, profile: str, dataset: str, arch: str) -> Path:
     return profile_dir(results, profile) / "defenses" / f"{_safe(dataset)}-{_safe(arch)}"
+
+
+def pools_dir(results, profile: str, dataset: str, arch: str) -> Path:
+    return profile_dir(results, profile) / "pools" / f"{_safe(dataset)}-{_safe(arch)}"
+
+
+def pool_run_dir(results, profile: str, dataset: str, arch: str, pool: str, strategy: str, seed: int) -> Path:
+    """One run of the pool chapter; ``pool`` is a pool spec (``natural-patches+gray``)."""
+    return pools_dir(results, profile, dataset, arch) / _safe(pool) / _safe(strategy) / f"seed{int(seed)}"
 
 
 def checkpointed(out, kind: str) -> bool:

@@ -68,6 +68,17 @@ def collapse(predicted_labels: np.ndarray, num_classes: int) -> dict:
     return {"top_class_share": float(counts.max() / counts.sum()), "classes_predicted": int((counts > 0).sum())}
 
 
+def label_entropy(labels: np.ndarray, num_classes: int) -> float:
+    """Shannon entropy in bits of the class distribution of ``labels`` (0 = one class only;
+    log2(num_classes) = uniform): how evenly a thief pool covers the secret's classes."""
+    check_labels(labels, "labels", num_classes=num_classes)
+    if len(labels) == 0:
+        raise ValueError("labels: expected at least one label, got an empty array")
+    p = np.bincount(labels, minlength=num_classes) / len(labels)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum()) + 0.0
+
+
 def mean_ci95(values) -> tuple[float, float]:
     """Mean and the half-width of its two-sided 95% confidence interval, Student's t with n-1
     degrees of freedom (seeds as independent repetitions); half-width NaN for fewer than 2 values."""

@@ -4,6 +4,7 @@ The grid (:func:`plan`) has one executed notebook per
 
 * dataset: ``01_eda``;
 * secret (dataset × architecture): ``02_secret``, ``03_extraction`` per strategy, ``05_copycat``;
+* secret: ``08_pools`` (the pool study: after the secret's extraction runs, whose best strategy it uses);
 * the profile's first secret: ``06_defenses`` and ``07_interactive``;
 * profile: ``04_results``, which gathers every run's result files (run last).
 
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import layout
-from .profiles import PROFILES, Profile, get_profile
+from .profiles import BEST_STRATEGY, PROFILES, Profile, get_profile
 
 NOTEBOOKS = {
     "eda": "01_eda.ipynb",
@@ -53,6 +54,7 @@ NOTEBOOKS = {
     "copycat": "05_copycat.ipynb",
     "defenses": "06_defenses.ipynb",
     "interactive": "07_interactive.ipynb",
+    "pools": "08_pools.ipynb",
 }
 BOOK_GENERATED = Path("book") / "generated"
 # The attacks the defenses chapter runs each defense against (issue 6: random, K-center, DFAL, Copycat).
@@ -63,7 +65,7 @@ DEFENSE_PRADA_ONLY = ("uncertainty",)
 # Rough wall seconds per notebook on the demo profile (README, Timings), used only to order the
 # tasks that are ready to start when no earlier run's time is recorded (see ``critical_path``).
 _COST_HINT = {"eda": 25, "secret": 50, "extraction": 300, "copycat": 590, "defenses": 470,
-              "interactive": 20, "results": 5}
+              "interactive": 20, "results": 5, "pools": 400}
 _STRATEGY_COST_HINT = {"random": 230, "uncertainty": 300, "kcenter": 350, "dfal": 520, "dfal+kcenter": 530}
 
 
@@ -139,6 +141,10 @@ def plan(profile: str | Profile, results, data_root=None, optional: bool = False
         tasks.append(Task(f"copycat/{tag}", NOTEBOOKS["copycat"],
                           {**common, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)}, deps=[sec],
                           outputs={layout.profile_dir(results, prof.name) / "copycat" / tag: "copycat variants"}))
+        # The pool study reads the best strategy from this secret's extraction runs (stealnb.pools).
+        best_from = [f"extraction/{tag}-{s}" for s in prof.strategies] if BEST_STRATEGY in prof.pool_study.strategies else []
+        tasks.append(Task(f"pools/{tag}", NOTEBOOKS["pools"], {**common, "dataset": ds, "arch": arch},
+                          deps=[sec, *best_from], outputs={layout.pools_dir(results, prof.name, ds, arch): "pools"}))
     ds, arch = secrets[0]
     tag = f"{ds}-{arch}"
     # The defenses notebook attacks the secret with the runs of the extraction and Copycat

@@ -14,6 +14,34 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 
+# In PoolStudy.strategies: the extraction chapter's best strategy for the secret (stealnb.pools.best_strategy).
+BEST_STRATEGY = "best"
+
+
+@dataclass(frozen=True)
+class PoolStudy:
+    """What the "Which thief pool?" chapter runs (``notebooks/08_pools.ipynb``,
+    :func:`stealnb.pools.run_pools`): each strategy on each pool, over ``seeds``, at ``budgets``;
+    the rest of the loop (seed set, validation split, substitute recipe, strategy options) is the
+    profile's extraction settings, so the only thing that changes between runs is the pool."""
+
+    # Pool specs: a registered pool name, or "name+transform" (stealnb.data.POOL_TRANSFORMS).
+    pools: tuple[str, ...] = ("natural-patches", "natural-patches+gray", "dead-leaves", "uniform-noise")
+    # Datasets (and dataset-like pools) tried as cross-domain pools when present locally and not
+    # the secret's own images (stealnb.data.check_pool). MNIST is left out: its handwritten digits
+    # are the digits secret's own problem domain.
+    cross_domain: tuple[str, ...] = ("fashion-mnist", "digits", "cifar10", "imagenet32")
+    # "best" = the strategy with the highest mean agreement in the extraction chapter's runs at
+    # its largest budget (stealnb.pools.best_strategy); ``fallback_strategy`` when those are absent.
+    strategies: tuple[str, ...] = ("random", BEST_STRATEGY)
+    fallback_strategy: str = "kcenter"
+    budgets: tuple[int, ...] = (500,)
+    seeds: tuple[int, ...] = (0,)
+    round_size: int = 350  # k: with budgets (500,) one round after the seed + validation sets
+    pool_size: int | None = None  # images per pool; None = the profile's pool_size
+    baseline: str = "uniform-noise"  # the pool the ratios are taken to (ActiveThief's SNPD baseline)
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -50,6 +78,7 @@ class Profile:
     # Per-strategy options for stealnb.selectors (e.g. DFAL's candidate cap on CPU profiles).
     strategy_options: dict = field(default_factory=dict)
     optional_secrets: tuple[tuple[str, str], ...] = field(default=())  # run when data present
+    pool_study: PoolStudy = PoolStudy()  # the "Which thief pool?" chapter (notebook 08)
 
     def substitute_fit(self) -> dict:
         """The keyword arguments of :func:`stealnb.train.fit` for a substitute of this profile."""
@@ -96,6 +125,11 @@ PROFILES: dict[str, Profile] = {
         substitute_monitor="macro_f1",  # utils/model.py: the copy's checkpoint is chosen on validation F1
         strategies=THESIS_STRATEGIES,
         seeds=(0,),
+        # The pool comparison at the thesis' budgets: ActiveThief's image pool against a second
+        # natural-image pool, dead-leaves and its uniform-noise baseline (Pal et al. 2020, Table 4).
+        pool_study=PoolStudy(pools=("imagenet32", "natural-patches", "dead-leaves", "uniform-noise"),
+                             cross_domain=("mnist", "cifar10", "gtsrb"), budgets=(2_500, 5_000, 10_000),
+                             seeds=(0,), round_size=500),
     ),
     "demo": Profile(
         name="demo",
@@ -134,6 +168,10 @@ PROFILES: dict[str, Profile] = {
         # of the 1,000 DFAL keeps (stealnb.selectors.DFALKCenter).
         strategy_options={"dfal": {"max_candidates": 1_000, "max_iter": 10},
                           "dfal+kcenter": {"max_candidates": 1_000, "max_iter": 10, "keep_multiple": 4}},
+        # The pool chapter inside the 30-minute demo: one seed, one budget (500 queries), two
+        # rounds per run (seed + validation sets, then one batch of 350); the measurement over
+        # seeds at 1,000 queries is benchmarks/bench_pools.py.
+        pool_study=PoolStudy(budgets=(500,), seeds=(0,), round_size=350),
     ),
     "ci": Profile(
         name="ci",
@@ -155,6 +193,11 @@ PROFILES: dict[str, Profile] = {
         strategies=THESIS_STRATEGIES,
         strategy_options={"dfal": {"max_candidates": 500, "max_iter": 10},
                           "dfal+kcenter": {"max_candidates": 500, "max_iter": 10, "keep_multiple": 4}},
+        # Every code path of the pool chapter (a transform, a generated pool, a cross-domain
+        # dataset when installed, the noise baseline), at the smallest size.
+        pool_study=PoolStudy(pools=("natural-patches", "natural-patches+gray", "uniform-noise"),
+                             cross_domain=("fashion-mnist",), budgets=(150, 200), seeds=(0,), round_size=50,
+                             pool_size=400),
     ),
 }
 

@@ -72,6 +72,15 @@ def test_collapse_measures_the_largest_predicted_class():
         metrics.collapse(np.array([12], np.int64), 10)
 
 
+def test_label_entropy_is_zero_for_one_class_and_log2_c_for_a_uniform_draw():
+    assert metrics.label_entropy(np.array([3, 3, 3], np.int64), 10) == 0.0
+    assert metrics.label_entropy(np.array([0, 1, 2, 3] * 5, np.int64), 4) == pytest.approx(2.0)
+    # 3/4 and 1/4: -(0.75 log2 0.75 + 0.25 log2 0.25)
+    assert metrics.label_entropy(np.array([0, 0, 0, 1], np.int64), 10) == pytest.approx(0.811278, abs=1e-6)
+    with pytest.raises(ValueError, match="at least one"):
+        metrics.label_entropy(np.zeros(0, np.int64), 10)
+
+
 def test_cross_entropy_matches_a_hand_computation():
     logits = np.array([[2.0, 0.0], [0.0, 1.0]])
     y = np.array([0, 0], np.int64)

@@ -1,5 +1,6 @@
 """stealnb.pipeline: the grid, the keys that decide what reruns, and the scheduler (on tiny notebooks)."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nbformat
@@ -17,7 +18,7 @@ def test_plan_covers_the_grid_in_dependency_order(tmp_path):
     ds, arch = prof.secrets[0]
     for strat in prof.strategies:
         assert f"extraction/{ds}-{arch}-{strat}" in ids
-    for prefix in ("eda/", "secret/", "copycat/", "defenses/", "interactive/"):
+    for prefix in ("eda/", "secret/", "copycat/", "defenses/", "interactive/", "pools/"):
         assert any(i.startswith(prefix) for i in ids), prefix
     assert ids[-1] == "results/results"
     seen = set()
@@ -31,6 +32,19 @@ def test_plan_covers_the_grid_in_dependency_order(tmp_path):
                           "extraction seeds"}
     for t in tasks:  # every notebook the plan names exists
         assert (Path(pipeline.__file__).parents[1] / "notebooks" / t.notebook).is_file(), t.notebook
+
+
+def test_the_pool_study_runs_after_the_extractions_whose_best_strategy_it_reads(tmp_path):
+    prof = PROFILES["ci"]
+    tasks = {t.id: t for t in pipeline.plan(prof, tmp_path)}
+    ds, arch = prof.secrets[0]
+    t = tasks[f"pools/{ds}-{arch}"]
+    assert t.notebook == "08_pools.ipynb" and t.params["dataset"] == ds
+    assert set(t.deps) == {f"secret/{ds}-{arch}", *(f"extraction/{ds}-{arch}-{s}" for s in prof.strategies)}
+    assert t.outputs == {layout.pools_dir(tmp_path.resolve(), "ci", ds, arch): "pools"}
+    named = prof.with_(pool_study=replace(prof.pool_study, strategies=("random", "kcenter")))
+    named_tasks = {t.id: t for t in pipeline.plan(named, tmp_path)}
+    assert named_tasks[f"pools/{ds}-{arch}"].deps == [f"secret/{ds}-{arch}"]  # no "best": nothing to wait for
 
 
 def test_optional_secret_joins_only_when_its_data_is_present(tmp_path, monkeypatch):
@@ -212,7 +226,7 @@ def test_critical_path_prefers_long_chains_and_learns_recorded_times(tmp_path):
     ds, arch = prof.secrets[0]
     tag = f"{ds}-{arch}"
     # the secret heads everything; Copycat and DFAL (which defenses wait for) outrank DFAL+K-center
-    # (which only the results chapter waits for), although that one alone takes longer
+    # (which only the pool study and the results chapter wait for), although that one alone takes longer
     assert chain[f"secret/{tag}"] == max(chain.values())
     assert chain[f"copycat/{tag}"] > chain[f"extraction/{tag}-dfal"] > chain[f"extraction/{tag}-dfal+kcenter"]
     assert chain["results/results"] == pipeline._COST_HINT["results"]
@@ -222,7 +236,8 @@ def test_critical_path_prefers_long_chains_and_learns_recorded_times(tmp_path):
     stamp.parent.mkdir(parents=True)
     stamp.write_text(json.dumps({"key": "k", "results_key": "r", "seconds": 5000.0}))
     chain = pipeline.critical_path(tasks, run_dir)
-    assert chain[t.id] == 5000.0 + chain["results/results"]
+    assert chain[f"pools/{tag}"] == pipeline._COST_HINT["pools"] + chain["results/results"]
+    assert chain[t.id] == 5000.0 + chain[f"pools/{tag}"]
     assert chain[t.id] > chain[f"copycat/{tag}"]
 
 
