@@ -202,7 +202,10 @@ def fold_box(fold_accuracies: dict, *, title: str | None = None, y_title: str = 
 
 def replace_figure(widget, fig) -> None:
     """Show ``fig`` in an existing ``go.FigureWidget`` in one update (live notebooks): traces are
-    updated in place when their number and types match, replaced otherwise; the layout is replaced."""
+    updated in place when their number and types match, replaced otherwise; the layout is replaced.
+
+    The widget's synced state then holds the new figure too (:func:`sync_figure_state`), so a
+    page reloaded while the kernel runs shows it, not the figure the widget was created with."""
     same = len(widget.data) == len(fig.data) and all(a.type == b.type for a, b in zip(widget.data, fig.data))
     with widget.batch_update():
         if same:
@@ -212,3 +215,19 @@ def replace_figure(widget, fig) -> None:
             widget.data = []
             widget.add_traces(list(fig.data))
         widget.layout = fig.layout
+    sync_figure_state(widget)
+
+
+def sync_figure_state(widget) -> None:
+    """Copy a ``go.FigureWidget``'s current figure into the widget-model state a new view starts from.
+
+    plotly sends each change to the views already on the page as a one-off message and keeps the
+    model's ``_widget_data``/``_widget_layout`` (what a view created later -- after a browser page
+    reload, in a second output -- is drawn from) at the figure the widget was constructed with. The
+    reloaded page then shows that first figure, and the later messages, addressed to its traces,
+    no longer match what it draws. Setting both to the current figure sends them once more (the
+    views on the page already show it: plotly's front end only stores the new state)."""
+    from copy import deepcopy
+
+    widget._widget_data = deepcopy(widget._data)
+    widget._widget_layout = deepcopy(widget._layout_obj._props)
