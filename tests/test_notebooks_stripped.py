@@ -62,7 +62,7 @@ def test_every_parameter_has_a_type_papermill_shows(path):
     from stealnb import params
 
     cell = _parameters_cell(path)
-    shown = {p.name: p.inferred_type_name for p in PythonTranslator.inspect(cell)}
+    shown = {p.name: p.inferred_type_name for p in PythonTranslator.inspect({"source": "".join(cell["source"])})}
     assert set(shown) == set(_defaults(cell)), f"{path.name}: papermill sees {sorted(shown)}"
     untyped = [n for n, t in shown.items() if t in ("None", "")]
     assert not untyped, f"{path.name}: parameters without a type annotation: {untyped}"
