@@ -39,7 +39,8 @@ test: sysdeps setup
 # they share secrets and runs with papermill and `stealnb run` although the kernel runs in notebooks/.
 LAB_PORT ?= 8888
 lab: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter-lab --ServerApp.root_dir=notebooks --port=$(LAB_PORT)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter-lab --ServerApp.root_dir=notebooks --port=$(LAB_PORT) \
+		$$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"

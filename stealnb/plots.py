@@ -219,15 +219,20 @@ def replace_figure(widget, fig) -> None:
 
 
 def sync_figure_state(widget) -> None:
-    """Copy a ``go.FigureWidget``'s current figure into the widget-model state a new view starts from.
+    """Send a ``go.FigureWidget``'s current figure as the widget-model state a view is drawn from.
 
-    plotly sends each change to the views already on the page as a one-off message and keeps the
-    model's ``_widget_data``/``_widget_layout`` (what a view created later -- after a browser page
-    reload, in a second output -- is drawn from) at the figure the widget was constructed with. The
-    reloaded page then shows that first figure, and the later messages, addressed to its traces,
-    no longer match what it draws. Setting both to the current figure sends them once more (the
-    views on the page already show it: plotly's front end only stores the new state)."""
+    A view of a plotly FigureWidget draws the model's ``_widget_data``/``_widget_layout`` when it
+    is created -- in the first output, and again after a browser page reload while the kernel
+    runs -- and then applies the change messages plotly sends to the views already on the page.
+    plotly sets those two traits once, in the constructor, so a reloaded page drew the figure the
+    widget was created with and its later change messages no longer matched what it showed (and
+    under JupyterLab 4 with anywidget the constructor's values did not reach the front end at all:
+    a FigureWidget displayed unchanged drew an empty chart). Both are sent here, also when they did
+    not change (the views on the page already show the figure: the front end only stores it)."""
     from copy import deepcopy
 
-    widget._widget_data = deepcopy(widget._data)
-    widget._widget_layout = deepcopy(widget._layout_obj._props)
+    for name, value in (("_widget_data", widget._data), ("_widget_layout", widget._layout_obj._props)):
+        if getattr(widget, name) == value:
+            widget.send_state(name)
+        else:
+            setattr(widget, name, deepcopy(value))
