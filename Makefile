@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PROFILE ?= demo
 
-.PHONY: setup sysdeps demo test bench clean
+.PHONY: setup sysdeps demo test lab bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ demo: setup sysdeps
 
 test: sysdeps setup
 	$(BIN)/python -m pytest
+
+# JupyterLab on the notebooks. Its kernel is this venv's Python (jupyter_client runs the
+# "python3" kernel with the server's interpreter; PATH puts `stealnb` in its terminals too). The
+# notebooks' results_dir defaults to the project's results/ (stealnb.layout.results_root), so
+# they share secrets and runs with papermill and `stealnb run` although the kernel runs in notebooks/.
+LAB_PORT ?= 8888
+lab: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter-lab --ServerApp.root_dir=notebooks --port=$(LAB_PORT) \
+		$$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -239,8 +240,12 @@ def _settle_errors(state: dict, pending: list[str], expected: int | None, timeou
     return out
 
 
-async def _check(pages: list[Path], screenshots: dict[Path, Path], expected: dict[Path, int], chromium: str,
-                 timeout: float) -> list[PageReport]:
+@contextlib.asynccontextmanager
+async def chromium_session(chromium: str, domains=("Runtime", "Log", "Page", "Network")):
+    """Headless ``chromium`` (a fresh profile, no network of its own: :data:`CHROMIUM_FLAGS`)
+    on ``about:blank``; yields a DevTools client (``call(method, params)``, ``events``,
+    ``wait_event``, ``drain``) with ``domains`` enabled. The browser and its profile are gone
+    afterwards. Also drives JupyterLab in the live-panel test (tests/test_live_panel.py)."""
     from tornado.httpclient import AsyncHTTPClient
     from tornado.websocket import websocket_connect
 
@@ -259,8 +264,30 @@ async def _check(pages: list[Path], screenshots: dict[Path, Path], expected: dic
         target = next(t for t in json.loads(resp.body) if t.get("type") == "page")
         ws = await websocket_connect(target["webSocketDebuggerUrl"], max_message_size=512 * 1024 * 1024)
         cdp = _CDP(ws)
-        for domain in ("Runtime", "Log", "Page", "Network"):
+        for domain in domains:
             await cdp.call(f"{domain}.enable")
+        try:
+            yield cdp
+        finally:
+            ws.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+async def screenshot(cdp, out) -> Path:
+    """Write a PNG of the page's viewport to ``out`` (parent folders created); returns ``Path(out)``."""
+    shot = await cdp.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(base64.b64decode(shot["data"]))
+    return out
+
+
+async def _check(pages: list[Path], screenshots: dict[Path, Path], expected: dict[Path, int], chromium: str,
+                 timeout: float) -> list[PageReport]:
+    async with chromium_session(chromium) as cdp:
         reports = []
         for page in pages:
             cdp.events = []
@@ -279,18 +306,9 @@ async def _check(pages: list[Path], screenshots: dict[Path, Path], expected: dic
             if want is not None and rep.plots != want:
                 rep.errors.append(f"plotly: the executed notebook made {want} chart(s), the page has {rep.plots}")
             if page in screenshots:
-                shot = await cdp.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False})
-                out = screenshots[page]
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(base64.b64decode(shot["data"]))
-                rep.screenshot = str(out)
+                rep.screenshot = str(await screenshot(cdp, screenshots[page]))
             reports.append(rep)
-        ws.close()
         return reports
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def book_pages(html_dir: Path) -> list[Path]:

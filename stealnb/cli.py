@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    **_choice(models.REGISTRY, help="substitute architecture (default: the profile's): one of %(choices)s"))
     e.add_argument("--profile", **profile)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--results", type=Path, default=Path("results"), help="results root (secrets trained on demand go here)")
+    e.add_argument("--results", type=Path, default=None,
+                   help="results root, where secrets trained on demand go (default: $STEALNB_RESULTS, "
+                        "else the project's results/)")
     e.add_argument("--out", required=True, type=Path)
     e.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     e.add_argument("--oracle-url", default=None, help="query a `stealnb serve` endpoint instead of an in-process oracle")
@@ -309,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                    **_choice(models.REGISTRY, help="copycat architecture (default: the profile's): one of %(choices)s"))
     c.add_argument("--profile", **profile)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--results", type=Path, default=Path("results"))
+    c.add_argument("--results", type=Path, default=None,
+                   help="results root (default: $STEALNB_RESULTS, else the project's results/)")
     c.add_argument("--out", type=Path, default=None, help="run folder (default: results/<profile>/copycat/...)")
     c.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     c.add_argument("--oracle-url", default=None, help="query a `stealnb serve` endpoint instead of an in-process oracle")
@@ -339,9 +342,20 @@ def _unexpected(e: Exception, argv, debug: bool) -> int:
     return 1
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; a ``--results`` left out is the results root of
+    :func:`stealnb.layout.results_root` (the one folder the notebooks use too, wherever run)."""
+    args = build_parser().parse_args(argv)
+    if "results" in vars(args) and args.results is None:
+        from .layout import results_root
+
+        args.results = results_root()
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:

@@ -10,6 +10,10 @@ the book agree on paths.
     results/<profile>/defenses/<dataset>-<arch>/...
     results/<profile>/pools/<dataset>-<arch>/<pool>/<strategy>/seed<N>/{rounds.jsonl, summary.json, ...}
 
+The results root is :func:`results_root`: ``$STEALNB_RESULTS`` or the project's ``results/``,
+whatever the current directory (JupyterLab runs a notebook's kernel in ``notebooks/``, papermill
+and ``stealnb`` in the project folder), so every way of running shares secrets and runs.
+
 Output folders. A new run writes :data:`MARKER` (its kind) into its folder, and replaces a folder
 only when everything in it is something stealnb writes there (:data:`RUN_FILES`): a folder that
 holds anything else is refused with one line, and nothing in it is touched (:func:`new_run_dir`).
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +30,38 @@ from pathlib import Path
 from ._checks import UsageError
 
 MARKER = ".stealnb-run.json"
+RESULTS_ENV = "STEALNB_RESULTS"
+
+
+def project_root() -> Path:
+    """The folder with ``_config.yml``, ``_toc.yml``, ``book/`` and ``notebooks/`` (a source checkout):
+    the one this package is imported from, else the current directory. FileNotFoundError if neither."""
+    here = Path(__file__).resolve().parents[1]
+    for cand in (here, Path.cwd()):
+        if (cand / "_config.yml").is_file() and (cand / "notebooks").is_dir():
+            return cand
+    raise FileNotFoundError(
+        "no source checkout (with _config.yml, _toc.yml, book/ and notebooks/) "
+        f"at {here} or the current directory {Path.cwd()}")
+
+
+def results_root(results=None) -> Path:
+    """The results root, absolute: ``results`` when given (a relative path is taken from the
+    current directory, as any command-line path), else ``$STEALNB_RESULTS``, else the project's
+    ``results/`` (:func:`project_root`; outside a checkout, ``./results``). The notebooks' and the
+    CLI's ``results`` defaults (None) resolve here, so a notebook opened in JupyterLab (kernel in
+    ``notebooks/``), papermill run from the project folder and ``stealnb run`` use one folder."""
+    if results is None or str(results) == "":
+        env = os.environ.get(RESULTS_ENV, "").strip()
+        if env:
+            results = Path(env).expanduser()
+        else:
+            try:
+                results = project_root() / "results"
+            except FileNotFoundError:
+                results = Path("results")
+    results = Path(results)
+    return results if results.is_absolute() else Path.cwd() / results
 
 
 def _files(*names: str) -> dict:
@@ -67,7 +104,8 @@ def _safe(part: str) -> str:
 
 
 def profile_dir(results, profile: str) -> Path:
-    return Path(results) / _safe(profile)
+    """``results/<profile>``; ``results=None`` is :func:`results_root`'s default folder."""
+    return (results_root() if results is None else Path(results)) / _safe(profile)
 
 
 def secret_dir(results, profile: str, dataset: str, arch: str) -> Path:

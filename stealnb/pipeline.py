@@ -69,14 +69,8 @@ _COST_HINT = {"eda": 25, "secret": 50, "extraction": 300, "copycat": 590, "defen
 _STRATEGY_COST_HINT = {"random": 230, "uncertainty": 300, "kcenter": 350, "dfal": 520, "dfal+kcenter": 530}
 
 
-def project_root() -> Path:
-    """The folder with ``_config.yml``, ``_toc.yml``, ``book/`` and ``notebooks/`` (a source checkout)."""
-    for cand in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if (cand / "_config.yml").is_file() and (cand / "notebooks").is_dir():
-            return cand
-    raise FileNotFoundError(
-        "stealnb run needs a source checkout (with _config.yml, _toc.yml, book/ and notebooks/); "
-        f"none found at {Path(__file__).resolve().parents[1]} or the current directory {Path.cwd()}")
+# The project folder: stealnb.layout.project_root (kept here under its old name).
+project_root = layout.project_root
 
 
 @dataclass
@@ -123,23 +117,25 @@ def plan(profile: str | Profile, results, data_root=None, optional: bool = False
     results = Path(results).resolve()
     common = {"profile": prof.name, "results_dir": str(results),
               "data_root": None if data_root is None else str(Path(data_root).resolve())}
+    # The notebooks with long cells show progress bars when run by hand; not in the book.
+    quiet = {"progress": False}
     secrets = secrets_of(prof, data_root, optional)
     tasks: list[Task] = []
     for ds in dict.fromkeys(d for d, _ in secrets):
-        tasks.append(Task(f"eda/{ds}", NOTEBOOKS["eda"], {**common, "dataset": ds}))
+        tasks.append(Task(f"eda/{ds}", NOTEBOOKS["eda"], {**common, **quiet, "dataset": ds}))
     for ds, arch in secrets:
         tag = f"{ds}-{arch}"
         sec = f"secret/{tag}"
-        tasks.append(Task(sec, NOTEBOOKS["secret"], {**common, "dataset": ds, "arch": arch},
+        tasks.append(Task(sec, NOTEBOOKS["secret"], {**common, **quiet, "dataset": ds, "arch": arch},
                           outputs={layout.secret_dir(results, prof.name, ds, arch): "secret"}))
         for strat in prof.strategies:
             tasks.append(Task(
                 f"extraction/{tag}-{strat}", NOTEBOOKS["extraction"],
-                {**common, "dataset": ds, "arch": arch, "strategy": strat, "seeds": list(prof.seeds)},
+                {**common, **quiet, "dataset": ds, "arch": arch, "strategy": strat, "seeds": list(prof.seeds)},
                 deps=[sec],
                 outputs={layout.extraction_dir(results, prof.name, ds, arch, strat, 0).parent: "extraction seeds"}))
         tasks.append(Task(f"copycat/{tag}", NOTEBOOKS["copycat"],
-                          {**common, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)}, deps=[sec],
+                          {**common, **quiet, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)}, deps=[sec],
                           outputs={layout.profile_dir(results, prof.name) / "copycat" / tag: "copycat variants"}))
         # The pool study reads the best strategy from this secret's extraction runs (stealnb.pools).
         best_from = [f"extraction/{tag}-{s}" for s in prof.strategies] if BEST_STRATEGY in prof.pool_study.strategies else []
@@ -156,7 +152,7 @@ def plan(profile: str | Profile, results, data_root=None, optional: bool = False
                       deps=[f"secret/{tag}", *(f"copycat/{tag}" if a == "copycat" else f"extraction/{tag}-{a}"
                                                for a in attacks + prada_only)],
                       outputs={layout.defenses_dir(results, prof.name, ds, arch): "defenses"}))
-    tasks.append(Task(f"interactive/{tag}", NOTEBOOKS["interactive"], {**common, "dataset": ds, "arch": arch},
+    tasks.append(Task(f"interactive/{tag}", NOTEBOOKS["interactive"], {**common, **quiet, "dataset": ds, "arch": arch},
                       deps=[f"secret/{tag}"]))
     # The results chapter reads every other task's files, so it depends on all of them.
     tasks.append(Task("results/results", NOTEBOOKS["results"], dict(common), deps=[t.id for t in tasks]))
@@ -443,7 +439,7 @@ def build_book(root: Path, *, warnings_as_errors: bool = True, log: Path | None 
     return root / "_build" / "html" / "index.html"
 
 
-def run(profile: str = "demo", *, results="results", data_root=None, jobs: int = 1, force: bool = False,
+def run(profile: str = "demo", *, results=None, data_root=None, jobs: int = 1, force: bool = False,
         book: bool = True, only: str | None = None, progress: bool = True, root=None,
         optional: bool = False) -> dict:
     """Execute ``profile``'s grid and build the book; returns the execution report (+ ``book``).
@@ -452,9 +448,7 @@ def run(profile: str = "demo", *, results="results", data_root=None, jobs: int =
     default: the source checkout this package is installed from."""
     root = project_root() if root is None else Path(root).resolve()
     prof = get_profile(profile)
-    results = Path(results)
-    if not results.is_absolute():
-        results = (Path.cwd() / results)
+    results = layout.results_root(results)
     run_dir = layout.profile_dir(results, prof.name)
     tasks = plan(prof, results, data_root, optional)
     assign_keys(tasks, prof, root / "notebooks")
@@ -511,7 +505,8 @@ def register_cli(subparsers) -> None:
     r = subparsers.add_parser("run", help="execute a profile's notebook grid with papermill, then build the book")
     r.add_argument("--profile", default="demo", choices=list(PROFILES), metavar="PROFILE",
                    help="one of %(choices)s (default: %(default)s)")
-    r.add_argument("--results", type=Path, default=Path("results"), help="results root (default: ./results)")
+    r.add_argument("--results", type=Path, default=None,
+                   help="results root (default: $STEALNB_RESULTS, else the project's results/)")
     r.add_argument("--jobs", type=int, default=1, help="notebooks executed in parallel processes")
     r.add_argument("--force", action="store_true", help="rerun every notebook, even unchanged ones")
     r.add_argument("--no-book", action="store_true", help="execute the notebooks only")

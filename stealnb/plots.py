@@ -202,7 +202,10 @@ def fold_box(fold_accuracies: dict, *, title: str | None = None, y_title: str = 
 
 def replace_figure(widget, fig) -> None:
     """Show ``fig`` in an existing ``go.FigureWidget`` in one update (live notebooks): traces are
-    updated in place when their number and types match, replaced otherwise; the layout is replaced."""
+    updated in place when their number and types match, replaced otherwise; the layout is replaced.
+
+    The widget's synced state then holds the new figure too (:func:`sync_figure_state`), so a
+    page reloaded while the kernel runs shows it, not the figure the widget was created with."""
     same = len(widget.data) == len(fig.data) and all(a.type == b.type for a, b in zip(widget.data, fig.data))
     with widget.batch_update():
         if same:
@@ -212,3 +215,24 @@ def replace_figure(widget, fig) -> None:
             widget.data = []
             widget.add_traces(list(fig.data))
         widget.layout = fig.layout
+    sync_figure_state(widget)
+
+
+def sync_figure_state(widget) -> None:
+    """Send a ``go.FigureWidget``'s current figure as the widget-model state a view is drawn from.
+
+    A view of a plotly FigureWidget draws the model's ``_widget_data``/``_widget_layout`` when it
+    is created -- in the first output, and again after a browser page reload while the kernel
+    runs -- and then applies the change messages plotly sends to the views already on the page.
+    plotly sets those two traits once, in the constructor, so a reloaded page drew the figure the
+    widget was created with and its later change messages no longer matched what it showed (and
+    under JupyterLab 4 with anywidget the constructor's values did not reach the front end at all:
+    a FigureWidget displayed unchanged drew an empty chart). Both are sent here, also when they did
+    not change (the views on the page already show the figure: the front end only stores it)."""
+    from copy import deepcopy
+
+    for name, value in (("_widget_data", widget._data), ("_widget_layout", widget._layout_obj._props)):
+        if getattr(widget, name) == value:
+            widget.send_state(name)
+        else:
+            setattr(widget, name, deepcopy(value))

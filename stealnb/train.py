@@ -308,8 +308,8 @@ def load_secret(path: str | Path):
 def ensure_secret(dataset: str, arch: str, profile: str | Profile, results: str | Path = "results", *,
                   seed: int = 0, data_root=None, progress: bool = False):
     """The secret model for ``dataset``/``arch`` under ``results`` (see :mod:`stealnb.layout`):
-    loaded when already trained with the same profile and seed, trained and saved otherwise.
-    Returns ``(model, summary)``."""
+    loaded when already trained with the same profile and seed, trained and saved otherwise
+    (``progress``: a line saying so, then progress bars). Returns ``(model, summary)``."""
     from . import data
 
     prof = get_profile(profile) if isinstance(profile, str) else profile
@@ -319,6 +319,9 @@ def ensure_secret(dataset: str, arch: str, profile: str | Profile, results: str 
         if summary.get("seed") == seed and summary.get("profile") == prof.name:
             return model, summary
     layout.check_run_dir(out, "secret")  # before the training, not after it
+    if progress:  # a long step: say what it is before the bars start
+        print(f"training the secret {dataset}/{arch} ({prof.name} profile: {prof.folds} folds x {prof.epochs} "
+              f"epochs, seed {seed}); it is saved to {out} and loaded from there next time", flush=True)
     res = train_secret(data.load_dataset(dataset, root=data_root), arch, prof, seed=seed, progress=progress)
     res.save(out)
     return res.model, res.summary()

@@ -46,3 +46,45 @@ def test_a_new_run_refuses_another_kind_of_run_a_symlink_and_nested_strangers(tm
     (seeds / "seed1" / layout.MARKER).write_text(json.dumps({"kind": "secret"}))
     with pytest.raises(UsageError, match=r"seed1/\.stealnb-run\.json \(kind 'secret'\)"):
         layout.check_run_dir(seeds, "extraction seeds")
+
+
+# -- the results root: one folder however a notebook or command is started ---------------------
+
+ROOT = layout.project_root()
+
+
+@pytest.fixture
+def no_results_env(monkeypatch):
+    monkeypatch.delenv(layout.RESULTS_ENV, raising=False)
+
+
+def test_results_root_is_the_projects_results_folder_from_the_root_and_from_notebooks(no_results_env, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    at_root = layout.results_root()
+    monkeypatch.chdir(ROOT / "notebooks")  # where JupyterLab starts a notebook's kernel
+    assert layout.results_root() == at_root == ROOT / "results"
+    assert layout.profile_dir(None, "ci") == ROOT / "results" / "ci"
+
+
+def test_results_root_follows_the_environment_variable_and_an_explicit_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT / "notebooks")
+    monkeypatch.setenv(layout.RESULTS_ENV, str(tmp_path / "shared"))
+    assert layout.results_root() == tmp_path / "shared"
+    monkeypatch.setenv(layout.RESULTS_ENV, "rel")  # relative: from the current directory
+    assert layout.results_root() == ROOT / "notebooks" / "rel"
+    # an explicit folder wins; a relative one is taken from the current directory
+    assert layout.results_root(tmp_path / "mine") == tmp_path / "mine"
+    assert layout.results_root("x") == ROOT / "notebooks" / "x"
+
+
+def test_the_cli_default_results_folder_is_the_results_root(no_results_env, monkeypatch, tmp_path):
+    from stealnb import cli
+
+    monkeypatch.chdir(ROOT / "notebooks")
+    argv = ["copycat", "--variant", "npdd", "--dataset", "digits", "--arch", "cnn-tiny"]
+    assert cli.parse_args(argv).results == ROOT / "results"
+    monkeypatch.setenv(layout.RESULTS_ENV, str(tmp_path))
+    assert cli.parse_args(argv).results == tmp_path
+    assert cli.parse_args([*argv, "--results", "r"]).results.name == "r"
+    ex = cli.parse_args(["extract", "--dataset", "digits", "--arch", "cnn-tiny", "--strategy", "random", "--out", "o"])
+    assert ex.results == tmp_path

@@ -30,11 +30,54 @@ def test_one_parameters_cell_with_ci_defaults(path):
     nb = json.loads(path.read_text())
     params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1, f"{path.name}: expected exactly one cell tagged 'parameters', found {len(params)}"
-    tree = ast.parse("".join(params[0]["source"]))
-    values = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-              for t in node.targets if isinstance(t, ast.Name)}
+    values = _defaults(params[0])
     assert values.get("profile") == "ci", f"{path.name}: parameters must default to profile = 'ci'"
     assert "results_dir" in values and "data_root" in values, path.name
+    # None: the results root of stealnb.layout.results_root, wherever the kernel runs.
+    assert values["results_dir"] is None, f"{path.name}: results_dir must default to None"
+
+
+def _parameters_cell(path):
+    nb = json.loads(path.read_text())
+    return next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+
+
+def _defaults(cell) -> dict:
+    tree = ast.parse("".join(cell["source"]))
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out[node.target.id] = ast.literal_eval(node.value)
+        elif isinstance(node, ast.Assign):
+            out.update({t.id: ast.literal_eval(node.value) for t in node.targets if isinstance(t, ast.Name)})
+    return out
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_parameter_has_a_type_papermill_shows(path):
+    """`papermill --help-notebook` reads the types from the annotations (no "Unknown type"), and
+    stealnb.params.coerce applies them to what `-p` passed."""
+    from papermill.translators import PythonTranslator
+
+    from stealnb import params
+
+    cell = _parameters_cell(path)
+    shown = {p.name: p.inferred_type_name for p in PythonTranslator.inspect({"source": "".join(cell["source"])})}
+    assert set(shown) == set(_defaults(cell)), f"{path.name}: papermill sees {sorted(shown)}"
+    untyped = [n for n, t in shown.items() if t in ("None", "")]
+    assert not untyped, f"{path.name}: parameters without a type annotation: {untyped}"
+    ns: dict = {}
+    exec("".join(cell["source"]), ns)  # the defaults are values of their own declared types
+    assert params.coerce(ns) == {n: ns[n] for n in shown}
+
+
+def test_every_pipeline_parameter_is_a_notebook_parameter():
+    """What `stealnb run` passes is declared (and typed) in the notebook it runs."""
+    from stealnb import pipeline
+
+    for task in pipeline.plan("ci", "results"):
+        declared = _defaults(_parameters_cell(NOTEBOOKS[0].parent / task.notebook))
+        assert set(task.params) <= set(declared), (task.id, sorted(set(task.params) - set(declared)))
 
 
 _TENSORFLOW = {"tensorflow", "keras", "cleverhans"}

@@ -406,3 +406,16 @@ def test_replace_figure_updates_a_widget_in_place():
     assert w.layout.title.text == "round 1" and len(w.layout.annotations) == 6
     plots.replace_figure(w, go.Figure(go.Bar(y=[1, 2])))
     assert [t.type for t in w.data] == ["bar"] and not w.layout.annotations
+
+
+def test_replace_figure_leaves_the_new_figure_in_the_state_a_reloaded_page_draws():
+    """A view created later (a browser reload with the kernel running) starts from the widget's
+    synced ``_widget_data``/``_widget_layout``: they hold the replaced figure, not the first one."""
+    import plotly.graph_objects as go
+
+    w = go.FigureWidget(go.Figure(go.Scatter(x=[1], y=[0.5]), layout=dict(title="round 0")))
+    plots.replace_figure(w, go.Figure(go.Scatter(x=[1, 2], y=[0.5, 0.7]), layout=dict(title="round 1")))
+    assert list(w._widget_data[0]["x"]) == [1, 2] and w._widget_layout["title"]["text"] == "round 1"
+    assert w._widget_data[0]["uid"] == w.data[0].uid  # the trace the page's later updates address
+    plots.replace_figure(w, go.Figure([go.Bar(y=[1]), go.Bar(y=[2])], layout=dict(title="bars")))
+    assert [t["type"] for t in w._widget_data] == ["bar", "bar"] and w._widget_layout["title"]["text"] == "bars"
