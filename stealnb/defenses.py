@@ -6,7 +6,7 @@ objects plug into an in-process oracle and an HTTP server alike.
 * :class:`PradaDetector` -- query-stream detection with the Shapiro-Wilk test on minimum
   distances (Juuti et al. 2019, "PRADA: Protecting against DNN model stealing attacks", EuroS&P;
   thesis 002 §5.7.2).
-* :func:`adaptive_misinformation` / :class:`AdaptiveMisinformation` -- mix in a misinformation
+* :func:`adaptive_misinformation` / :class:`AdaptiveMisinformation` (the defence) -- mix in a misinformation
   model's output for out-of-distribution queries (Kariyappa & Qureshi 2020, "Defending against
   model stealing attacks with Adaptive Misinformation", CVPR; thesis 002 §5.7.1, "ADMIS").
 * :func:`round_probs`, :func:`top_k_probs`, :func:`reverse_sigmoid` -- soft-label output
@@ -19,16 +19,66 @@ objects plug into an in-process oracle and an HTTP server alike.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from scipy import special, stats
 
 from ._checks import IMAGE_SHAPE, as_rng, check_images, check_labels, check_positive_int
+from .defense_seam import ACTIONS, Defense
 from .registry import Registry
 
-PERTURBATIONS = Registry("output perturbation")
+#: name -> constructor of a :class:`stealnb.defense_seam.Defense`; each entry's docstring cites its source.
+DEFENSES = Registry("defense")
+
+
+def parse_defense(spec) -> Defense:
+    """A defence from the spec syntax ``name:option=value,...`` (e.g. ``prada:delta=0.9,action=block``,
+    ``round:decimals=2``, ``admis:misinformation_model=misinfo.keras,tau=0.8``), its dict form
+    ``{"name": ..., **options}``, or a :class:`Defense` (returned as it is). Values are read as JSON
+    (numbers, ``true``/``false``, ``null``) and otherwise kept as strings (paths). The one parser
+    of the CLI, the server and the notebooks; names come from :data:`DEFENSES`."""
+    if isinstance(spec, Defense):
+        return spec
+    if isinstance(spec, dict):
+        opts = dict(spec)
+        name = opts.pop("name", None)
+    elif isinstance(spec, str):
+        name, _, text = spec.strip().partition(":")
+        opts = {}
+        for kv in filter(None, (t.strip() for t in text.split(","))):
+            k, eq, v = kv.partition("=")
+            if not eq or not k.strip():
+                raise ValueError(f"defense {spec!r}: expected NAME[:option=value,...], got {kv!r}")
+            try:
+                opts[k.strip()] = json.loads(v)
+            except ValueError:
+                opts[k.strip()] = v
+    else:
+        raise TypeError(f"defense: expected a spec 'name:option=value,...', a dict or a Defense, got "
+                        f"{type(spec).__name__}")
+    if name not in DEFENSES:
+        raise ValueError(f"defense: unknown name {name!r}; expected one of: {', '.join(DEFENSES.names())}")
+    try:
+        return DEFENSES[name](**opts)
+    except TypeError as e:
+        raise ValueError(f"defense {name}: {e}") from None
+
+
+def parse_defenses(specs) -> list[Defense]:
+    """:func:`parse_defense` of each of ``specs`` (``None``: none; one string may join several with ``;``)."""
+    if specs is None:
+        return []
+    if isinstance(specs, (str, dict, Defense)):
+        specs = [specs]
+    out = []
+    for s in specs:
+        out += [parse_defense(t) for t in s.split(";") if t.strip()] if isinstance(s, str) else [parse_defense(s)]
+    return out
 
 # ----------------------------------------------------------------------------------------------
 # validation helpers
@@ -233,6 +283,42 @@ class PradaDetector:
         return out
 
 
+@DEFENSES.register("prada")
+class Prada(Defense):
+    """PRADA at the oracle (Juuti et al. 2019, "PRADA: Protecting against DNN model stealing
+    attacks", EuroS&P, Alg. 1; thesis 002 §5.7.2): one :class:`PradaDetector` per client over its
+    paid samples, with the undefended top-1 as class; the first time a client's detector is
+    flagged it raises an alarm (``w``: the Shapiro-Wilk statistic that did) and ``action`` follows
+    (``"log"``, ``"block"`` or ``"poison"``, see :mod:`stealnb.defense_seam`). The detectors'
+    growing sets are kept in memory; the alarms survive a restart in the server's query log."""
+
+    name = "prada"
+
+    def __init__(self, delta: float = 0.9, min_queries: int = 100, metric: str = "l2",
+                 outlier_std: float | None = 3.0, test_every: int = 1, action: str = "block"):
+        self.detector_options = dict(delta=delta, min_queries=min_queries, metric=metric, outlier_std=outlier_std,
+                                     test_every=test_every)
+        probe = PradaDetector(**self.detector_options)  # validates the options
+        self.detector_options.update(delta=probe.delta, min_queries=probe.min_queries, outlier_std=probe.outlier_std)
+        if action not in ACTIONS:
+            raise ValueError(f"action: expected one of {ACTIONS}, got {action!r}")
+        self.action = action
+        self.detectors: dict[object, PradaDetector] = {}
+
+    def options(self) -> dict:
+        return {**self.detector_options, "action": self.action}
+
+    def observe(self, x: np.ndarray, labels: np.ndarray, *, client=None) -> dict | None:
+        det = self.detectors.get(client)
+        if det is None:
+            det = self.detectors[client] = PradaDetector(**self.detector_options)
+        before, was = det.n_queries, det.flagged
+        det.observe(x, labels)
+        if det.flagged and not was:
+            return {"at": det.flagged_at - before, "w": det.last_w}
+        return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Adaptive Misinformation (Kariyappa & Qureshi 2020)
 # ----------------------------------------------------------------------------------------------
@@ -314,27 +400,35 @@ def train_misinformation_model(
 
 
 def _softmax_probs(model, x, batch_size: int) -> np.ndarray:
-    from .models import predict_logits
+    from .models import predict_logits, softmax
 
-    return special.softmax(predict_logits(model, x, batch_size).astype(np.float64), axis=1)
+    return softmax(predict_logits(model, x, batch_size), dtype=np.float64)
 
 
-class AdaptiveMisinformation:
-    """A defended oracle: ``predict_probs(x)`` returns Adaptive Misinformation outputs of the
-    defended ``model`` mixed with ``misinformation_model`` (both Keras models with logits out;
-    Kariyappa & Qureshi 2020). The paper also trains the defended model with Outlier Exposure
-    to sharpen the OOD score; that is left to whoever trains ``model``.
+@DEFENSES.register("admis")
+class AdaptiveMisinformation(Defense):
+    """Adaptive Misinformation (Kariyappa & Qureshi 2020, "Defending against model stealing attacks
+    with Adaptive Misinformation", CVPR, eq. 4-5; thesis 002 §5.7.1): every answer becomes
+    ``(1 - alpha) y + alpha y_hat`` (:func:`adaptive_misinformation`), ``y_hat`` the softmax of the
+    ``misinformation_model`` (a Keras model with logits out, a ``.keras`` file or a secret folder;
+    :func:`train_misinformation_model`) and ``alpha`` large for queries whose maximum softmax
+    probability is below ``tau`` (steepness ``nu``). The paper also trains the defended model with
+    Outlier Exposure to sharpen the OOD score; that is left to whoever trains it.
 
     ``n_queries`` counts answered queries and ``n_misinformed`` those with ``alpha > 0.5``.
     """
 
-    def __init__(self, model, misinformation_model, tau: float = 0.5, nu: float = 1000.0, batch_size: int = 512):
-        if model.output_shape[-1] != misinformation_model.output_shape[-1]:
-            raise ValueError(
-                f"misinformation_model: expected {model.output_shape[-1]} classes like model, "
-                f"got {misinformation_model.output_shape[-1]}"
-            )
-        self.model, self.misinformation_model = model, misinformation_model
+    name = "admis"
+
+    def __init__(self, misinformation_model, tau: float = 0.5, nu: float = 1000.0, batch_size: int = 512):
+        from .models import load_model
+
+        self.source = str(misinformation_model) if isinstance(misinformation_model, (str, Path)) else None
+        model = load_model(misinformation_model) if self.source is not None else misinformation_model
+        if not callable(model) or not hasattr(model, "output_shape"):
+            raise TypeError("misinformation_model: expected a Keras model, a .keras file or a secret folder, "
+                            f"got {type(misinformation_model).__name__}")
+        self.misinformation_model = model
         self.tau = _check_real(tau, "tau", 0.0, 1.0)
         self.nu = _check_real(nu, "nu", 0.0, lo_open=True)
         self.batch_size = check_positive_int(batch_size, "batch_size")
@@ -344,18 +438,21 @@ class AdaptiveMisinformation:
         self.n_queries = 0
         self.n_misinformed = 0
 
-    def predict_probs(self, x: np.ndarray) -> np.ndarray:
-        """Defended probabilities (float32, N x C) for float32 images ``x``."""
-        p = _softmax_probs(self.model, x, self.batch_size)
+    def check(self, *, output: str, num_classes: int) -> None:
+        got = int(self.misinformation_model.output_shape[-1])
+        if got != int(num_classes):
+            raise ValueError(f"misinformation_model: expected {num_classes} classes like the defended model, got {got}")
+
+    def options(self) -> dict:
+        return {**({"misinformation_model": self.source} if self.source else {}), "tau": self.tau, "nu": self.nu}
+
+    def answer(self, x: np.ndarray, probs: np.ndarray, *, client=None) -> np.ndarray:
+        """The defended probabilities of ``x`` given the defended model's ``probs`` (float64 out)."""
         p_hat = _softmax_probs(self.misinformation_model, x, self.batch_size)
-        alpha = misinformation_alpha(p, self.tau, self.nu)
+        alpha = misinformation_alpha(probs, self.tau, self.nu)
         self.n_queries += len(x)
         self.n_misinformed += int((alpha > 0.5).sum())
-        return adaptive_misinformation(p, p_hat, self.tau, self.nu).astype(np.float32)
-
-    def predict_labels(self, x: np.ndarray) -> np.ndarray:
-        """Top-1 labels (int64) of :meth:`predict_probs` (hard-label API)."""
-        return self.predict_probs(x).argmax(axis=1).astype(np.int64)
+        return adaptive_misinformation(probs, p_hat, self.tau, self.nu)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +460,6 @@ class AdaptiveMisinformation:
 # ----------------------------------------------------------------------------------------------
 
 
-@PERTURBATIONS.register("round")
 def round_probs(p: np.ndarray, decimals: int = 2) -> np.ndarray:
     """Round confidences to ``decimals`` places (Tramèr et al. 2016, "rounding confidences"
     countermeasure).
@@ -378,7 +474,6 @@ def round_probs(p: np.ndarray, decimals: int = 2) -> np.ndarray:
     return np.round(p, int(decimals))
 
 
-@PERTURBATIONS.register("top_k")
 def top_k_probs(p: np.ndarray, k: int = 1, renormalize: bool = True) -> np.ndarray:
     """Keep the ``k`` largest probabilities of each row and zero the rest (the top-k output of
     commercial APIs; Tramèr et al. 2016, Orekondy et al. 2019). With ``renormalize`` the
@@ -408,7 +503,6 @@ def _reverse_sigmoid_raw(p: np.ndarray, beta: float, gamma: float) -> np.ndarray
     return p - beta * (pg / (pg + qg) - 0.5)
 
 
-@PERTURBATIONS.register("reverse_sigmoid")
 def reverse_sigmoid(
     p: np.ndarray, beta: float = 0.5, gamma: float = 1.5, clip_negative: bool = False
 ) -> np.ndarray:
@@ -453,6 +547,43 @@ def reverse_sigmoid_preserves_ranking(beta: float, gamma: float) -> bool:
     """True when ``beta``/``gamma`` satisfy the sufficient condition ``gamma >= 1`` and
     ``beta * gamma < 1`` under which :func:`reverse_sigmoid` keeps every row's ranking."""
     return float(gamma) >= 1.0 and float(beta) * float(gamma) < 1.0
+
+
+class OutputPerturbation(Defense):
+    """A soft-label output perturbation (a pure function of the probabilities) as a defence at the
+    oracle; the registered subclasses name the function (``round``, ``top_k``, ``reverse_sigmoid``)."""
+
+    outputs = ("topk", "probs")
+    function = staticmethod(round_probs)
+
+    def __init__(self, **options):
+        try:
+            inspect.signature(self.function).bind(None, **options)
+        except TypeError as e:
+            raise TypeError(f"{e}; options of {self.name}: "
+                            f"{', '.join(list(inspect.signature(self.function).parameters)[1:])}") from None
+        self.perturbation_options = options
+
+    def check(self, *, output: str, num_classes: int) -> None:
+        super().check(output=output, num_classes=num_classes)
+        self.function(np.full((1, num_classes), 1.0 / num_classes), **self.perturbation_options)  # validates
+
+    def options(self) -> dict:
+        return dict(self.perturbation_options)
+
+    def answer(self, x: np.ndarray, probs: np.ndarray, *, client=None) -> np.ndarray:
+        return self.function(probs, **self.perturbation_options)
+
+
+def _register_perturbation(name: str, function) -> None:
+    doc = f"Output perturbation :func:`{function.__name__}` at the oracle. " + (function.__doc__ or "")
+    cls = type(f"Perturbation_{name}", (OutputPerturbation,),
+               {"name": name, "function": staticmethod(function), "__doc__": doc, "__module__": __name__})
+    DEFENSES.register(name)(cls)
+
+
+for _name, _fn in (("round", round_probs), ("top_k", top_k_probs), ("reverse_sigmoid", reverse_sigmoid)):
+    _register_perturbation(_name, _fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -892,14 +1023,20 @@ def admis_tradeoff(model, misinformation_model, x_test: np.ndarray, y_test: np.n
     replay = replay_copy if replay is None else replay
     truth = models.predict_labels(model, x_test)
     rows = []
+    num_classes = int(model.output_shape[-1])
     for tau in taus:
-        adm = AdaptiveMisinformation(model, misinformation_model, tau=tau, nu=nu)
-        acc = metrics.accuracy(y_test, adm.predict_labels(x_test))
+        adm = AdaptiveMisinformation(misinformation_model, tau=tau, nu=nu)
+        adm.check(output="probs", num_classes=num_classes)
+
+        def defended_labels(x):  # the labels of an ADMIS-defended, label-only oracle
+            return adm.answer(x, _softmax_probs(model, x, 512)).astype(np.float32).argmax(axis=1).astype(np.int64)
+
+        acc = metrics.accuracy(y_test, defended_labels(x_test))
         for name, (x_train, x_val) in attacks.items():
             xq = x_train if x_val is None else np.concatenate([x_val, x_train])
             alpha = misinformation_alpha(_softmax_probs(model, xq, 512), adm.tau, adm.nu)
-            copy = replay(adm.predict_labels, x_train, x_val, substitute=substitute,
-                          num_classes=int(model.output_shape[-1]), seed=seed, **fit_options)
+            copy = replay(defended_labels, x_train, x_val, substitute=substitute,
+                          num_classes=num_classes, seed=seed, **fit_options)
             pred = models.predict_labels(copy, x_test)
             rows.append({"tau": float(tau), "attack": name, "defender_accuracy": acc,
                          "misinformed_queries": float(np.mean(alpha > 0.5)),

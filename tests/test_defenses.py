@@ -206,23 +206,27 @@ def test_misinformation_loss_and_training():
     assert np.mean(probs.argmax(axis=1) == yy) < 0.1
 
 
-def test_adaptive_misinformation_wrapper(tiny_model, rng):
+def test_adaptive_misinformation_is_one_defense_mixing_in_the_misinformation_model(tiny_model, rng):
+    from stealnb.oracle import Oracle
+
     mis = models.build("cnn-tiny", seed=1)
     x = rng.random((20, 32, 32, 3), dtype=np.float32)
     p = special.softmax(models.predict_logits(tiny_model, x).astype(np.float64), axis=1)
     p_hat = special.softmax(models.predict_logits(mis, x).astype(np.float64), axis=1)
 
-    am = D.AdaptiveMisinformation(tiny_model, mis, tau=0.5, nu=1000.0)
-    out = am.predict_probs(x)
-    assert out.dtype == np.float32 and out.shape == (20, 10)
-    np.testing.assert_allclose(out, D.adaptive_misinformation(p, p_hat, 0.5, 1000.0), atol=1e-6)
+    am = D.AdaptiveMisinformation(mis, tau=0.5, nu=1000.0)
+    out = am.answer(x, p)
+    assert out.dtype == np.float64 and out.shape == (20, 10)
+    np.testing.assert_allclose(out, D.adaptive_misinformation(p, p_hat, 0.5, 1000.0), atol=1e-12)
     assert am.n_queries == 20 and am.n_misinformed == int((p.max(axis=1) < 0.5).sum())
     # tau = 0: nothing is OOD -> the defended model's own outputs; tau = 1: everything is
-    np.testing.assert_allclose(D.AdaptiveMisinformation(tiny_model, mis, tau=0.0).predict_probs(x), p, atol=1e-6)
-    np.testing.assert_allclose(D.AdaptiveMisinformation(tiny_model, mis, tau=1.0).predict_probs(x), p_hat, atol=1e-6)
-    np.testing.assert_array_equal(am.predict_labels(x), out.argmax(axis=1))
+    np.testing.assert_allclose(D.AdaptiveMisinformation(mis, tau=0.0).answer(x, p), p, atol=1e-6)
+    np.testing.assert_allclose(D.AdaptiveMisinformation(mis, tau=1.0).answer(x, p), p_hat, atol=1e-6)
+    # the same object defends an oracle
+    defended = Oracle(tiny_model, output="probs", defenses=[D.AdaptiveMisinformation(mis, tau=0.5)]).query(x)
+    np.testing.assert_allclose(defended, out, atol=1e-6)
     with pytest.raises(ValueError, match="classes"):
-        D.AdaptiveMisinformation(tiny_model, models.build("cnn-tiny", num_classes=3, seed=0))
+        Oracle(tiny_model, defenses=[D.AdaptiveMisinformation(models.build("cnn-tiny", num_classes=3, seed=0))])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,9 +339,9 @@ def test_perturbations_reject_bad_probability_matrices(fn, bad, err, msg):
         fn(bad)
 
 
-def test_perturbation_registry():
-    assert set(D.PERTURBATIONS.names()) == {"round", "top_k", "reverse_sigmoid"}
-    assert "Lee et al." in D.PERTURBATIONS["reverse_sigmoid"].__doc__
+def test_the_defense_registry_holds_every_shipped_defense_with_its_source():
+    assert {"prada", "admis", "round", "top_k", "reverse_sigmoid"} <= set(D.DEFENSES.names())
+    assert "Lee et al." in D.DEFENSES["reverse_sigmoid"].__doc__
 
 
 # ----------------------------------------------------------------------------------------------
