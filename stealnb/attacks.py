@@ -18,14 +18,13 @@ and models that output **logits**.
 from __future__ import annotations
 
 import functools
-import math
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
-from ._checks import check_images, check_labels, check_positive_int
+from ._checks import check_images, check_labels, check_positive_int, check_real
 from .models import weak_logits
 
 __all__ = ["fgsm", "deepfool", "DeepFoolResult", "jbda_queries"]
@@ -51,15 +50,6 @@ def _num_classes(model) -> int:
     if not isinstance(n, int) or n < 2 or len(model.output_shape) != 2:
         raise ValueError(f"model: expected logits of shape (N, num_classes >= 2), got {model.output_shape}")
     return n
-
-
-def _check_real(v, name: str, minimum: float = 0.0) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}: expected a real number >= {minimum}, got {v!r}")
-    v = float(v)
-    if not math.isfinite(v) or v < minimum:
-        raise ValueError(f"{name}: expected a finite real number >= {minimum}, got {v}")
-    return v
 
 
 # ----------------------------------------------------------------------------------------- FGSM
@@ -91,7 +81,7 @@ def fgsm(model, x, eps=0.25, *, y=None, batch_size=256, clip=(0.0, 1.0)) -> np.n
     """
     check_images(x, "x", shape=_input_shape(model))
     nc = _num_classes(model)
-    eps = _check_real(eps, "eps")
+    eps = check_real(eps, "eps", 0.0)
     batch_size = check_positive_int(batch_size, "batch_size")
     if y is not None:
         check_labels(y, "y", n=len(x), num_classes=nc)
@@ -100,7 +90,7 @@ def fgsm(model, x, eps=0.25, *, y=None, batch_size=256, clip=(0.0, 1.0)) -> np.n
     else:
         if not isinstance(clip, (tuple, list)) or len(clip) != 2:
             raise TypeError(f"clip: expected None or a pair (lo, hi), got {clip!r}")
-        lo, hi = (_check_real(c, "clip", minimum=-math.inf) for c in clip)
+        lo, hi = (check_real(c, "clip") for c in clip)
         if not lo < hi:
             raise ValueError(f"clip: expected lo < hi, got {clip!r}")
         lo, hi = tf.constant(lo, tf.float32), tf.constant(hi, tf.float32)
@@ -242,7 +232,7 @@ def deepfool(model, x, *, overshoot=0.02, max_iter=50, num_candidates=10, batch_
     """
     check_images(x, "x", shape=_input_shape(model))
     nc = _num_classes(model)
-    overshoot = _check_real(overshoot, "overshoot")
+    overshoot = check_real(overshoot, "overshoot", 0.0)
     max_iter = check_positive_int(max_iter, "max_iter")
     num_candidates = check_positive_int(num_candidates, "num_candidates", minimum=2)
     batch_size = check_positive_int(batch_size, "batch_size")
@@ -288,7 +278,7 @@ def jbda_queries(label_fn, x_seed: np.ndarray, substitute: str, *, rounds: int, 
 
     check_images(x_seed, "x_seed")
     rounds = check_positive_int(rounds, "rounds")
-    lam = _check_real(lam, "lam", 0.0)
+    lam = check_real(lam, "lam", 0.0)
     if not 0.0 < lam <= 1.0:
         raise ValueError(f"lam: expected a step size in (0, 1] (images are in [0, 1]), got {lam}")
     if max_queries is not None:

@@ -44,7 +44,7 @@ import numpy as np
 
 from . import layout, metrics, models
 from ._checks import check_images, check_labels, check_positive_int
-from .extraction import Extraction, ExtractionConfig, _atomic_write
+from .extraction import Extraction, ExtractionConfig
 from .train import fit
 
 VARIANTS = ("npdd", "pdd-sl", "npdd+pdd")
@@ -242,8 +242,8 @@ class Copycat:
             tmp = ck / "copycat.tmp.weights.h5"
             self.model.save_weights(tmp)
             tmp.replace(ck / "copycat.weights.h5")
-        _atomic_write(ck / "copycat.json", json.dumps(self._state()))
-        _atomic_write(self.out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        layout.atomic_write(ck / "copycat.json", json.dumps(self._state()))
+        layout.atomic_write(self.out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
 
     def _load(self, path: Path) -> None:
         if not path.exists():
@@ -395,8 +395,8 @@ class Copycat:
                     bar.update(1)
         summary = self.summary()
         if self.out is not None:
-            _atomic_write(self.out / "npdd" / "summary.json", json.dumps(self.ex.summary(), indent=2))
-            _atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
+            layout.atomic_write(self.out / "npdd" / "summary.json", json.dumps(self.ex.summary(), indent=2))
+            layout.atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     def summary(self) -> dict:

@@ -18,7 +18,6 @@ objects plug into an in-process oracle and an HTTP server alike.
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import warnings
@@ -28,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from scipy import special, stats
 
-from ._checks import IMAGE_SHAPE, as_rng, check_images, check_labels, check_positive_int
+from ._checks import IMAGE_SHAPE, as_rng, check_images, check_labels, check_positive_int, check_real
 from .defense_seam import ACTIONS, Defense
 from .registry import Registry
 
@@ -118,17 +117,6 @@ def _check_feature_batch(x, name: str) -> np.ndarray:
     return x
 
 
-def _check_real(v, name: str, lo: float | None = None, hi: float | None = None, lo_open=False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
-        raise TypeError(f"{name}: expected a finite real number, got {v!r}")
-    v = float(v)
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ValueError(f"{name}: expected a value {'>' if lo_open else '>='} {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ValueError(f"{name}: expected a value <= {hi}, got {v}")
-    return v
-
-
 def _images_any_shape(x, name: str) -> np.ndarray:
     """check_images for any N x H x W x C batch (the package default is 32x32x3)."""
     shape = tuple(x.shape[1:]) if isinstance(x, np.ndarray) and x.ndim == 4 else IMAGE_SHAPE
@@ -193,13 +181,13 @@ class PradaDetector:
         outlier_std: float | None = 3.0,
         test_every: int = 1,
     ):
-        self.delta = _check_real(delta, "delta", 0.0, 1.0)
+        self.delta = check_real(delta, "delta", 0.0, 1.0)
         self.min_queries = check_positive_int(min_queries, "min_queries", minimum=2)
         if metric not in self._METRICS:
             raise ValueError(f"metric: expected one of {self._METRICS}, got {metric!r}")
         self.metric = metric
         if outlier_std is not None:
-            outlier_std = _check_real(outlier_std, "outlier_std", 0.0, lo_open=True)
+            outlier_std = check_real(outlier_std, "outlier_std", 0.0, lo_open=True)
         self.outlier_std = outlier_std
         self.test_every = check_positive_int(test_every, "test_every")
         self.reset()
@@ -330,8 +318,8 @@ def misinformation_alpha(probs: np.ndarray, tau: float = 0.5, nu: float = 1000.0
     probability (the OOD score of Hendrycks & Gimpel 2017) is below ``tau``. The authors'
     code uses ``nu = 10000``."""
     check_probs(probs, "probs")
-    tau = _check_real(tau, "tau", 0.0, 1.0)
-    nu = _check_real(nu, "nu", 0.0, lo_open=True)
+    tau = check_real(tau, "tau", 0.0, 1.0)
+    nu = check_real(nu, "nu", 0.0, lo_open=True)
     return special.expit(nu * (tau - probs.max(axis=1).astype(np.float64)))
 
 
@@ -429,8 +417,8 @@ class AdaptiveMisinformation(Defense):
             raise TypeError("misinformation_model: expected a Keras model, a .keras file or a secret folder, "
                             f"got {type(misinformation_model).__name__}")
         self.misinformation_model = model
-        self.tau = _check_real(tau, "tau", 0.0, 1.0)
-        self.nu = _check_real(nu, "nu", 0.0, lo_open=True)
+        self.tau = check_real(tau, "tau", 0.0, 1.0)
+        self.nu = check_real(nu, "nu", 0.0, lo_open=True)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.reset_stats()
 
@@ -527,8 +515,8 @@ def reverse_sigmoid(
     normalising (as ART's ``ReverseSigmoid`` does).
     """
     check_probs(p, "p")
-    beta = _check_real(beta, "beta", 0.0, lo_open=True)
-    gamma = _check_real(gamma, "gamma", 0.0, lo_open=True)
+    beta = check_real(beta, "beta", 0.0, lo_open=True)
+    gamma = check_real(gamma, "gamma", 0.0, lo_open=True)
     raw = _reverse_sigmoid_raw(p, beta, gamma)
     if len(raw) and raw.min() < 0:
         if not clip_negative:
@@ -606,7 +594,7 @@ def make_watermark_trigger(
     s = check_positive_int(trigger_size, "trigger_size")
     if s > min(h, w):
         raise ValueError(f"trigger_size: expected at most {min(h, w)} for {h}x{w} images, got {s}")
-    value = _check_real(value, "value", 0.0, 1.0)
+    value = check_real(value, "value", 0.0, 1.0)
     if isinstance(position, str):
         if position not in _POSITIONS:
             raise ValueError(f"position: expected one of {_POSITIONS} or (row, col), got {position!r}")
@@ -640,8 +628,8 @@ def snnl(features, labels, temperature: float, metric: str = "euclidean", eps: f
 
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric: expected 'euclidean' or 'cosine', got {metric!r}")
-    temperature = _check_real(temperature, "temperature", 0.0, lo_open=True)
-    eps = _check_real(eps, "eps", 0.0)
+    temperature = check_real(temperature, "temperature", 0.0, lo_open=True)
+    eps = check_real(eps, "eps", 0.0)
     f = tf.convert_to_tensor(features)
     if not f.dtype.is_floating:
         f = tf.cast(f, tf.float32)
@@ -729,8 +717,8 @@ def train_ewe(
     batch_size = check_positive_int(batch_size, "batch_size", minimum=4)
     check_positive_int(pretrain_epochs, "pretrain_epochs", minimum=0)
     ratio = check_positive_int(ratio, "ratio")
-    snnl_weight = _check_real(snnl_weight, "snnl_weight", 0.0)
-    temperature = _check_real(temperature, "temperature", 0.0, lo_open=True)
+    snnl_weight = check_real(snnl_weight, "snnl_weight", 0.0)
+    temperature = check_real(temperature, "temperature", 0.0, lo_open=True)
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric: expected 'euclidean' or 'cosine', got {metric!r}")
     x_target = x_train[y_train == target_class]
@@ -844,7 +832,7 @@ def ownership_test(
         x_wm = x_wm[:n_trials]
     if len(x_wm) == 0:
         raise ValueError("x_wm: expected at least one watermark sample, got none")
-    p0 = 1.0 / num_classes if base_rate is None else _check_real(base_rate, "base_rate", 0.0, 1.0, lo_open=True)
+    p0 = 1.0 / num_classes if base_rate is None else check_real(base_rate, "base_rate", 0.0, 1.0, lo_open=True)
     if p0 >= 1.0:
         raise ValueError(f"base_rate: expected a value in (0, 1), got {p0}")
     k = int(np.sum(predict_labels(model, x_wm) == int(target_class)))
@@ -856,213 +844,3 @@ def ownership_test(
         "success_rate": k / len(x_wm),
         "base_rate": p0,
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation helpers (notebook 06): PRADA scans and rates, JbDA reference stream, static replay
-# ----------------------------------------------------------------------------------------------
-
-
-def prada_scan(x: np.ndarray, predicted_labels: np.ndarray, **detector_kw) -> dict:
-    """Run one :class:`PradaDetector` over the query stream ``x`` (in query order) with the
-    model's ``predicted_labels``; returns ``flagged_at`` (1-based, ``None`` if never),
-    ``n_queries``, ``min_w`` (lowest W of any test, ``None`` if never tested), ``w_history``
-    (``[(query index, W), ...]``), from which :func:`prada_flag_index` reads the alarm for any
-    other threshold ``delta`` without re-running the detector, and ``distances`` (the final
-    minimum-distance set D, before the outlier removal that precedes each W)."""
-    det = PradaDetector(**detector_kw)
-    det.observe(x, predicted_labels)
-    ws = [w for _, w in det.w_history]
-    return {"flagged_at": det.flagged_at, "n_queries": det.n_queries, "min_w": min(ws) if ws else None,
-            "w_history": [(int(q), float(w)) for q, w in det.w_history], "delta": det.delta,
-            "distances": [float(d) for d in det.distances]}
-
-
-def prada_flag_index(w_history, delta: float) -> int | None:
-    """First query index whose W is below ``delta`` in a :func:`prada_scan` history (PRADA's alarm
-    at threshold ``delta``, same tests), or ``None``."""
-    delta = _check_real(delta, "delta", 0.0, 1.0)
-    return next((int(q) for q, w in w_history if w < delta), None)
-
-
-def prada_benign_clients(x: np.ndarray, predicted_labels: np.ndarray, *, n_clients: int, client_size: int,
-                         seed, **detector_kw) -> list[dict]:
-    """:func:`prada_scan` of ``n_clients`` simulated benign clients, each sending ``client_size``
-    distinct samples of ``x`` (e.g. the test set) in random order (seeded; clients may share
-    samples with each other, never within one stream)."""
-    check_positive_int(n_clients, "n_clients")
-    client_size = check_positive_int(client_size, "client_size", minimum=3)
-    check_labels(predicted_labels, "predicted_labels", n=len(x))
-    if client_size > len(x):
-        raise ValueError(f"client_size: expected at most {len(x)} (the benign samples given), got {client_size}")
-    rng = as_rng(seed)
-    out = []
-    for _ in range(n_clients):
-        idx = rng.permutation(len(x))[:client_size]
-        out.append(prada_scan(x[idx], predicted_labels[idx], **detector_kw))
-    return out
-
-
-def prada_rates(attack_scans: dict, benign_scans: list, deltas) -> list[dict]:
-    """Detection and false-positive rates over thresholds (thesis 002 §6.2.2, "false positive and
-    detection rates for statistical test value"). For each ``delta``: ``detection_rate`` = share of
-    attack streams flagged before their last query, ``fpr`` = share of benign clients flagged,
-    and ``flagged_at`` per attack (``None`` = not flagged)."""
-    rows = []
-    for d in deltas:
-        at = {name: prada_flag_index(s["w_history"], d) for name, s in attack_scans.items()}
-        fp = [prada_flag_index(s["w_history"], d) is not None for s in benign_scans]
-        rows.append({"delta": float(d), "detection_rate": float(np.mean([v is not None for v in at.values()])) if at else None,
-                     "fpr": float(np.mean(fp)) if fp else None, "flagged_at": at})
-    return rows
-
-
-def calibrate_prada_delta(benign_scans: list, margin: float = 0.0) -> float:
-    """The largest threshold at which none of the (calibration) benign clients is flagged: the
-    lowest W any of them reached, minus ``margin`` (Juuti et al. 2019 set delta from benign data
-    the same way, to a target false-positive rate of zero on it)."""
-    ws = [s["min_w"] for s in benign_scans if s["min_w"] is not None]
-    if not ws:
-        raise ValueError("benign_scans: no client was ever tested (streams shorter than min_queries)")
-    return float(max(min(ws) - _check_real(margin, "margin", 0.0), 0.0))
-
-
-def replay_copy(label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, substitute: str, num_classes: int,
-                seed: int = 0, **fit_options):
-    """A stolen copy trained on an attack's queries labelled by ``label_fn`` (e.g. a defended
-    oracle), the way the attack trains its final substitute: a fresh ``substitute`` on
-    ``x_train`` with early stopping on ``x_val`` (also labelled by ``label_fn``; ``None``: fixed
-    epochs); ``fit_options``: the training recipe, :func:`stealnb.train.fit`'s keyword arguments
-    (e.g. ``**profile.substitute_fit()``). "Static replay": the queries are those the attack chose against the undefended
-    oracle -- exact for label-independent selection (random, Copycat), an approximation for
-    active learning (its later selections would depend on the defended labels)."""
-    x_val, y, y_val = _replay_labels(label_fn, x_train, x_val)
-    return _fit_copy(x_train, y, x_val, y_val, substitute=substitute, num_classes=num_classes, seed=seed,
-                     **fit_options)
-
-
-def _replay_labels(label_fn, x_train: np.ndarray, x_val: np.ndarray | None):
-    """``(x_val, y, y_val)``: the labels ``label_fn`` gives the training and validation queries;
-    an empty validation split becomes ``None``."""
-    check_images(x_train, "x_train")
-    if x_val is not None and not len(x_val):
-        x_val = None
-    y = np.asarray(label_fn(x_train), np.int64)
-    return x_val, y, None if x_val is None else np.asarray(label_fn(x_val), np.int64)
-
-
-def _fit_copy(x_train: np.ndarray, y: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None, *,
-              substitute: str, num_classes: int, seed: int, **fit_options):
-    from . import models
-    from .train import fit
-
-    validation = None if y_val is None else (x_val, y_val)
-    if validation is None:
-        fit_options = {**fit_options, "patience": None, "monitor": None}
-    else:  # as the attack's substitute: the checkpoint with the best validation macro-F1
-        fit_options = {"monitor": "macro_f1", **fit_options}
-    model = models.build(substitute, num_classes=int(num_classes), seed=int(seed))
-    fit(model, x_train, y, validation=validation, seed=int(seed), **fit_options)
-    return model
-
-
-class ReplayCache:
-    """:func:`replay_copy` that remembers, for each query set (training and validation queries and
-    the training settings), the first copy it trains on it, and returns that copy again when the
-    same queries come back with the *same* labels. Two oracles that answer an attack's queries
-    identically -- ADMIS at a τ that misinforms no query, and the undefended secret that EWE's null
-    copies are stolen from -- then share one copy, which training the same data with the same
-    seed would have reproduced anyway. Copies trained on other labels are returned but not kept,
-    so the memory held is one copy per query set. Returned models are shared: do not train or
-    modify them. ``hits`` and ``misses`` count the calls answered from memory and the copies
-    trained."""
-
-    def __init__(self):
-        self._first: dict[str, tuple[str, object]] = {}
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def _digest(arrays, extra=()) -> str:
-        h = hashlib.sha256(repr(tuple(extra)).encode())
-        for a in arrays:
-            a = np.ascontiguousarray(a)
-            h.update(repr((a.dtype.str, a.shape)).encode())
-            h.update(memoryview(a).cast("B"))
-        return h.hexdigest()
-
-    def __call__(self, label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, substitute: str,
-                 num_classes: int, seed: int = 0, **fit_options):
-        x_val, y, y_val = _replay_labels(label_fn, x_train, x_val)
-        settings = (substitute, int(num_classes), int(seed), x_val is None, sorted(fit_options.items()))
-        queries = self._digest([x_train] if x_val is None else [x_train, x_val], settings)
-        labels = self._digest([y] if y_val is None else [y, y_val])
-        first = self._first.get(queries)
-        if first is not None and first[0] == labels:
-            self.hits += 1
-            return first[1]
-        self.misses += 1
-        model = _fit_copy(x_train, y, x_val, y_val, substitute=substitute, num_classes=num_classes, seed=seed,
-                          **fit_options)
-        if first is None:
-            self._first[queries] = (labels, model)
-        return model
-
-
-def admis_tradeoff(model, misinformation_model, x_test: np.ndarray, y_test: np.ndarray, attacks: dict, taus,
-                   *, substitute: str, nu: float = 1000.0, seed: int = 0, replay=None, **fit_options) -> list[dict]:
-    """Adaptive Misinformation's trade-off over thresholds ``taus`` (Kariyappa & Qureshi 2020, Fig. 5;
-    thesis 002 §6.2.1): for each ``tau`` the defender's accuracy on in-distribution ``x_test``
-    (top-1 of the defended outputs against ``y_test``) and, for each attack ``name -> (x_train,
-    x_val)``, the share of its queries that get misinformation (``alpha > 0.5``) and the test
-    agreement with the *undefended* model of a copy trained on the defended labels
-    (``replay``: :func:`replay_copy` or a :class:`ReplayCache` shared with other experiments;
-    ``fit_options``: its training recipe). One row per (tau, attack)."""
-    from . import metrics, models
-
-    replay = replay_copy if replay is None else replay
-    truth = models.predict_labels(model, x_test)
-    rows = []
-    num_classes = int(model.output_shape[-1])
-    for tau in taus:
-        adm = AdaptiveMisinformation(misinformation_model, tau=tau, nu=nu)
-        adm.check(output="probs", num_classes=num_classes)
-
-        def defended_labels(x):  # the labels of an ADMIS-defended, label-only oracle
-            return adm.answer(x, _softmax_probs(model, x, 512)).astype(np.float32).argmax(axis=1).astype(np.int64)
-
-        acc = metrics.accuracy(y_test, defended_labels(x_test))
-        for name, (x_train, x_val) in attacks.items():
-            xq = x_train if x_val is None else np.concatenate([x_val, x_train])
-            alpha = misinformation_alpha(_softmax_probs(model, xq, 512), adm.tau, adm.nu)
-            copy = replay(defended_labels, x_train, x_val, substitute=substitute,
-                          num_classes=num_classes, seed=seed, **fit_options)
-            pred = models.predict_labels(copy, x_test)
-            rows.append({"tau": float(tau), "attack": name, "defender_accuracy": acc,
-                         "misinformed_queries": float(np.mean(alpha > 0.5)),
-                         "copy_agreement": metrics.agreement(truth, pred), "copy_accuracy": metrics.accuracy(y_test, pred)})
-    return rows
-
-
-def watermark_claim(model, x_wm: np.ndarray, x_source: np.ndarray, target_class: int, num_classes: int,
-                    null_rate: float | None = None) -> dict:
-    """An ownership claim on a suspected copy that controls for a copy which simply predicts the
-    target class a lot (a weak copy can collapse onto one class): the claim is tested
-    (:func:`ownership_test`, one-sided exact binomial) against the largest of chance
-    ``1 / num_classes``, ``null_rate`` (e.g. the watermark success of a copy stolen the same way
-    from a *non-watermarked* model) and the model's own target-class rate on the un-triggered
-    ``x_source`` images. Returns ``watermark_success`` (triggered -> target), ``clean_target_rate``,
-    ``base_rate``, ``p_value`` (1.0 when the base rate is 1: no claim is possible) and ``n``."""
-    from .models import predict_labels
-
-    target_class = int(target_class)
-    success = watermark_success(model, x_wm, target_class)
-    clean = float(np.mean(predict_labels(model, x_source) == target_class)) if len(x_source) else 0.0
-    base = max(1.0 / check_positive_int(num_classes, "num_classes", minimum=2), clean,
-               0.0 if null_rate is None else _check_real(null_rate, "null_rate", 0.0, 1.0))
-    out = {"watermark_success": success, "clean_target_rate": clean, "null_rate": null_rate, "base_rate": base,
-           "n": len(x_wm)}
-    if base >= 1.0:
-        return {**out, "p_value": 1.0, "successes": int(round(success * len(x_wm)))}
-    res = ownership_test(model, x_wm, target_class, num_classes, base_rate=base)
-    return {**out, "p_value": res["p_value"], "successes": res["successes"]}

@@ -15,6 +15,39 @@ from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
+class DefenseSettings:
+    """The defences chapter (notebook 06, :func:`stealnb.defense_experiment.run_defenses`)."""
+
+    # attacks every defence is run against (issue 6: random, K-center, DFAL, Copycat) ...
+    attacks: tuple[str, ...] = ("random", "kcenter", "dfal", "copycat")
+    # ... and attacks whose streams PRADA only scans (one cheap pass, no copies to train):
+    # uncertainty sampling, the ActiveThief strategy whose stream PRADA does flag
+    prada_only: tuple[str, ...] = ("uncertainty",)
+    prada_delta: float = 0.9  # Juuti et al. 2019's threshold on the Shapiro-Wilk W
+    prada_min_queries: int = 100  # Juuti et al. 2019: W is tested once more than 100 distances are collected
+    benign_clients: int = 20  # simulated benign clients per split (false positives, calibration)
+    rate_deltas: tuple[float, float, float] = (0.80, 1.0, 0.0025)  # start, stop, step of the δ sweep
+    server_batch: int = 20  # images per request when the streams are replayed through `stealnb serve`
+    # JbDA, PRADA's positive control (Papernot et al. 2017): max(jbda_min_seeds, budget // jbda_seed_share)
+    # problem-domain seeds, then rounds of x + lam * sign(gradient), each doubling the set
+    jbda_rounds: int = 12
+    jbda_lam: float = 0.1
+    jbda_seed_share: int = 8
+    jbda_min_seeds: int = 10
+    admis_taus: tuple[float, ...] = (0.0, 0.5, 0.8, 0.95)  # ADMIS thresholds of the trade-off curve
+    admis_nu: float = 1000.0  # steepness of ADMIS's sigmoid (Kariyappa & Qureshi 2020)
+    ewe_source: int = 1  # EWE: triggered images of this class ...
+    ewe_target: int = 7  # ... are classified as this one
+    ewe_epochs: int = 3  # watermarking epochs on top of the trained secret
+    ewe_trigger_size: int = 4  # a 4x4 white square (EWE's reference code stamps 3x3)
+    ewe_trigger_position: str = "bottom-right"
+    ewe_trigger_value: float = 1.0
+
+    def with_(self, **changes) -> "DefenseSettings":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     # -- secret training (thesis §4.2 / §5.2)
@@ -50,6 +83,7 @@ class Profile:
     # Per-strategy options for stealnb.selectors (e.g. DFAL's candidate cap on CPU profiles).
     strategy_options: dict = field(default_factory=dict)
     optional_secrets: tuple[tuple[str, str], ...] = field(default=())  # run when data present
+    defenses: DefenseSettings = DefenseSettings()  # the defences chapter
 
     def substitute_fit(self) -> dict:
         """The keyword arguments of :func:`stealnb.train.fit` for a substitute of this profile."""
@@ -96,6 +130,7 @@ PROFILES: dict[str, Profile] = {
         substitute_monitor="macro_f1",  # utils/model.py: the copy's checkpoint is chosen on validation F1
         strategies=THESIS_STRATEGIES,
         seeds=(0,),
+        defenses=DefenseSettings(admis_taus=(0.0, 0.5, 0.7, 0.9, 0.95)),
     ),
     "demo": Profile(
         name="demo",
