@@ -49,14 +49,6 @@ from .train import fit
 
 VARIANTS = ("npdd", "pdd-sl", "npdd+pdd")
 
-# Attacker's problem-domain data and fine-tuning per profile. Not in the thesis text we have
-# (its ch. 4-6 are missing from our copy): our choices, sized to each profile's train split.
-PDD_DEFAULTS = {
-    "ci": {"pdd_size": 50, "finetune_epochs": 5},
-    "demo": {"pdd_size": 200, "finetune_epochs": 10},
-    "paper": {"pdd_size": 1_000, "finetune_epochs": 10},
-}
-
 
 @dataclass(frozen=True)
 class CopycatConfig:
@@ -127,12 +119,13 @@ class CopycatConfig:
     @classmethod
     def from_profile(cls, profile, variant: str, **overrides) -> "CopycatConfig":
         """Extraction settings of ``profile`` (substitute, budgets, seed/val sizes, epochs,
-        patience, FGSM eps) plus :data:`PDD_DEFAULTS`; ``overrides`` change any field."""
-        extra = PDD_DEFAULTS.get(profile.name, PDD_DEFAULTS["demo"])
+        patience, FGSM eps) plus its ``copycat`` section (problem-domain data, fine-tuning);
+        ``overrides`` change any field."""
+        extra = profile.copycat
         kw = dict(
             variant=variant, substitute=profile.substitute, budgets=profile.budgets,
             seed_size=profile.seed_size, val_size=profile.val_size, fgsm_eps=profile.fgsm_eps,
-            **profile.substitute_fit(), pdd_size=0 if variant == "npdd" else extra["pdd_size"], finetune_epochs=extra["finetune_epochs"],
+            **profile.substitute_fit(), pdd_size=0 if variant == "npdd" else extra.pdd_size, finetune_epochs=extra.finetune_epochs,
         )
         kw.update(overrides)
         return cls(**kw)

@@ -15,6 +15,16 @@ from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
+class CopycatSettings:
+    """The attacker's problem-domain data and fine-tuning in Copycat's PDD variants
+    (:class:`stealnb.copycat.CopycatConfig`). Not in the thesis text we have (its ch. 4-6 are
+    missing from our copy): our choices, sized to each profile's train split."""
+
+    pdd_size: int = 200  # problem-domain images of the train split (pdd-sl, npdd+pdd)
+    finetune_epochs: int = 10  # pdd-sl fine-tuning epochs (fixed: no labelled PDD validation split)
+
+
+@dataclass(frozen=True)
 class DefenseSettings:
     """The defences chapter (notebook 06, :func:`stealnb.defense_experiment.run_defenses`)."""
 
@@ -83,6 +93,7 @@ class Profile:
     # Per-strategy options for stealnb.selectors (e.g. DFAL's candidate cap on CPU profiles).
     strategy_options: dict = field(default_factory=dict)
     optional_secrets: tuple[tuple[str, str], ...] = field(default=())  # run when data present
+    copycat: CopycatSettings = CopycatSettings()  # Copycat's problem-domain variants
     defenses: DefenseSettings = DefenseSettings()  # the defences chapter
 
     def substitute_fit(self) -> dict:
@@ -130,6 +141,7 @@ PROFILES: dict[str, Profile] = {
         substitute_monitor="macro_f1",  # utils/model.py: the copy's checkpoint is chosen on validation F1
         strategies=THESIS_STRATEGIES,
         seeds=(0,),
+        copycat=CopycatSettings(pdd_size=1_000, finetune_epochs=10),
         defenses=DefenseSettings(admis_taus=(0.0, 0.5, 0.7, 0.9, 0.95)),
     ),
     "demo": Profile(
@@ -190,6 +202,7 @@ PROFILES: dict[str, Profile] = {
         strategies=THESIS_STRATEGIES,
         strategy_options={"dfal": {"max_candidates": 500, "max_iter": 10},
                           "dfal+kcenter": {"max_candidates": 500, "max_iter": 10, "keep_multiple": 4}},
+        copycat=CopycatSettings(pdd_size=50, finetune_epochs=5),
     ),
 }
 
