@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout, metrics, models
+from . import attacks, layout, metrics, models
 from ._checks import check_images, check_labels, check_positive_int
 from .extraction import Extraction, ExtractionConfig
 from .train import fit
@@ -362,7 +362,7 @@ class Copycat:
             labelled=int(rec["labelled"] + len(self.x_pdd)), epochs_trained=len(hist["loss"]),
             val_accuracy=hist["val_accuracy"][hist["best_epoch"]] if "best_epoch" in hist else None,
             npdd=npdd_metrics, finetune_gain_f1=row["macro_f1"] - npdd_metrics["macro_f1"],
-            transfer=metrics.transferability(self.secret, model, self.x_test, self.y_test, eps=cfg.fgsm_eps),
+            transfer=attacks.transferability(self.secret, model, self.x_test, self.y_test, eps=cfg.fgsm_eps),
         )
         npdd_seconds = sum(rec["seconds"].values())
         row["seconds"] = {"npdd": round(npdd_seconds, 3), "query": round(t_query, 3), "train": round(t_train, 3),

@@ -20,9 +20,9 @@ from scipy import stats
 
 from . import copycat, data, extraction, layout, metrics, models, server
 from ._checks import as_rng, check_images, check_labels, check_positive_int, check_real
-from .attacks import jbda_queries
 from .defenses import (AdaptiveMisinformation, PradaDetector, make_watermark_trigger, misinformation_alpha,
                        ownership_test, parse_defense, train_ewe, train_misinformation_model, watermark_success)
+from .jbda import jbda_queries
 from .layout import write_json
 from .models import softmax
 from .oracle import HttpOracle, OracleHTTPError, distinct

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout, metrics, models
+from . import attacks, layout, metrics, models
 from ._checks import check_images, check_labels, check_positive_int
 from .train import enable_determinism, fit
 
@@ -251,7 +251,7 @@ class Extraction:
             "transfer": None,
         }
         if rec["budget"] is not None and self.secret is not None:
-            rec["transfer"] = metrics.transferability(self.secret, self.substitute, self.x_test, self.y_test, eps=cfg.fgsm_eps)
+            rec["transfer"] = attacks.transferability(self.secret, self.substitute, self.x_test, self.y_test, eps=cfg.fgsm_eps)
         t["eval"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
