@@ -38,19 +38,19 @@ def tiny():
 def test_a_defense_registered_in_one_file_works_in_process_over_http_and_from_the_cli_spec(tiny, tmp_path):
     x = images(12, 1)
     truth = Oracle(tiny).query(x)
-    want = toy_defense.swapped(truth)
-    assert (want != truth).any()  # the toy changes some answers of this model
+    want = toy_defense.swapped(truth, 5, 9)
+    assert (want != truth).any()  # the untrained model answers 5 and 9: the toy changes them
     # in-process
-    got = Oracle(tiny, defenses=defenses.parse_defenses("toy-swap:a=0,b=1")).query(x)
+    got = Oracle(tiny, defenses=defenses.parse_defenses("toy-swap:a=5,b=9")).query(x)
     np.testing.assert_array_equal(got, want)
     # over HTTP
-    app = server.create_app(tiny, keys={ALICE: None}, defenses=["toy-swap:a=0,b=1"])
+    app = server.create_app(tiny, keys={ALICE: None}, defenses=["toy-swap:a=5,b=9"])
     r = TestClient(app).post(PRED, content=body(x), headers=auth())
     assert r.status_code == 200 and r.json()["predictions"] == want.tolist()
     # from the CLI: `stealnb serve --defense toy-swap:...`
     tiny.save(tmp_path / "secret.keras")
     args = cli.build_parser().parse_args(["serve", "--model", str(tmp_path / "secret.keras"), "--key", ALICE,
-                                          "--log-dir", str(tmp_path / "logs"), "--defense", "toy-swap:a=0,b=1"])
+                                          "--log-dir", str(tmp_path / "logs"), "--defense", "toy-swap:a=5,b=9"])
     app = server.app_from_args(args)
     r = TestClient(app).post(PRED, content=body(x), headers=auth())
     assert r.status_code == 200 and r.json()["predictions"] == want.tolist()
