@@ -349,8 +349,6 @@ def test_jbda_steps_up_the_substitutes_probability_of_the_oracles_label(monkeypa
     own prediction, not the logit's gradient, not down the slope)."""
     import keras
 
-    from stealnb import train
-
     rng = np.random.default_rng(3)
     w = rng.normal(0, 0.01, (32 * 32 * 3, 2)).astype(np.float32)
     w[:, 1] = w[:, 0] + rng.choice([-0.01, 0.01], 32 * 32 * 3).astype(np.float32)  # |w_1 - w_0| far from 0
@@ -364,7 +362,7 @@ def test_jbda_steps_up_the_substitutes_probability_of_the_oracles_label(monkeypa
         return model
 
     monkeypatch.setattr(models, "build", linear_substitute)
-    monkeypatch.setattr(train, "fit", lambda *a, **kw: {})  # keep the hand-set weights
+    monkeypatch.setattr(jbda, "fit", lambda *a, **kw: {})  # keep the hand-set weights
     seeds = _mid_images(12, seed=6)
     own = _labels(linear_substitute("", 2, 0), seeds)
     oracle_labels = np.arange(12) % 2  # the oracle disagrees with the substitute on some seeds
