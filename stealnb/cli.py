@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_extract)
 
     # The flags shared with `stealnb extract` are _attack_options. --variant is checked by
-    # stealnb.copycat.configure (one line,
-    # exit 2, before any work): the names live with the Copycat protocol, which loads Keras.
+    # stealnb.copycat.configure (one line, exit 2, before any work): the names live with the
+    # Copycat protocol, which loads Keras.
     c = sub.add_parser("copycat", help="Copycat CNN attack: hard labels on random natural images (resumable)")
     c.add_argument("--variant", required=True,
                    help="npdd: natural images only; pdd-sl: then fine-tune on oracle-labelled problem-domain "
