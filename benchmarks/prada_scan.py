@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from stealnb import data, defenses, extraction, layout, models, profiles
+from stealnb import data, defense_experiment, extraction, layout, models, profiles
 from stealnb.train import load_secret
 
 
@@ -32,11 +32,11 @@ def run(profile: str, dataset: str, arch: str, results: str, delta: float, clien
     ds = data.load_dataset(dataset)
     label = lambda x: models.predict_labels(secret, x)  # noqa: E731
     budget = prof.budgets[-1]
-    benign = defenses.prada_benign_clients(ds.x_test, label(ds.x_test), n_clients=clients,
+    benign = defense_experiment.prada_benign_clients(ds.x_test, label(ds.x_test), n_clients=clients,
                                            client_size=min(budget, len(ds.x_test)), seed=seed)
     out = {"profile": prof.name, "dataset": dataset, "arch": arch, "delta": delta, "budget": budget,
            "benign": {"clients": clients, "client_size": min(budget, len(ds.x_test)),
-                      "fpr": float(np.mean([defenses.prada_flag_index(s["w_history"], delta) is not None
+                      "fpr": float(np.mean([defense_experiment.prada_flag_index(s["w_history"], delta) is not None
                                             for s in benign])),
                       "min_w": float(min(s["min_w"] for s in benign))},
            "runs": []}
@@ -49,13 +49,13 @@ def run(profile: str, dataset: str, arch: str, results: str, delta: float, clien
             if not ex.done:
                 raise RuntimeError(f"{run_dir}: the run is not finished; finish it first (make demo)")
             x = ex.query_stream()
-            scan = defenses.prada_scan(x, label(x), delta=delta)
+            scan = defense_experiment.prada_scan(x, label(x), delta=delta)
             picked = label(ex.pool.get(ex.labelled_idx[ex.config.seed_size:]))
             counts = np.bincount(picked, minlength=ds.num_classes)
             d = np.asarray(scan["distances"])
             out["runs"].append({
                 "strategy": strategy, "seed": s, "queries": scan["n_queries"], "min_w": scan["min_w"],
-                "flagged_at": defenses.prada_flag_index(scan["w_history"], delta),
+                "flagged_at": defense_experiment.prada_flag_index(scan["w_history"], delta),
                 "median_distance": float(np.median(d)), "distance_skew": float(stats.skew(d)),
                 "selected": int(len(picked)), "top_class": int(counts.argmax()),
                 "top_class_share": float(counts.max() / max(len(picked), 1)),

@@ -62,6 +62,21 @@ def check_positive_int(v, name: str, minimum: int = 1) -> int:
     return int(v)
 
 
+def check_real(v, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    """Return ``v`` as float if it is a finite real number (bools refused: ``TypeError``) in
+    ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``; ``None``: unbounded), else ``ValueError``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a finite real number, got {v!r}")
+    v = float(v)
+    if not np.isfinite(v):
+        raise ValueError(f"{name}: expected a finite real number, got {v}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ValueError(f"{name}: expected a value {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name}: expected a value <= {hi}, got {v}")
+    return v
+
+
 def as_rng(seed) -> np.random.Generator:
     """A ``numpy.random.Generator`` from an int seed or an existing Generator (never global state)."""
     if isinstance(seed, np.random.Generator):

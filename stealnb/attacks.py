@@ -8,9 +8,9 @@
   DFAL (Ducoffe & Precioso 2018; thesis 000 §4.3). One compiled ``tf.function`` per model runs
   the whole iteration for a batch; finished samples are dropped from the working set, so every
   iteration only pays for the samples whose label has not flipped yet.
-* :func:`jbda_queries` — the query stream of the Jacobian-based dataset augmentation attack
-  (Papernot et al. 2017; thesis 002 eq. 3.4), the synthetic extraction attack PRADA was designed
-  against: the positive control of the defenses notebook.
+* :func:`transferability` — FGSM crafted on a substitute, measured on the secret.
+
+JbDA, which trains substitutes between its query rounds, is in :mod:`stealnb.jbda`.
 
 All functions take float32 images in [0, 1] (N×32×32×3 by default: the model's input shape)
 and models that output **logits**.
@@ -18,17 +18,17 @@ and models that output **logits**.
 from __future__ import annotations
 
 import functools
-import math
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
-from ._checks import check_images, check_labels, check_positive_int
-from .models import weak_logits
+from ._checks import check_images, check_labels, check_positive_int, check_real
+from .metrics import transfer_metrics
+from .models import predict_labels, weak_logits
 
-__all__ = ["fgsm", "deepfool", "DeepFoolResult", "jbda_queries"]
+__all__ = ["fgsm", "deepfool", "DeepFoolResult", "transferability"]
 
 # Per-model caches of compiled functions (weak keys: a dropped model drops its functions). Each
 # compiles a functools.partial over the model's weak_logits, never a closure, so that TensorFlow's
@@ -51,15 +51,6 @@ def _num_classes(model) -> int:
     if not isinstance(n, int) or n < 2 or len(model.output_shape) != 2:
         raise ValueError(f"model: expected logits of shape (N, num_classes >= 2), got {model.output_shape}")
     return n
-
-
-def _check_real(v, name: str, minimum: float = 0.0) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}: expected a real number >= {minimum}, got {v!r}")
-    v = float(v)
-    if not math.isfinite(v) or v < minimum:
-        raise ValueError(f"{name}: expected a finite real number >= {minimum}, got {v}")
-    return v
 
 
 # ----------------------------------------------------------------------------------------- FGSM
@@ -91,7 +82,7 @@ def fgsm(model, x, eps=0.25, *, y=None, batch_size=256, clip=(0.0, 1.0)) -> np.n
     """
     check_images(x, "x", shape=_input_shape(model))
     nc = _num_classes(model)
-    eps = _check_real(eps, "eps")
+    eps = check_real(eps, "eps", 0.0)
     batch_size = check_positive_int(batch_size, "batch_size")
     if y is not None:
         check_labels(y, "y", n=len(x), num_classes=nc)
@@ -100,7 +91,7 @@ def fgsm(model, x, eps=0.25, *, y=None, batch_size=256, clip=(0.0, 1.0)) -> np.n
     else:
         if not isinstance(clip, (tuple, list)) or len(clip) != 2:
             raise TypeError(f"clip: expected None or a pair (lo, hi), got {clip!r}")
-        lo, hi = (_check_real(c, "clip", minimum=-math.inf) for c in clip)
+        lo, hi = (check_real(c, "clip") for c in clip)
         if not lo < hi:
             raise ValueError(f"clip: expected lo < hi, got {clip!r}")
         lo, hi = tf.constant(lo, tf.float32), tf.constant(hi, tf.float32)
@@ -242,7 +233,7 @@ def deepfool(model, x, *, overshoot=0.02, max_iter=50, num_candidates=10, batch_
     """
     check_images(x, "x", shape=_input_shape(model))
     nc = _num_classes(model)
-    overshoot = _check_real(overshoot, "overshoot")
+    overshoot = check_real(overshoot, "overshoot", 0.0)
     max_iter = check_positive_int(max_iter, "max_iter")
     num_candidates = check_positive_int(num_candidates, "num_candidates", minimum=2)
     batch_size = check_positive_int(batch_size, "batch_size")
@@ -269,50 +260,13 @@ def deepfool(model, x, *, overshoot=0.02, max_iter=50, num_candidates=10, batch_
     return DeepFoolResult(x_adv=x_adv, norms=norms, converged=converged, iterations=iterations)
 
 
-def jbda_queries(label_fn, x_seed: np.ndarray, substitute: str, *, rounds: int, lam: float = 0.1,
-                 epochs: int = 10, batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0,
-                 max_queries: int | None = None, num_classes: int | None = None):
-    """Query stream of the Jacobian-based dataset augmentation attack (JbDA; Papernot et al. 2017,
-    "Practical black-box attacks against machine learning", AsiaCCS; thesis 002 eq. 3.4) -- the
-    synthetic attack PRADA was designed against, used as its positive control.
+# ------------------------------------------------------------------------------ transferability
 
-    ``S_0 = x_seed``; each round trains a fresh ``substitute`` (architecture name) on ``S`` with
-    the oracle's labels, then queries ``x + lam * sign(grad_x F(x)[y])`` for every ``x`` in ``S``
-    (``F``: the substitute's softmax, ``y``: the oracle's label of ``x``), kept in [0, 1] (an
-    image must stay an image) and appended to ``S``. ``label_fn`` is the oracle (images -> int
-    labels, e.g. ``Oracle.query``). Stops after ``rounds`` or ``max_queries`` (the last round is
-    cut). Returns ``(x_queries, labels)`` in query order, seeds first.
-    """
-    from . import models
-    from .train import fit
 
-    check_images(x_seed, "x_seed")
-    rounds = check_positive_int(rounds, "rounds")
-    lam = _check_real(lam, "lam", 0.0)
-    if not 0.0 < lam <= 1.0:
-        raise ValueError(f"lam: expected a step size in (0, 1] (images are in [0, 1]), got {lam}")
-    if max_queries is not None:
-        max_queries = check_positive_int(max_queries, "max_queries", minimum=len(x_seed))
-    xs = [x_seed]
-    ys = [np.asarray(label_fn(x_seed), np.int64)]
-    k = int(num_classes or max(int(ys[0].max()) + 1, 2))
-    for r in range(rounds):
-        s_x, s_y = np.concatenate(xs), np.concatenate(ys)
-        if max_queries is not None and len(s_x) >= max_queries:
-            break
-        sub = models.build(substitute, num_classes=k, seed=int(seed) * 1000 + r)
-        fit(sub, s_x, s_y, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=int(seed) * 1000 + r)
-        grads = []
-        for i in range(0, len(s_x), 256):
-            xb = tf.convert_to_tensor(s_x[i : i + 256])
-            with tf.GradientTape() as tape:
-                tape.watch(xb)
-                p = tf.nn.softmax(sub(xb, training=False))
-                picked = tf.gather(p, tf.convert_to_tensor(s_y[i : i + 256]), axis=1, batch_dims=1)
-            grads.append(np.sign(tape.gradient(picked, xb).numpy()))
-        new = np.clip(s_x + np.float32(lam) * np.concatenate(grads).astype(np.float32), 0.0, 1.0).astype(np.float32)
-        if max_queries is not None:
-            new = new[: max_queries - len(s_x)]
-        xs.append(new)
-        ys.append(np.asarray(label_fn(new), np.int64))
-    return np.concatenate(xs), np.concatenate(ys)
+def transferability(secret, substitute, x, y, eps: float = 0.25, batch_size: int = 256) -> dict:
+    """Craft FGSM (eps, L-inf, true labels) on the substitute and measure it on the secret
+    (thesis 000 §5.2): returns :func:`stealnb.metrics.transfer_metrics` plus ``eps``."""
+    x_adv = fgsm(substitute, x, eps, y=y, batch_size=batch_size)
+    out = transfer_metrics(y, predict_labels(substitute, x_adv), predict_labels(secret, x_adv))
+    out["eps"] = float(eps)
+    return out

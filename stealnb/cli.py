@@ -220,6 +220,42 @@ def _choice(names, metavar: str = "NAME", **kwargs) -> dict:
     return dict(choices=list(names), metavar=metavar, **kwargs)
 
 
+def _attack_options(a, *, what: str, pool_help: str, problem_domain_help: str, budgets_help: str,
+                    round_help: str, val_help: str, substitute_help: str, out_help: str | None) -> None:
+    """The options ``stealnb extract`` and ``stealnb copycat`` share (``what``: the subcommand), one place."""
+    a.add_argument("--dataset", *(["--secret-dataset"] if what == "copycat" else []), dest="dataset", default=None,
+                   **_choice(data.DATASETS, help="secret's dataset (with --arch, instead of --secret): one of %(choices)s"))
+    a.add_argument("--arch", default=None, **_choice(
+        models.REGISTRY, help="secret's architecture (trained on demand under --results): one of %(choices)s"))
+    a.add_argument("--secret", type=Path, default=None, help="folder with model.keras + metrics.json")
+    a.add_argument("--pool", default=None, **_choice(data.POOLS, help=pool_help))
+    a.add_argument("--pool-size", type=int, default=None)
+    a.add_argument("--pool-transform", default=None, choices=sorted(data.POOL_TRANSFORMS),
+                   help="gray: BT.601 luma in all 3 channels, for a secret trained on grey images (thesis §5.1)")
+    a.add_argument("--allow-problem-domain-pool", action="store_true", help=problem_domain_help)
+    a.add_argument("--budgets", type=_budgets, default=None, help=budgets_help)
+    a.add_argument("--round-size", type=int, default=None, help=round_help)
+    a.add_argument("--seed-size", type=int, default=None, help="|S0|, the random initial set (default: the profile's)")
+    a.add_argument("--val-size", type=int, default=None, help=val_help)
+    a.add_argument("--epochs", type=int, default=None, help="max substitute epochs per round (default: the profile's)")
+    a.add_argument("--substitute", default=None, **_choice(models.REGISTRY, help=substitute_help))
+    a.add_argument("--profile", **_choice(profiles.PROFILES, "PROFILE", default="demo",
+                                          help="one of %(choices)s (default: %(default)s)"))
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--results", type=Path, default=None,
+                   help="results root, where secrets trained on demand go (default: $STEALNB_RESULTS, "
+                        "else the project's results/)")
+    if out_help is None:
+        a.add_argument("--out", required=True, type=Path)
+    else:
+        a.add_argument("--out", type=Path, default=None, help=out_help)
+    a.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
+    a.add_argument("--oracle-url", default=None, help="query a `stealnb serve` endpoint instead of an in-process oracle")
+    a.add_argument("--model-name", default="secret", help="model name on the server")
+    a.add_argument("--api-key", default=None, help="API key for --oracle-url (default: $STEALNB_API_KEY)")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     profile = _choice(profiles.PROFILES, "PROFILE", default="demo", help="one of %(choices)s (default: %(default)s)")
     p = argparse.ArgumentParser(prog="stealnb", description="Black-box model extraction of image classifiers.")
@@ -249,76 +285,31 @@ def build_parser() -> argparse.ArgumentParser:
     df.set_defaults(func=_cmd_data_fetch)
 
     e = sub.add_parser("extract", help="ActiveThief extraction of a secret model (resumable)")
-    e.add_argument("--secret", type=Path, default=None, help="folder with model.keras + metrics.json")
-    e.add_argument("--dataset", default=None,
-                   **_choice(data.DATASETS, help="secret's dataset (with --arch, instead of --secret): one of %(choices)s"))
-    e.add_argument("--arch", default=None, **_choice(
-        models.REGISTRY, help="secret's architecture (trained on demand under --results): one of %(choices)s"))
     e.add_argument("--strategy", required=True, **_choice(selectors.REGISTRY, "STRATEGY", help="one of %(choices)s"))
-    e.add_argument("--pool", default=None, **_choice(data.POOLS, help="thief pool (default: the profile's): one of %(choices)s"))
-    e.add_argument("--pool-size", type=int, default=None)
-    e.add_argument("--pool-transform", default=None, choices=sorted(data.POOL_TRANSFORMS),
-                   help="gray: BT.601 luma in all 3 channels, for a secret trained on grey images (thesis §5.1)")
-    e.add_argument("--allow-problem-domain-pool", action="store_true",
-                   help="let the pool be the secret's own dataset (problem-domain data, refused otherwise)")
-    e.add_argument("--budgets", type=_budgets, default=None, help="e.g. 500,1000,2000 (default: the profile's)")
-    e.add_argument("--round-size", type=int, default=None, help="k, samples selected per round")
-    e.add_argument("--seed-size", type=int, default=None, help="|S0|, the random initial set (default: the profile's)")
-    e.add_argument("--val-size", type=int, default=None,
-                   help="oracle-labelled validation split for early stopping; counts against the budget")
-    e.add_argument("--epochs", type=int, default=None, help="max substitute epochs per round (default: the profile's)")
-    e.add_argument("--substitute", default=None,
-                   **_choice(models.REGISTRY, help="substitute architecture (default: the profile's): one of %(choices)s"))
-    e.add_argument("--profile", **profile)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--results", type=Path, default=None,
-                   help="results root, where secrets trained on demand go (default: $STEALNB_RESULTS, "
-                        "else the project's results/)")
-    e.add_argument("--out", required=True, type=Path)
-    e.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
-    e.add_argument("--oracle-url", default=None, help="query a `stealnb serve` endpoint instead of an in-process oracle")
-    e.add_argument("--model-name", default="secret", help="model name on the server")
-    e.add_argument("--api-key", default=None)
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    _attack_options(e, what="extract", pool_help="thief pool (default: the profile's): one of %(choices)s",
+                    problem_domain_help="let the pool be the secret's own dataset (problem-domain data, refused otherwise)",
+                    budgets_help="e.g. 500,1000,2000 (default: the profile's)",
+                    round_help="k, samples selected per round",
+                    val_help="oracle-labelled validation split for early stopping; counts against the budget",
+                    substitute_help="substitute architecture (default: the profile's): one of %(choices)s", out_help=None)
     e.set_defaults(func=_cmd_extract)
 
-    # Flags mirror `stealnb extract`. --variant is checked by stealnb.copycat.configure (one line,
-    # exit 2, before any work): the names live with the Copycat protocol, which loads Keras.
+    # The flags shared with `stealnb extract` are _attack_options. --variant is checked by
+    # stealnb.copycat.configure (one line, exit 2, before any work): the names live with the
+    # Copycat protocol, which loads Keras.
     c = sub.add_parser("copycat", help="Copycat CNN attack: hard labels on random natural images (resumable)")
-    c.add_argument("--dataset", "--secret-dataset", dest="dataset", default=None,
-                   **_choice(data.DATASETS, help="secret's dataset (with --arch, instead of --secret): one of %(choices)s"))
-    c.add_argument("--arch", default=None, **_choice(
-        models.REGISTRY, help="secret's architecture (trained on demand under --results): one of %(choices)s"))
-    c.add_argument("--secret", type=Path, default=None, help="folder with model.keras + metrics.json")
     c.add_argument("--variant", required=True,
                    help="npdd: natural images only; pdd-sl: then fine-tune on oracle-labelled problem-domain "
                         "images; npdd+pdd: train on the union")
-    c.add_argument("--pool", default=None,
-                   **_choice(data.POOLS, help="NPDD thief pool (default: the profile's): one of %(choices)s"))
-    c.add_argument("--pool-size", type=int, default=None)
-    c.add_argument("--pool-transform", default=None, choices=sorted(data.POOL_TRANSFORMS),
-                   help="gray: BT.601 luma in all 3 channels, for a secret trained on grey images (thesis §5.1)")
-    c.add_argument("--allow-problem-domain-pool", action="store_true",
-                   help="let the NPDD pool be the secret's own dataset (that is PDD: use --pdd-size instead)")
-    c.add_argument("--budgets", type=_budgets, default=None, help="NPDD query budgets, e.g. 500,1000,2000")
     c.add_argument("--pdd-size", type=int, default=None, help="problem-domain images (from the train split) for pdd variants")
     c.add_argument("--finetune-epochs", type=int, default=None)
-    c.add_argument("--round-size", type=int, default=None, help="extra data-curve rounds every k queries (default: budgets only)")
-    c.add_argument("--seed-size", type=int, default=None)
-    c.add_argument("--val-size", type=int, default=None, help="oracle-labelled NPDD validation split (counts against the budget)")
-    c.add_argument("--epochs", type=int, default=None)
-    c.add_argument("--substitute", default=None,
-                   **_choice(models.REGISTRY, help="copycat architecture (default: the profile's): one of %(choices)s"))
-    c.add_argument("--profile", **profile)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--results", type=Path, default=None,
-                   help="results root (default: $STEALNB_RESULTS, else the project's results/)")
-    c.add_argument("--out", type=Path, default=None, help="run folder (default: results/<profile>/copycat/...)")
-    c.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
-    c.add_argument("--oracle-url", default=None, help="query a `stealnb serve` endpoint instead of an in-process oracle")
-    c.add_argument("--model-name", default="secret", help="model name on the server")
-    c.add_argument("--api-key", default=None, help="API key for --oracle-url (default: $STEALNB_API_KEY)")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _attack_options(c, what="copycat", pool_help="NPDD thief pool (default: the profile's): one of %(choices)s",
+                    problem_domain_help="let the NPDD pool be the secret's own dataset (that is PDD: use --pdd-size instead)",
+                    budgets_help="NPDD query budgets, e.g. 500,1000,2000",
+                    round_help="extra data-curve rounds every k queries (default: budgets only)",
+                    val_help="oracle-labelled NPDD validation split (counts against the budget)",
+                    substitute_help="copycat architecture (default: the profile's): one of %(choices)s",
+                    out_help="run folder (default: results/<profile>/copycat/...)")
     c.set_defaults(func=_cmd_copycat)
 
     for name in _PLUGINS:

@@ -42,20 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout, metrics, models
+from . import attacks, layout, metrics, models
 from ._checks import check_images, check_labels, check_positive_int
-from .extraction import Extraction, ExtractionConfig, _atomic_write
+from .extraction import Extraction, ExtractionConfig
 from .train import fit
 
 VARIANTS = ("npdd", "pdd-sl", "npdd+pdd")
-
-# Attacker's problem-domain data and fine-tuning per profile. Not in the thesis text we have
-# (its ch. 4-6 are missing from our copy): our choices, sized to each profile's train split.
-PDD_DEFAULTS = {
-    "ci": {"pdd_size": 50, "finetune_epochs": 5},
-    "demo": {"pdd_size": 200, "finetune_epochs": 10},
-    "paper": {"pdd_size": 1_000, "finetune_epochs": 10},
-}
 
 
 @dataclass(frozen=True)
@@ -127,12 +119,13 @@ class CopycatConfig:
     @classmethod
     def from_profile(cls, profile, variant: str, **overrides) -> "CopycatConfig":
         """Extraction settings of ``profile`` (substitute, budgets, seed/val sizes, epochs,
-        patience, FGSM eps) plus :data:`PDD_DEFAULTS`; ``overrides`` change any field."""
-        extra = PDD_DEFAULTS.get(profile.name, PDD_DEFAULTS["demo"])
+        patience, FGSM eps) plus its ``copycat`` section (problem-domain data, fine-tuning);
+        ``overrides`` change any field."""
+        extra = profile.copycat
         kw = dict(
             variant=variant, substitute=profile.substitute, budgets=profile.budgets,
             seed_size=profile.seed_size, val_size=profile.val_size, fgsm_eps=profile.fgsm_eps,
-            **profile.substitute_fit(), pdd_size=0 if variant == "npdd" else extra["pdd_size"], finetune_epochs=extra["finetune_epochs"],
+            **profile.substitute_fit(), pdd_size=0 if variant == "npdd" else extra.pdd_size, finetune_epochs=extra.finetune_epochs,
         )
         kw.update(overrides)
         return cls(**kw)
@@ -242,8 +235,8 @@ class Copycat:
             tmp = ck / "copycat.tmp.weights.h5"
             self.model.save_weights(tmp)
             tmp.replace(ck / "copycat.weights.h5")
-        _atomic_write(ck / "copycat.json", json.dumps(self._state()))
-        _atomic_write(self.out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        layout.atomic_write(ck / "copycat.json", json.dumps(self._state()))
+        layout.atomic_write(self.out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
 
     def _load(self, path: Path) -> None:
         if not path.exists():
@@ -369,7 +362,7 @@ class Copycat:
             labelled=int(rec["labelled"] + len(self.x_pdd)), epochs_trained=len(hist["loss"]),
             val_accuracy=hist["val_accuracy"][hist["best_epoch"]] if "best_epoch" in hist else None,
             npdd=npdd_metrics, finetune_gain_f1=row["macro_f1"] - npdd_metrics["macro_f1"],
-            transfer=metrics.transferability(self.secret, model, self.x_test, self.y_test, eps=cfg.fgsm_eps),
+            transfer=attacks.transferability(self.secret, model, self.x_test, self.y_test, eps=cfg.fgsm_eps),
         )
         npdd_seconds = sum(rec["seconds"].values())
         row["seconds"] = {"npdd": round(npdd_seconds, 3), "query": round(t_query, 3), "train": round(t_train, 3),
@@ -395,8 +388,8 @@ class Copycat:
                     bar.update(1)
         summary = self.summary()
         if self.out is not None:
-            _atomic_write(self.out / "npdd" / "summary.json", json.dumps(self.ex.summary(), indent=2))
-            _atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
+            layout.atomic_write(self.out / "npdd" / "summary.json", json.dumps(self.ex.summary(), indent=2))
+            layout.atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     def summary(self) -> dict:

@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ._checks import IMAGE_SHAPE, UsageError, as_rng, check_images, check_labels, check_positive_int
+from . import layout
 from .registry import Registry
 
 DATASETS = Registry("dataset")
@@ -704,18 +705,12 @@ def convert_imagenet32(d: Path, progress: bool = False) -> Path:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    _atomic_write_text(d / "pool_uint8.json", json.dumps(_source_signature(sources)))
+    layout.atomic_write(d / "pool_uint8.json", json.dumps(_source_signature(sources)), shared=True)
     return out
 
 
 def _source_signature(sources: list[Path]) -> list:
     return [[p.name, p.stat().st_size] for p in sources]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @POOLS.register("imagenet32")

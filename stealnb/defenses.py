@@ -6,7 +6,7 @@ objects plug into an in-process oracle and an HTTP server alike.
 * :class:`PradaDetector` -- query-stream detection with the Shapiro-Wilk test on minimum
   distances (Juuti et al. 2019, "PRADA: Protecting against DNN model stealing attacks", EuroS&P;
   thesis 002 §5.7.2).
-* :func:`adaptive_misinformation` / :class:`AdaptiveMisinformation` -- mix in a misinformation
+* :func:`adaptive_misinformation` / :class:`AdaptiveMisinformation` (the defence) -- mix in a misinformation
   model's output for out-of-distribution queries (Kariyappa & Qureshi 2020, "Defending against
   model stealing attacks with Adaptive Misinformation", CVPR; thesis 002 §5.7.1, "ADMIS").
 * :func:`round_probs`, :func:`top_k_probs`, :func:`reverse_sigmoid` -- soft-label output
@@ -18,17 +18,66 @@ objects plug into an in-process oracle and an HTTP server alike.
 """
 from __future__ import annotations
 
-import hashlib
+import inspect
+import json
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from scipy import special, stats
 
-from ._checks import IMAGE_SHAPE, as_rng, check_images, check_labels, check_positive_int
+from ._checks import IMAGE_SHAPE, as_rng, check_images, check_labels, check_positive_int, check_real
+from .defense_seam import ACTIONS, Defense
 from .registry import Registry
 
-PERTURBATIONS = Registry("output perturbation")
+#: name -> constructor of a :class:`stealnb.defense_seam.Defense`; each entry's docstring cites its source.
+DEFENSES = Registry("defense")
+
+
+def parse_defense(spec) -> Defense:
+    """A defence from the spec syntax ``name:option=value,...`` (e.g. ``prada:delta=0.9,action=block``,
+    ``round:decimals=2``, ``admis:misinformation_model=misinfo.keras,tau=0.8``), its dict form
+    ``{"name": ..., **options}``, or a :class:`Defense` (returned as it is). Values are read as JSON
+    (numbers, ``true``/``false``, ``null``) and otherwise kept as strings (paths). The one parser
+    of the CLI, the server and the notebooks; names come from :data:`DEFENSES`."""
+    if isinstance(spec, Defense):
+        return spec
+    if isinstance(spec, dict):
+        opts = dict(spec)
+        name = opts.pop("name", None)
+    elif isinstance(spec, str):
+        name, _, text = spec.strip().partition(":")
+        opts = {}
+        for kv in filter(None, (t.strip() for t in text.split(","))):
+            k, eq, v = kv.partition("=")
+            if not eq or not k.strip():
+                raise ValueError(f"defense {spec!r}: expected NAME[:option=value,...], got {kv!r}")
+            try:
+                opts[k.strip()] = json.loads(v)
+            except ValueError:
+                opts[k.strip()] = v
+    else:
+        raise TypeError(f"defense: expected a spec 'name:option=value,...', a dict or a Defense, got "
+                        f"{type(spec).__name__}")
+    if name not in DEFENSES:
+        raise ValueError(f"defense: unknown name {name!r}; expected one of: {', '.join(DEFENSES.names())}")
+    try:
+        return DEFENSES[name](**opts)
+    except TypeError as e:
+        raise ValueError(f"defense {name}: {e}") from None
+
+
+def parse_defenses(specs) -> list[Defense]:
+    """:func:`parse_defense` of each of ``specs`` (``None``: none; one string may join several with ``;``)."""
+    if specs is None:
+        return []
+    if isinstance(specs, (str, dict, Defense)):
+        specs = [specs]
+    out = []
+    for s in specs:
+        out += [parse_defense(t) for t in s.split(";") if t.strip()] if isinstance(s, str) else [parse_defense(s)]
+    return out
 
 # ----------------------------------------------------------------------------------------------
 # validation helpers
@@ -66,17 +115,6 @@ def _check_feature_batch(x, name: str) -> np.ndarray:
     if x.size and not np.isfinite(x).all():
         raise ValueError(f"{name}: contains NaN or inf; expected finite query values")
     return x
-
-
-def _check_real(v, name: str, lo: float | None = None, hi: float | None = None, lo_open=False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
-        raise TypeError(f"{name}: expected a finite real number, got {v!r}")
-    v = float(v)
-    if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ValueError(f"{name}: expected a value {'>' if lo_open else '>='} {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ValueError(f"{name}: expected a value <= {hi}, got {v}")
-    return v
 
 
 def _images_any_shape(x, name: str) -> np.ndarray:
@@ -143,13 +181,13 @@ class PradaDetector:
         outlier_std: float | None = 3.0,
         test_every: int = 1,
     ):
-        self.delta = _check_real(delta, "delta", 0.0, 1.0)
+        self.delta = check_real(delta, "delta", 0.0, 1.0)
         self.min_queries = check_positive_int(min_queries, "min_queries", minimum=2)
         if metric not in self._METRICS:
             raise ValueError(f"metric: expected one of {self._METRICS}, got {metric!r}")
         self.metric = metric
         if outlier_std is not None:
-            outlier_std = _check_real(outlier_std, "outlier_std", 0.0, lo_open=True)
+            outlier_std = check_real(outlier_std, "outlier_std", 0.0, lo_open=True)
         self.outlier_std = outlier_std
         self.test_every = check_positive_int(test_every, "test_every")
         self.reset()
@@ -233,6 +271,42 @@ class PradaDetector:
         return out
 
 
+@DEFENSES.register("prada")
+class Prada(Defense):
+    """PRADA at the oracle (Juuti et al. 2019, "PRADA: Protecting against DNN model stealing
+    attacks", EuroS&P, Alg. 1; thesis 002 §5.7.2): one :class:`PradaDetector` per client over its
+    paid samples, with the undefended top-1 as class; the first time a client's detector is
+    flagged it raises an alarm (``w``: the Shapiro-Wilk statistic that did) and ``action`` follows
+    (``"log"``, ``"block"`` or ``"poison"``, see :mod:`stealnb.defense_seam`). The detectors'
+    growing sets are kept in memory; the alarms survive a restart in the server's query log."""
+
+    name = "prada"
+
+    def __init__(self, delta: float = 0.9, min_queries: int = 100, metric: str = "l2",
+                 outlier_std: float | None = 3.0, test_every: int = 1, action: str = "block"):
+        self.detector_options = dict(delta=delta, min_queries=min_queries, metric=metric, outlier_std=outlier_std,
+                                     test_every=test_every)
+        probe = PradaDetector(**self.detector_options)  # validates the options
+        self.detector_options.update(delta=probe.delta, min_queries=probe.min_queries, outlier_std=probe.outlier_std)
+        if action not in ACTIONS:
+            raise ValueError(f"action: expected one of {ACTIONS}, got {action!r}")
+        self.action = action
+        self.detectors: dict[object, PradaDetector] = {}
+
+    def options(self) -> dict:
+        return {**self.detector_options, "action": self.action}
+
+    def observe(self, x: np.ndarray, labels: np.ndarray, *, client=None) -> dict | None:
+        det = self.detectors.get(client)
+        if det is None:
+            det = self.detectors[client] = PradaDetector(**self.detector_options)
+        before, was = det.n_queries, det.flagged
+        det.observe(x, labels)
+        if det.flagged and not was:
+            return {"at": det.flagged_at - before, "w": det.last_w}
+        return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Adaptive Misinformation (Kariyappa & Qureshi 2020)
 # ----------------------------------------------------------------------------------------------
@@ -244,8 +318,8 @@ def misinformation_alpha(probs: np.ndarray, tau: float = 0.5, nu: float = 1000.0
     probability (the OOD score of Hendrycks & Gimpel 2017) is below ``tau``. The authors'
     code uses ``nu = 10000``."""
     check_probs(probs, "probs")
-    tau = _check_real(tau, "tau", 0.0, 1.0)
-    nu = _check_real(nu, "nu", 0.0, lo_open=True)
+    tau = check_real(tau, "tau", 0.0, 1.0)
+    nu = check_real(nu, "nu", 0.0, lo_open=True)
     return special.expit(nu * (tau - probs.max(axis=1).astype(np.float64)))
 
 
@@ -314,29 +388,37 @@ def train_misinformation_model(
 
 
 def _softmax_probs(model, x, batch_size: int) -> np.ndarray:
-    from .models import predict_logits
+    from .models import predict_logits, softmax
 
-    return special.softmax(predict_logits(model, x, batch_size).astype(np.float64), axis=1)
+    return softmax(predict_logits(model, x, batch_size), dtype=np.float64)
 
 
-class AdaptiveMisinformation:
-    """A defended oracle: ``predict_probs(x)`` returns Adaptive Misinformation outputs of the
-    defended ``model`` mixed with ``misinformation_model`` (both Keras models with logits out;
-    Kariyappa & Qureshi 2020). The paper also trains the defended model with Outlier Exposure
-    to sharpen the OOD score; that is left to whoever trains ``model``.
+@DEFENSES.register("admis")
+class AdaptiveMisinformation(Defense):
+    """Adaptive Misinformation (Kariyappa & Qureshi 2020, "Defending against model stealing attacks
+    with Adaptive Misinformation", CVPR, eq. 4-5; thesis 002 §5.7.1): every answer becomes
+    ``(1 - alpha) y + alpha y_hat`` (:func:`adaptive_misinformation`), ``y_hat`` the softmax of the
+    ``misinformation_model`` (a Keras model with logits out, a ``.keras`` file or a secret folder;
+    :func:`train_misinformation_model`) and ``alpha`` large for queries whose maximum softmax
+    probability is below ``tau`` (steepness ``nu``). The paper also trains the defended model with
+    Outlier Exposure to sharpen the OOD score; that is left to whoever trains it.
 
     ``n_queries`` counts answered queries and ``n_misinformed`` those with ``alpha > 0.5``.
     """
 
-    def __init__(self, model, misinformation_model, tau: float = 0.5, nu: float = 1000.0, batch_size: int = 512):
-        if model.output_shape[-1] != misinformation_model.output_shape[-1]:
-            raise ValueError(
-                f"misinformation_model: expected {model.output_shape[-1]} classes like model, "
-                f"got {misinformation_model.output_shape[-1]}"
-            )
-        self.model, self.misinformation_model = model, misinformation_model
-        self.tau = _check_real(tau, "tau", 0.0, 1.0)
-        self.nu = _check_real(nu, "nu", 0.0, lo_open=True)
+    name = "admis"
+
+    def __init__(self, misinformation_model, tau: float = 0.5, nu: float = 1000.0, batch_size: int = 512):
+        from .models import load_model
+
+        self.source = str(misinformation_model) if isinstance(misinformation_model, (str, Path)) else None
+        model = load_model(misinformation_model) if self.source is not None else misinformation_model
+        if not callable(model) or not hasattr(model, "output_shape"):
+            raise TypeError("misinformation_model: expected a Keras model, a .keras file or a secret folder, "
+                            f"got {type(misinformation_model).__name__}")
+        self.misinformation_model = model
+        self.tau = check_real(tau, "tau", 0.0, 1.0)
+        self.nu = check_real(nu, "nu", 0.0, lo_open=True)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.reset_stats()
 
@@ -344,18 +426,21 @@ class AdaptiveMisinformation:
         self.n_queries = 0
         self.n_misinformed = 0
 
-    def predict_probs(self, x: np.ndarray) -> np.ndarray:
-        """Defended probabilities (float32, N x C) for float32 images ``x``."""
-        p = _softmax_probs(self.model, x, self.batch_size)
+    def check(self, *, output: str, num_classes: int) -> None:
+        got = int(self.misinformation_model.output_shape[-1])
+        if got != int(num_classes):
+            raise ValueError(f"misinformation_model: expected {num_classes} classes like the defended model, got {got}")
+
+    def options(self) -> dict:
+        return {**({"misinformation_model": self.source} if self.source else {}), "tau": self.tau, "nu": self.nu}
+
+    def answer(self, x: np.ndarray, probs: np.ndarray, *, client=None) -> np.ndarray:
+        """The defended probabilities of ``x`` given the defended model's ``probs`` (float64 out)."""
         p_hat = _softmax_probs(self.misinformation_model, x, self.batch_size)
-        alpha = misinformation_alpha(p, self.tau, self.nu)
+        alpha = misinformation_alpha(probs, self.tau, self.nu)
         self.n_queries += len(x)
         self.n_misinformed += int((alpha > 0.5).sum())
-        return adaptive_misinformation(p, p_hat, self.tau, self.nu).astype(np.float32)
-
-    def predict_labels(self, x: np.ndarray) -> np.ndarray:
-        """Top-1 labels (int64) of :meth:`predict_probs` (hard-label API)."""
-        return self.predict_probs(x).argmax(axis=1).astype(np.int64)
+        return adaptive_misinformation(probs, p_hat, self.tau, self.nu)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +448,6 @@ class AdaptiveMisinformation:
 # ----------------------------------------------------------------------------------------------
 
 
-@PERTURBATIONS.register("round")
 def round_probs(p: np.ndarray, decimals: int = 2) -> np.ndarray:
     """Round confidences to ``decimals`` places (Tramèr et al. 2016, "rounding confidences"
     countermeasure).
@@ -378,7 +462,6 @@ def round_probs(p: np.ndarray, decimals: int = 2) -> np.ndarray:
     return np.round(p, int(decimals))
 
 
-@PERTURBATIONS.register("top_k")
 def top_k_probs(p: np.ndarray, k: int = 1, renormalize: bool = True) -> np.ndarray:
     """Keep the ``k`` largest probabilities of each row and zero the rest (the top-k output of
     commercial APIs; Tramèr et al. 2016, Orekondy et al. 2019). With ``renormalize`` the
@@ -408,7 +491,6 @@ def _reverse_sigmoid_raw(p: np.ndarray, beta: float, gamma: float) -> np.ndarray
     return p - beta * (pg / (pg + qg) - 0.5)
 
 
-@PERTURBATIONS.register("reverse_sigmoid")
 def reverse_sigmoid(
     p: np.ndarray, beta: float = 0.5, gamma: float = 1.5, clip_negative: bool = False
 ) -> np.ndarray:
@@ -433,8 +515,8 @@ def reverse_sigmoid(
     normalising (as ART's ``ReverseSigmoid`` does).
     """
     check_probs(p, "p")
-    beta = _check_real(beta, "beta", 0.0, lo_open=True)
-    gamma = _check_real(gamma, "gamma", 0.0, lo_open=True)
+    beta = check_real(beta, "beta", 0.0, lo_open=True)
+    gamma = check_real(gamma, "gamma", 0.0, lo_open=True)
     raw = _reverse_sigmoid_raw(p, beta, gamma)
     if len(raw) and raw.min() < 0:
         if not clip_negative:
@@ -453,6 +535,43 @@ def reverse_sigmoid_preserves_ranking(beta: float, gamma: float) -> bool:
     """True when ``beta``/``gamma`` satisfy the sufficient condition ``gamma >= 1`` and
     ``beta * gamma < 1`` under which :func:`reverse_sigmoid` keeps every row's ranking."""
     return float(gamma) >= 1.0 and float(beta) * float(gamma) < 1.0
+
+
+class OutputPerturbation(Defense):
+    """A soft-label output perturbation (a pure function of the probabilities) as a defence at the
+    oracle; the registered subclasses name the function (``round``, ``top_k``, ``reverse_sigmoid``)."""
+
+    outputs = ("topk", "probs")
+    function = staticmethod(round_probs)
+
+    def __init__(self, **options):
+        try:
+            inspect.signature(self.function).bind(None, **options)
+        except TypeError as e:
+            raise TypeError(f"{e}; options of {self.name}: "
+                            f"{', '.join(list(inspect.signature(self.function).parameters)[1:])}") from None
+        self.perturbation_options = options
+
+    def check(self, *, output: str, num_classes: int) -> None:
+        super().check(output=output, num_classes=num_classes)
+        self.function(np.full((1, num_classes), 1.0 / num_classes), **self.perturbation_options)  # validates
+
+    def options(self) -> dict:
+        return dict(self.perturbation_options)
+
+    def answer(self, x: np.ndarray, probs: np.ndarray, *, client=None) -> np.ndarray:
+        return self.function(probs, **self.perturbation_options)
+
+
+def _register_perturbation(name: str, function) -> None:
+    doc = f"Output perturbation :func:`{function.__name__}` at the oracle. " + (function.__doc__ or "")
+    cls = type(f"Perturbation_{name}", (OutputPerturbation,),
+               {"name": name, "function": staticmethod(function), "__doc__": doc, "__module__": __name__})
+    DEFENSES.register(name)(cls)
+
+
+for _name, _fn in (("round", round_probs), ("top_k", top_k_probs), ("reverse_sigmoid", reverse_sigmoid)):
+    _register_perturbation(_name, _fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,7 +594,7 @@ def make_watermark_trigger(
     s = check_positive_int(trigger_size, "trigger_size")
     if s > min(h, w):
         raise ValueError(f"trigger_size: expected at most {min(h, w)} for {h}x{w} images, got {s}")
-    value = _check_real(value, "value", 0.0, 1.0)
+    value = check_real(value, "value", 0.0, 1.0)
     if isinstance(position, str):
         if position not in _POSITIONS:
             raise ValueError(f"position: expected one of {_POSITIONS} or (row, col), got {position!r}")
@@ -509,8 +628,8 @@ def snnl(features, labels, temperature: float, metric: str = "euclidean", eps: f
 
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric: expected 'euclidean' or 'cosine', got {metric!r}")
-    temperature = _check_real(temperature, "temperature", 0.0, lo_open=True)
-    eps = _check_real(eps, "eps", 0.0)
+    temperature = check_real(temperature, "temperature", 0.0, lo_open=True)
+    eps = check_real(eps, "eps", 0.0)
     f = tf.convert_to_tensor(features)
     if not f.dtype.is_floating:
         f = tf.cast(f, tf.float32)
@@ -598,8 +717,8 @@ def train_ewe(
     batch_size = check_positive_int(batch_size, "batch_size", minimum=4)
     check_positive_int(pretrain_epochs, "pretrain_epochs", minimum=0)
     ratio = check_positive_int(ratio, "ratio")
-    snnl_weight = _check_real(snnl_weight, "snnl_weight", 0.0)
-    temperature = _check_real(temperature, "temperature", 0.0, lo_open=True)
+    snnl_weight = check_real(snnl_weight, "snnl_weight", 0.0)
+    temperature = check_real(temperature, "temperature", 0.0, lo_open=True)
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric: expected 'euclidean' or 'cosine', got {metric!r}")
     x_target = x_train[y_train == target_class]
@@ -713,7 +832,7 @@ def ownership_test(
         x_wm = x_wm[:n_trials]
     if len(x_wm) == 0:
         raise ValueError("x_wm: expected at least one watermark sample, got none")
-    p0 = 1.0 / num_classes if base_rate is None else _check_real(base_rate, "base_rate", 0.0, 1.0, lo_open=True)
+    p0 = 1.0 / num_classes if base_rate is None else check_real(base_rate, "base_rate", 0.0, 1.0, lo_open=True)
     if p0 >= 1.0:
         raise ValueError(f"base_rate: expected a value in (0, 1), got {p0}")
     k = int(np.sum(predict_labels(model, x_wm) == int(target_class)))
@@ -725,207 +844,3 @@ def ownership_test(
         "success_rate": k / len(x_wm),
         "base_rate": p0,
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation helpers (notebook 06): PRADA scans and rates, JbDA reference stream, static replay
-# ----------------------------------------------------------------------------------------------
-
-
-def prada_scan(x: np.ndarray, predicted_labels: np.ndarray, **detector_kw) -> dict:
-    """Run one :class:`PradaDetector` over the query stream ``x`` (in query order) with the
-    model's ``predicted_labels``; returns ``flagged_at`` (1-based, ``None`` if never),
-    ``n_queries``, ``min_w`` (lowest W of any test, ``None`` if never tested), ``w_history``
-    (``[(query index, W), ...]``), from which :func:`prada_flag_index` reads the alarm for any
-    other threshold ``delta`` without re-running the detector, and ``distances`` (the final
-    minimum-distance set D, before the outlier removal that precedes each W)."""
-    det = PradaDetector(**detector_kw)
-    det.observe(x, predicted_labels)
-    ws = [w for _, w in det.w_history]
-    return {"flagged_at": det.flagged_at, "n_queries": det.n_queries, "min_w": min(ws) if ws else None,
-            "w_history": [(int(q), float(w)) for q, w in det.w_history], "delta": det.delta,
-            "distances": [float(d) for d in det.distances]}
-
-
-def prada_flag_index(w_history, delta: float) -> int | None:
-    """First query index whose W is below ``delta`` in a :func:`prada_scan` history (PRADA's alarm
-    at threshold ``delta``, same tests), or ``None``."""
-    delta = _check_real(delta, "delta", 0.0, 1.0)
-    return next((int(q) for q, w in w_history if w < delta), None)
-
-
-def prada_benign_clients(x: np.ndarray, predicted_labels: np.ndarray, *, n_clients: int, client_size: int,
-                         seed, **detector_kw) -> list[dict]:
-    """:func:`prada_scan` of ``n_clients`` simulated benign clients, each sending ``client_size``
-    distinct samples of ``x`` (e.g. the test set) in random order (seeded; clients may share
-    samples with each other, never within one stream)."""
-    check_positive_int(n_clients, "n_clients")
-    client_size = check_positive_int(client_size, "client_size", minimum=3)
-    check_labels(predicted_labels, "predicted_labels", n=len(x))
-    if client_size > len(x):
-        raise ValueError(f"client_size: expected at most {len(x)} (the benign samples given), got {client_size}")
-    rng = as_rng(seed)
-    out = []
-    for _ in range(n_clients):
-        idx = rng.permutation(len(x))[:client_size]
-        out.append(prada_scan(x[idx], predicted_labels[idx], **detector_kw))
-    return out
-
-
-def prada_rates(attack_scans: dict, benign_scans: list, deltas) -> list[dict]:
-    """Detection and false-positive rates over thresholds (thesis 002 §6.2.2, "false positive and
-    detection rates for statistical test value"). For each ``delta``: ``detection_rate`` = share of
-    attack streams flagged before their last query, ``fpr`` = share of benign clients flagged,
-    and ``flagged_at`` per attack (``None`` = not flagged)."""
-    rows = []
-    for d in deltas:
-        at = {name: prada_flag_index(s["w_history"], d) for name, s in attack_scans.items()}
-        fp = [prada_flag_index(s["w_history"], d) is not None for s in benign_scans]
-        rows.append({"delta": float(d), "detection_rate": float(np.mean([v is not None for v in at.values()])) if at else None,
-                     "fpr": float(np.mean(fp)) if fp else None, "flagged_at": at})
-    return rows
-
-
-def calibrate_prada_delta(benign_scans: list, margin: float = 0.0) -> float:
-    """The largest threshold at which none of the (calibration) benign clients is flagged: the
-    lowest W any of them reached, minus ``margin`` (Juuti et al. 2019 set delta from benign data
-    the same way, to a target false-positive rate of zero on it)."""
-    ws = [s["min_w"] for s in benign_scans if s["min_w"] is not None]
-    if not ws:
-        raise ValueError("benign_scans: no client was ever tested (streams shorter than min_queries)")
-    return float(max(min(ws) - _check_real(margin, "margin", 0.0), 0.0))
-
-
-def replay_copy(label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, substitute: str, num_classes: int,
-                seed: int = 0, **fit_options):
-    """A stolen copy trained on an attack's queries labelled by ``label_fn`` (e.g. a defended
-    oracle), the way the attack trains its final substitute: a fresh ``substitute`` on
-    ``x_train`` with early stopping on ``x_val`` (also labelled by ``label_fn``; ``None``: fixed
-    epochs); ``fit_options``: the training recipe, :func:`stealnb.train.fit`'s keyword arguments
-    (e.g. ``**profile.substitute_fit()``). "Static replay": the queries are those the attack chose against the undefended
-    oracle -- exact for label-independent selection (random, Copycat), an approximation for
-    active learning (its later selections would depend on the defended labels)."""
-    x_val, y, y_val = _replay_labels(label_fn, x_train, x_val)
-    return _fit_copy(x_train, y, x_val, y_val, substitute=substitute, num_classes=num_classes, seed=seed,
-                     **fit_options)
-
-
-def _replay_labels(label_fn, x_train: np.ndarray, x_val: np.ndarray | None):
-    """``(x_val, y, y_val)``: the labels ``label_fn`` gives the training and validation queries;
-    an empty validation split becomes ``None``."""
-    check_images(x_train, "x_train")
-    if x_val is not None and not len(x_val):
-        x_val = None
-    y = np.asarray(label_fn(x_train), np.int64)
-    return x_val, y, None if x_val is None else np.asarray(label_fn(x_val), np.int64)
-
-
-def _fit_copy(x_train: np.ndarray, y: np.ndarray, x_val: np.ndarray | None, y_val: np.ndarray | None, *,
-              substitute: str, num_classes: int, seed: int, **fit_options):
-    from . import models
-    from .train import fit
-
-    validation = None if y_val is None else (x_val, y_val)
-    if validation is None:
-        fit_options = {**fit_options, "patience": None, "monitor": None}
-    else:  # as the attack's substitute: the checkpoint with the best validation macro-F1
-        fit_options = {"monitor": "macro_f1", **fit_options}
-    model = models.build(substitute, num_classes=int(num_classes), seed=int(seed))
-    fit(model, x_train, y, validation=validation, seed=int(seed), **fit_options)
-    return model
-
-
-class ReplayCache:
-    """:func:`replay_copy` that remembers, for each query set (training and validation queries and
-    the training settings), the first copy it trains on it, and returns that copy again when the
-    same queries come back with the *same* labels. Two oracles that answer an attack's queries
-    identically -- ADMIS at a τ that misinforms no query, and the undefended secret that EWE's null
-    copies are stolen from -- then share one copy, which training the same data with the same
-    seed would have reproduced anyway. Copies trained on other labels are returned but not kept,
-    so the memory held is one copy per query set. Returned models are shared: do not train or
-    modify them. ``hits`` and ``misses`` count the calls answered from memory and the copies
-    trained."""
-
-    def __init__(self):
-        self._first: dict[str, tuple[str, object]] = {}
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def _digest(arrays, extra=()) -> str:
-        h = hashlib.sha256(repr(tuple(extra)).encode())
-        for a in arrays:
-            a = np.ascontiguousarray(a)
-            h.update(repr((a.dtype.str, a.shape)).encode())
-            h.update(memoryview(a).cast("B"))
-        return h.hexdigest()
-
-    def __call__(self, label_fn, x_train: np.ndarray, x_val: np.ndarray | None, *, substitute: str,
-                 num_classes: int, seed: int = 0, **fit_options):
-        x_val, y, y_val = _replay_labels(label_fn, x_train, x_val)
-        settings = (substitute, int(num_classes), int(seed), x_val is None, sorted(fit_options.items()))
-        queries = self._digest([x_train] if x_val is None else [x_train, x_val], settings)
-        labels = self._digest([y] if y_val is None else [y, y_val])
-        first = self._first.get(queries)
-        if first is not None and first[0] == labels:
-            self.hits += 1
-            return first[1]
-        self.misses += 1
-        model = _fit_copy(x_train, y, x_val, y_val, substitute=substitute, num_classes=num_classes, seed=seed,
-                          **fit_options)
-        if first is None:
-            self._first[queries] = (labels, model)
-        return model
-
-
-def admis_tradeoff(model, misinformation_model, x_test: np.ndarray, y_test: np.ndarray, attacks: dict, taus,
-                   *, substitute: str, nu: float = 1000.0, seed: int = 0, replay=None, **fit_options) -> list[dict]:
-    """Adaptive Misinformation's trade-off over thresholds ``taus`` (Kariyappa & Qureshi 2020, Fig. 5;
-    thesis 002 §6.2.1): for each ``tau`` the defender's accuracy on in-distribution ``x_test``
-    (top-1 of the defended outputs against ``y_test``) and, for each attack ``name -> (x_train,
-    x_val)``, the share of its queries that get misinformation (``alpha > 0.5``) and the test
-    agreement with the *undefended* model of a copy trained on the defended labels
-    (``replay``: :func:`replay_copy` or a :class:`ReplayCache` shared with other experiments;
-    ``fit_options``: its training recipe). One row per (tau, attack)."""
-    from . import metrics, models
-
-    replay = replay_copy if replay is None else replay
-    truth = models.predict_labels(model, x_test)
-    rows = []
-    for tau in taus:
-        adm = AdaptiveMisinformation(model, misinformation_model, tau=tau, nu=nu)
-        acc = metrics.accuracy(y_test, adm.predict_labels(x_test))
-        for name, (x_train, x_val) in attacks.items():
-            xq = x_train if x_val is None else np.concatenate([x_val, x_train])
-            alpha = misinformation_alpha(_softmax_probs(model, xq, 512), adm.tau, adm.nu)
-            copy = replay(adm.predict_labels, x_train, x_val, substitute=substitute,
-                          num_classes=int(model.output_shape[-1]), seed=seed, **fit_options)
-            pred = models.predict_labels(copy, x_test)
-            rows.append({"tau": float(tau), "attack": name, "defender_accuracy": acc,
-                         "misinformed_queries": float(np.mean(alpha > 0.5)),
-                         "copy_agreement": metrics.agreement(truth, pred), "copy_accuracy": metrics.accuracy(y_test, pred)})
-    return rows
-
-
-def watermark_claim(model, x_wm: np.ndarray, x_source: np.ndarray, target_class: int, num_classes: int,
-                    null_rate: float | None = None) -> dict:
-    """An ownership claim on a suspected copy that controls for a copy which simply predicts the
-    target class a lot (a weak copy can collapse onto one class): the claim is tested
-    (:func:`ownership_test`, one-sided exact binomial) against the largest of chance
-    ``1 / num_classes``, ``null_rate`` (e.g. the watermark success of a copy stolen the same way
-    from a *non-watermarked* model) and the model's own target-class rate on the un-triggered
-    ``x_source`` images. Returns ``watermark_success`` (triggered -> target), ``clean_target_rate``,
-    ``base_rate``, ``p_value`` (1.0 when the base rate is 1: no claim is possible) and ``n``."""
-    from .models import predict_labels
-
-    target_class = int(target_class)
-    success = watermark_success(model, x_wm, target_class)
-    clean = float(np.mean(predict_labels(model, x_source) == target_class)) if len(x_source) else 0.0
-    base = max(1.0 / check_positive_int(num_classes, "num_classes", minimum=2), clean,
-               0.0 if null_rate is None else _check_real(null_rate, "null_rate", 0.0, 1.0))
-    out = {"watermark_success": success, "clean_target_rate": clean, "null_rate": null_rate, "base_rate": base,
-           "n": len(x_wm)}
-    if base >= 1.0:
-        return {**out, "p_value": 1.0, "successes": int(round(success * len(x_wm)))}
-    res = ownership_test(model, x_wm, target_class, num_classes, base_rate=base)
-    return {**out, "p_value": res["p_value"], "successes": res["successes"]}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import layout, metrics, models
+from . import attacks, layout, metrics, models
 from ._checks import check_images, check_labels, check_positive_int
 from .train import enable_determinism, fit
 
@@ -93,15 +93,6 @@ class ExtractionConfig:
         return cls(**kw)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Extraction:
     """One resumable extraction run writing ``rounds.jsonl``, ``summary.json`` and a checkpoint
     into ``out``. Use :meth:`run` for the whole budget or :meth:`step` for one round."""
@@ -164,8 +155,8 @@ class Extraction:
             "pool": self.pool.describe(),
             "has_weights": self.substitute is not None,
         }
-        _atomic_write(ck / "state.json", json.dumps(state))
-        _atomic_write(self.out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        layout.atomic_write(ck / "state.json", json.dumps(state))
+        layout.atomic_write(self.out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
 
     def _load_checkpoint(self) -> None:
         state = json.loads((self.out / "checkpoint" / "state.json").read_text())
@@ -260,7 +251,7 @@ class Extraction:
             "transfer": None,
         }
         if rec["budget"] is not None and self.secret is not None:
-            rec["transfer"] = metrics.transferability(self.secret, self.substitute, self.x_test, self.y_test, eps=cfg.fgsm_eps)
+            rec["transfer"] = attacks.transferability(self.secret, self.substitute, self.x_test, self.y_test, eps=cfg.fgsm_eps)
         t["eval"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -292,7 +283,7 @@ class Extraction:
                 bar.update(self.spent - before)
         summary = self.summary()
         if self.out is not None:
-            _atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
+            layout.atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     def summary(self) -> dict:

@@ -206,3 +206,24 @@ def new_run_dir(out, kind, *, replace: bool = True) -> Path:
     (out / MARKER).write_text(json.dumps({"kind": kind if isinstance(kind, str) else None,
                                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     return out
+
+
+def atomic_write(path, text: str, *, shared: bool = False) -> None:
+    """Write ``text`` to ``path`` so that a reader (or a crash) sees the old file or the new one, never
+    a part: a temporary file ``<name>.tmp`` beside it (``<name>.tmp-<pid>`` when ``shared``: a cache
+    that several processes may write at once), flushed and fsync-ed, then renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}" if shared else f"{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj) -> None:
+    """``obj`` as indented JSON at ``path``, written with :func:`atomic_write`."""
+    atomic_write(path, json.dumps(obj, indent=2))

@@ -155,15 +155,3 @@ def transfer_metrics(y_true, substitute_adv_labels, secret_adv_labels) -> dict:
         "fooled_substitute": n_fooled,
         "n": int(len(y)),
     }
-
-
-def transferability(secret, substitute, x, y, eps: float = 0.25, batch_size: int = 256) -> dict:
-    """Craft FGSM (eps, L-inf, true labels) on the substitute and measure it on the secret:
-    returns :func:`transfer_metrics` plus ``eps``. Uses :func:`stealnb.attacks.fgsm`."""
-    from .attacks import fgsm
-    from .models import predict_labels
-
-    x_adv = fgsm(substitute, x, eps, y=y, batch_size=batch_size)
-    out = transfer_metrics(y, predict_labels(substitute, x_adv), predict_labels(secret, x_adv))
-    out["eps"] = float(eps)
-    return out

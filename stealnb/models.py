@@ -251,6 +251,28 @@ def _logits(ref, x):
     return ref()(x, training=False)
 
 
+def softmax(logits, dtype="float32"):
+    """Row-wise softmax of ``N x C`` logits, max-shifted and computed in float64, returned as
+    ``dtype`` (float32 by default: what an oracle answers; ``"float64"`` for further arithmetic)."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(dtype, copy=False)
+
+
+def load_model(path):
+    """The Keras model saved at ``path``: a ``.keras`` file or a secret folder holding ``model.keras``."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.keras"
+    if not p.is_file():
+        raise FileNotFoundError(f"model: expected a .keras file or a secret folder with model.keras, {p} does not exist")
+    return _keras()[0].models.load_model(p, compile=False)
+
+
 def predict_logits(model, x, batch_size: int = 512):
     """Logits of ``model`` on float32 images ``x`` (N×32×32×3), in batches, as a float32 array."""
     import numpy as np

@@ -34,12 +34,25 @@ from pathlib import Path
 import numpy as np
 
 from ._checks import check_images, check_positive_int
+from .defense_seam import DefenseChain
+from .models import softmax  # noqa: F401 (stealnb.oracle.softmax: what the oracle answers in "probs" mode)
 
 OUTPUTS = ("label", "topk", "probs")
 LEDGER_FORMAT, LEDGER_VERSION = "stealnb.oracle-ledger", 1
 _MAGIC = b"SNL1"
 _HEAD = struct.Struct("<4sI")  # magic, payload length
 _CRC = struct.Struct("<I")
+
+
+class QueryRefused(RuntimeError):
+    """The oracle's defences block this client (an alarm whose action is ``"block"``); nothing of the
+    call was answered or charged."""
+
+    def __init__(self, client, alarms: dict):
+        self.client, self.alarms = client, dict(alarms)
+        which = ", ".join(f"{k} at query {v}" for k, v in self.alarms.items())
+        super().__init__(f"query refused: the oracle's defences block client {client!r} ({which}); nothing was "
+                         "answered or charged")
 
 
 class BudgetExceeded(RuntimeError):
@@ -78,13 +91,6 @@ def _digests(x: np.ndarray) -> list[bytes]:
     x = np.ascontiguousarray(x, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0
     rows = x.reshape(len(x), int(np.prod(x.shape[1:])))
     return [hashlib.sha256(row).digest() for row in rows]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax (max-shifted, computed in float64) as float32."""
-    z = np.asarray(logits, dtype=np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _frame(payload: bytes) -> bytes:
@@ -167,8 +173,9 @@ def _bad_answer(rows: np.ndarray, header: dict) -> tuple[int, str] | None:
     """``(row, reason)`` of the first of ``rows`` whose answer breaks the output contract of ``header``
     (else None): labels and top-k classes in [0, num_classes), top-k classes distinct with
     non-increasing probabilities, probabilities finite in [0, 1]. An oracle's own softmax also
-    sums to 1 (its top-k to at most 1); a server's (``source: http``) need not, as its defenses may
-    round probabilities or cut them to top-k without renormalising (stealnb.defenses)."""
+    sums to 1 (its top-k to at most 1); a server's (``source: http``) or a defended oracle's
+    (``defenses`` in the header) need not, as its defenses may round probabilities or cut them to
+    top-k without renormalising (stealnb.defenses)."""
     out, c = header["output"], header["num_classes"]
     if out == "label":
         bad = [((rows["label"] < 0) | (rows["label"] >= c), f"a label outside [0, {c})")]
@@ -180,7 +187,7 @@ def _bad_answer(rows: np.ndarray, header: dict) -> tuple[int, str] | None:
             bad += [(((idx < 0) | (idx >= c)).any(axis=1), f"a class outside [0, {c})"),
                     ((ordered[:, 1:] == ordered[:, :-1]).any(axis=1), "a class listed twice"),
                     ((p[:, 1:] > p[:, :-1]).any(axis=1), "probabilities not in decreasing order")]
-        if header.get("source") != "http":
+        if header.get("source") != "http" and not header.get("defenses"):  # defences may round or cut
             with np.errstate(invalid="ignore"):
                 total = p.sum(axis=1)
             bad.append((total > 1 + _SUM_TOL, "probabilities summing to more than 1") if out == "topk"
@@ -221,10 +228,19 @@ class Oracle:
     *paid* (distinct, never seen before) samples; ``None`` means unlimited. ``ledger`` is the path
     of the append-only query ledger (``None``: repeats are remembered in memory only).
     ``num_classes`` is required only when it cannot be read from ``model.output_shape``.
+
+    ``defenses``: :class:`stealnb.defense_seam.Defense` instances (``stealnb.defenses.parse_defenses``
+    builds them from specs such as ``"prada:delta=0.9,action=block"``) between the model and the
+    answers, applied to the paid samples of this oracle's one ``client`` exactly as the server
+    applies them per API key (:class:`stealnb.defense_seam.DefenseChain`): transforms change what
+    is answered (and recorded in the ledger); an alarm with action ``"block"`` makes every later
+    call raise :class:`QueryRefused`, answering and charging nothing. A defended ledger records the
+    defences' specs in its header and is reopened only with the same defences.
     """
 
     def __init__(self, model, *, output: str = "label", top_k: int = 3, budget: int | None = None,
-                 ledger=None, batch_size: int = 256, num_classes: int | None = None):
+                 ledger=None, batch_size: int = 256, num_classes: int | None = None, defenses=(),
+                 client="local"):
         if not callable(model):
             raise TypeError(f"model: expected a Keras model or a callable returning logits, got {type(model).__name__}")
         if output not in OUTPUTS:
@@ -239,6 +255,8 @@ class Oracle:
         self.num_queries = 0
         self._rows: dict[bytes, int] = {}  # fingerprint -> row of self._answers
         self._size = 0  # bytes of the ledger file that are known good
+        self.client = client
+        self.defenses = DefenseChain(defenses, output=output, num_classes=self.num_classes)
         answers = self._open_ledger() if self.ledger is not None else None
         if self.num_classes is None:
             raise ValueError("num_classes: cannot be read from model.output_shape; pass num_classes=")
@@ -285,6 +303,8 @@ class Oracle:
         for i, fp in enumerate(fps):
             if fp not in self._rows and fp not in new:
                 new[fp] = i
+        if self.defenses.refuses(self.client):
+            raise QueryRefused(self.client, self.defenses.alarms(self.client))
         if self.budget is not None and self.spent + len(new) > self.budget:
             raise BudgetExceeded(self.budget, self.spent, len(new))
         keys, where = list(new), list(new.values())
@@ -322,8 +342,9 @@ class Oracle:
         return num_classes
 
     def _header(self) -> dict:
-        return {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "output": self.output,
+        head = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "output": self.output,
                 "top_k": self.top_k, "num_classes": self.num_classes}
+        return {**head, "defenses": self.defenses.specs()} if self.defenses else head
 
     def _record_dtype(self) -> np.dtype:
         return record_dtype(self.output, self.top_k, self.num_classes)
@@ -346,6 +367,9 @@ class Oracle:
         header = ledger_header(self.ledger, payloads[0])
         if self.num_classes is None:
             self.num_classes = header["num_classes"]
+        if header.get("source") != "http" and header.get("defenses") != (self.defenses.specs() or None):
+            raise ValueError(f"ledger {self.ledger} was answered with defenses={header.get('defenses')!r} but this "
+                             f"Oracle has defenses={self.defenses.specs() or None!r}; use a separate ledger per setting")
         for key in ("output", "top_k", "num_classes"):
             if header.get(key) != getattr(self, key):
                 raise ValueError(f"ledger {self.ledger} was written with {key}={header.get(key)!r} but this "
@@ -379,6 +403,21 @@ class Oracle:
         logits = self._logits(x)
         rows = np.zeros(len(x), dtype=self._record_dtype())
         rows["fp"] = np.frombuffer(b"".join(fps), dtype="V32")
+        chain, client = self.defenses, self.client
+        if chain:
+            chain.observe(client, x, logits.argmax(axis=1), start=self.spent)
+            if chain.refuses(client):
+                raise QueryRefused(client, chain.alarms(client))
+        if chain and chain.changes_answers(client):
+            probs = chain.answer(client, x, softmax(logits, dtype=np.float64), fps)
+            if self.output == "label":
+                rows["label"] = probs.argmax(axis=1)
+            elif self.output == "topk":
+                idx = np.argsort(-probs, axis=1, kind="stable")[:, : self.top_k]
+                rows["idx"], rows["prob"] = idx, np.take_along_axis(probs, idx, axis=1)
+            else:
+                rows["prob"] = probs
+            return rows
         if self.output == "label":
             rows["label"] = logits.argmax(axis=1)
         elif self.output == "topk":
@@ -500,6 +539,7 @@ class HttpOracle(Oracle):
         self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
         self.model = None
         self.output = output
+        self.client, self.defenses = None, DefenseChain((), output=output, num_classes=None)  # the server defends
         self.budget = None if budget is None else check_positive_int(budget, "budget", minimum=0)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.requests = 0  # predict requests answered by the server (retries not counted)

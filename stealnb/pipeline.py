@@ -57,11 +57,6 @@ NOTEBOOKS = {
     "pools": "08_pools.ipynb",
 }
 BOOK_GENERATED = Path("book") / "generated"
-# The attacks the defenses chapter runs each defense against (issue 6: random, K-center, DFAL, Copycat).
-DEFENSE_ATTACKS = ("random", "kcenter", "dfal", "copycat")
-# Attacks whose query streams the defenses chapter only scans with PRADA (one cheap pass, no copies
-# to train): uncertainty sampling, the ActiveThief strategy whose stream PRADA does flag.
-DEFENSE_PRADA_ONLY = ("uncertainty",)
 # Rough wall seconds per notebook on the demo profile (README, Timings), used only to order the
 # tasks that are ready to start when no earlier run's time is recorded (see ``critical_path``).
 _COST_HINT = {"eda": 25, "secret": 50, "extraction": 300, "copycat": 590, "defenses": 470,
@@ -145,8 +140,8 @@ def plan(profile: str | Profile, results, data_root=None, optional: bool = False
     tag = f"{ds}-{arch}"
     # The defenses notebook attacks the secret with the runs of the extraction and Copycat
     # notebooks (seed 0): it runs after those it uses and reads their results back.
-    attacks = [a for a in DEFENSE_ATTACKS if a == "copycat" or a in prof.strategies]
-    prada_only = [a for a in DEFENSE_PRADA_ONLY if a in prof.strategies]
+    attacks = [a for a in prof.defenses.attacks if a == "copycat" or a in prof.strategies]
+    prada_only = [a for a in prof.defenses.prada_only if a in prof.strategies]
     tasks.append(Task(f"defenses/{tag}", NOTEBOOKS["defenses"], {**common, "dataset": ds, "arch": arch,
                                                                  "attacks": attacks, "prada_only": prada_only},
                       deps=[f"secret/{tag}", *(f"copycat/{tag}" if a == "copycat" else f"extraction/{tag}-{a}"

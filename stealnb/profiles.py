@@ -43,6 +43,49 @@ class PoolStudy:
 
 
 @dataclass(frozen=True)
+class CopycatSettings:
+    """The attacker's problem-domain data and fine-tuning in Copycat's PDD variants
+    (:class:`stealnb.copycat.CopycatConfig`). Not in the thesis text we have (its ch. 4-6 are
+    missing from our copy): our choices, sized to each profile's train split."""
+
+    pdd_size: int = 200  # problem-domain images of the train split (pdd-sl, npdd+pdd)
+    finetune_epochs: int = 10  # pdd-sl fine-tuning epochs (fixed: no labelled PDD validation split)
+
+
+@dataclass(frozen=True)
+class DefenseSettings:
+    """The defences chapter (notebook 06, :func:`stealnb.defense_experiment.run_defenses`)."""
+
+    # attacks every defence is run against (issue 6: random, K-center, DFAL, Copycat) ...
+    attacks: tuple[str, ...] = ("random", "kcenter", "dfal", "copycat")
+    # ... and attacks whose streams PRADA only scans (one cheap pass, no copies to train):
+    # uncertainty sampling, the ActiveThief strategy whose stream PRADA does flag
+    prada_only: tuple[str, ...] = ("uncertainty",)
+    prada_delta: float = 0.9  # Juuti et al. 2019's threshold on the Shapiro-Wilk W
+    prada_min_queries: int = 100  # Juuti et al. 2019: W is tested once more than 100 distances are collected
+    benign_clients: int = 20  # simulated benign clients per split (false positives, calibration)
+    rate_deltas: tuple[float, float, float] = (0.80, 1.0, 0.0025)  # start, stop, step of the δ sweep
+    server_batch: int = 20  # images per request when the streams are replayed through `stealnb serve`
+    # JbDA, PRADA's positive control (Papernot et al. 2017): max(jbda_min_seeds, budget // jbda_seed_share)
+    # problem-domain seeds, then rounds of x + lam * sign(gradient), each doubling the set
+    jbda_rounds: int = 12
+    jbda_lam: float = 0.1
+    jbda_seed_share: int = 8
+    jbda_min_seeds: int = 10
+    admis_taus: tuple[float, ...] = (0.0, 0.5, 0.8, 0.95)  # ADMIS thresholds of the trade-off curve
+    admis_nu: float = 1000.0  # steepness of ADMIS's sigmoid (Kariyappa & Qureshi 2020)
+    ewe_source: int = 1  # EWE: triggered images of this class ...
+    ewe_target: int = 7  # ... are classified as this one
+    ewe_epochs: int = 3  # watermarking epochs on top of the trained secret
+    ewe_trigger_size: int = 4  # a 4x4 white square (EWE's reference code stamps 3x3)
+    ewe_trigger_position: str = "bottom-right"
+    ewe_trigger_value: float = 1.0
+
+    def with_(self, **changes) -> "DefenseSettings":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     # -- secret training (thesis §4.2 / §5.2)
@@ -79,6 +122,8 @@ class Profile:
     strategy_options: dict = field(default_factory=dict)
     optional_secrets: tuple[tuple[str, str], ...] = field(default=())  # run when data present
     pool_study: PoolStudy = PoolStudy()  # the "Which thief pool?" chapter (notebook 08)
+    copycat: CopycatSettings = CopycatSettings()  # Copycat's problem-domain variants
+    defenses: DefenseSettings = DefenseSettings()  # the defences chapter
 
     def substitute_fit(self) -> dict:
         """The keyword arguments of :func:`stealnb.train.fit` for a substitute of this profile."""
@@ -130,6 +175,8 @@ PROFILES: dict[str, Profile] = {
         pool_study=PoolStudy(pools=("imagenet32", "natural-patches", "dead-leaves", "uniform-noise"),
                              cross_domain=("mnist", "cifar10", "gtsrb"), budgets=(2_500, 5_000, 10_000),
                              seeds=(0,), round_size=500),
+        copycat=CopycatSettings(pdd_size=1_000, finetune_epochs=10),
+        defenses=DefenseSettings(admis_taus=(0.0, 0.5, 0.7, 0.9, 0.95)),
     ),
     "demo": Profile(
         name="demo",
@@ -198,6 +245,7 @@ PROFILES: dict[str, Profile] = {
         pool_study=PoolStudy(pools=("natural-patches", "natural-patches+gray", "uniform-noise"),
                              cross_domain=("fashion-mnist",), budgets=(150, 200), seeds=(0,), round_size=50,
                              pool_size=400),
+        copycat=CopycatSettings(pdd_size=50, finetune_epochs=5),
     ),
 }
 

@@ -53,17 +53,17 @@ secret key, an HMAC). Logs of an older stealnb (no ``crc``) are read with a warn
 continued in the new format; a missing head is written again with the key's next record, with a
 warning (deleting the head is how an operator accepts a log as it is).
 
-Defences (optional, :mod:`stealnb.defenses`), applied in this order:
-
-1. Adaptive Misinformation (Kariyappa & Qureshi 2020): outputs mixed with a misinformation
-   model's for queries whose maximum softmax probability is below ``tau``;
-2. an output perturbation of the soft-label modes (``round``, ``top_k``, ``reverse_sigmoid``);
-3. PRADA (Juuti et al. 2019) per key on the key's new samples, with the undefended model's
-   top-1 as class; on an alarm the key is only logged (``action="log"``), refused with 403
-   (``"block"``, from the request that raised it on) or answered with wrong labels
-   (``"poison"``: for label mode a deterministic wrong class per sample, for soft modes the
-   probability vector rolled so the top-1 moves). The PRADA state itself (growing sets) is
-   kept in memory; the alarm is logged and survives a restart.
+Defences (optional): a list of :class:`stealnb.defense_seam.Defense` objects or specs in the one
+spec syntax (``stealnb.defenses.parse_defense``: ``prada:delta=0.9,action=block``,
+``admis:misinformation_model=misinfo.keras,tau=0.5``, ``round:decimals=2``, ...; ``stealnb serve
+--defense SPEC``, repeatable), applied per key exactly as :class:`stealnb.oracle.Oracle` applies
+them (:class:`stealnb.defense_seam.DefenseChain`): answer transforms in the order given, then, for a
+key with an alarm of an observing defence (PRADA on the key's new samples, with the undefended
+model's top-1 as class), its action -- ``"log"`` (only logged), ``"block"`` (refused with 403 from
+the request that raised it on, nothing charged) or ``"poison"`` (for label mode a deterministic
+wrong class per sample, for soft modes the probability vector rolled so the top-1 moves). A
+detector's state (PRADA's growing sets) is kept in memory; the alarm is logged as a
+``<defence>_flag`` record and survives a restart.
 """
 # (no `from __future__ import annotations`: FastAPI resolves the endpoint annotations at runtime)
 
@@ -81,20 +81,22 @@ import threading
 import time
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ._checks import UsageError, check_positive_int
-from .oracle import OUTPUTS, softmax
+from .defense_seam import DefenseChain
+from .defenses import DEFENSES, parse_defenses
+from .models import load_model, predict_logits, softmax
+from .oracle import OUTPUTS, _digests
 
 log = logging.getLogger("stealnb.server")
 
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # a 256-image batch as nested lists is ~15 MB
 DEFAULT_BODY_TIMEOUT = 10.0  # seconds to receive a whole body (32 MB at 3.2 MB/s)
-PRADA_ACTIONS = ("log", "block", "poison")
 
 
 class ApiError(Exception):
@@ -221,9 +223,8 @@ class _KeyState:
         self.seen: set[bytes] = set()  # sha256 of every sample this key has been charged for
         self.requests = 0  # answered predict requests
         self.pending = 0  # predict requests of this key in progress
-        self.flagged_at: int | None = None  # PRADA alarm: 1-based index of the key's new sample
-        self.queued: list[dict] = []  # records (a PRADA alarm) to log before the next one
-        self.detector = None
+        self.alarms: dict[str, int] = {}  # defence -> 1-based index of the key's paid sample that raised its alarm
+        self.queued: list[dict] = []  # records (an alarm) to log before the next one
         self.tokens = float(spec.burst or 0)
         self.updated = clock()
         self.tlock = threading.Lock()
@@ -346,10 +347,11 @@ class _KeyState:
             raise QueryLogError(f"{where}: 'fp' holds a fingerprint that is not hex") from None
         if rec.get("status") == 200:
             self.requests += 1
-        if rec.get("event") == "prada_flag" and self.flagged_at is None:
+        event = rec.get("event")
+        if isinstance(event, str) and event.endswith("_flag"):
             if not isinstance(rec.get("query"), int):
-                raise QueryLogError(f"{where}: a prada_flag record needs an integer 'query'")
-            self.flagged_at = rec["query"]
+                raise QueryLogError(f"{where}: a {event} record needs an integer 'query'")
+            self.alarms.setdefault(event[: -len("_flag")], rec["query"])
         if sealed and rec.get("spent") != self.spent:
             raise QueryLogError(f"{where}: records spent={rec.get('spent')!r}, but the samples charged up to it "
                                 f"number {self.spent}; restore the log")
@@ -434,118 +436,6 @@ class _KeyState:
 
 
 # ------------------------------------------------------------------------------------------------
-# defences
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ServerDefense:
-    """What the server does against extraction (see the module docstring).
-
-    ``prada``: keyword arguments of :class:`stealnb.defenses.PradaDetector` plus ``action``
-    (``"log"``, ``"block"`` or ``"poison"``); ``admis``: ``misinformation_model`` (Keras model or
-    ``.keras`` path), ``tau``, ``nu``; ``perturbation``: ``{"name": "round" | "top_k" |
-    "reverse_sigmoid", **options}`` (soft-label modes only).
-    """
-
-    prada: dict | None = None
-    admis: dict | None = None
-    perturbation: dict | None = None
-    _misinfo: object = field(default=None, repr=False)
-
-    @classmethod
-    def from_spec(cls, spec) -> "ServerDefense | None":
-        if spec is None or isinstance(spec, ServerDefense):
-            return spec
-        if not isinstance(spec, dict):
-            raise TypeError(f"defense: expected a dict with 'prada', 'admis' and/or 'perturbation', got {type(spec).__name__}")
-        unknown = set(spec) - {"prada", "admis", "perturbation"}
-        if unknown:
-            raise ValueError(f"defense: unknown part(s) {sorted(unknown)}; expected 'prada', 'admis', 'perturbation'")
-        return cls(**{k: dict(v) for k, v in spec.items() if v is not None})
-
-    def validate(self, output: str, num_classes: int) -> None:
-        from . import defenses
-
-        if self.prada is not None:
-            opts = dict(self.prada)
-            action = opts.pop("action", "block")
-            if action not in PRADA_ACTIONS:
-                raise ValueError(f"defense.prada.action: expected one of {PRADA_ACTIONS}, got {action!r}")
-            defenses.PradaDetector(**opts)  # validates the options
-        if self.admis is not None:
-            opts = dict(self.admis)
-            m = opts.pop("misinformation_model", None)
-            if m is None:
-                raise ValueError("defense.admis: expected a misinformation_model (Keras model or .keras path)")
-            if isinstance(m, (str, Path)):
-                m = _load_model(m)
-            if int(m.output_shape[-1]) != num_classes:
-                raise ValueError(f"defense.admis.misinformation_model: expected {num_classes} classes, got {m.output_shape[-1]}")
-            unknown = set(opts) - {"tau", "nu"}
-            if unknown:
-                raise ValueError(f"defense.admis: unknown option(s) {sorted(unknown)}; expected tau, nu")
-            self._misinfo = m
-        if self.perturbation is not None:
-            if output == "label":
-                raise ValueError("defense.perturbation: output perturbations apply to the soft-label modes "
-                                 "('topk', 'probs'), not output='label'")
-            name = self.perturbation.get("name")
-            if name not in defenses.PERTURBATIONS.names():
-                raise ValueError(f"defense.perturbation.name: expected one of {defenses.PERTURBATIONS.names()}, got {name!r}")
-
-    @property
-    def changes_outputs(self) -> bool:
-        return self.admis is not None or self.perturbation is not None
-
-    def new_detector(self):
-        from .defenses import PradaDetector
-
-        opts = {k: v for k, v in self.prada.items() if k != "action"}
-        return PradaDetector(**opts)
-
-    @property
-    def prada_action(self) -> str | None:
-        return None if self.prada is None else self.prada.get("action", "block")
-
-    def defend(self, x: np.ndarray, probs: np.ndarray, batch_size: int) -> np.ndarray:
-        """ADMIS then the perturbation, on the probabilities of ``x`` (float64 in, float64 out)."""
-        from . import defenses
-
-        if self.admis is not None:
-            p_hat = softmax(_logits(self._misinfo, x, batch_size)).astype(np.float64)
-            p_hat /= p_hat.sum(axis=1, keepdims=True)
-            opts = {k: self.admis[k] for k in ("tau", "nu") if k in self.admis}
-            probs = defenses.adaptive_misinformation(probs, p_hat, **opts)
-        if self.perturbation is not None:
-            opts = {k: v for k, v in self.perturbation.items() if k != "name"}
-            probs = np.asarray(defenses.PERTURBATIONS[self.perturbation["name"]](probs, **opts), np.float64)
-        return probs
-
-
-def _load_model(path):
-    import keras
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.keras"
-    if not p.is_file():
-        raise FileNotFoundError(f"model: expected a .keras file or a secret folder with model.keras, {p} does not exist")
-    return keras.models.load_model(p, compile=False)
-
-
-def _logits(model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    from .models import predict_logits
-
-    return predict_logits(model, x, batch_size)
-
-
-def _poison_offsets(fps: list[bytes], num_classes: int) -> np.ndarray:
-    """A per-sample class offset in [1, C): deterministic, so a repeated sample gets the same lie."""
-    return np.array([1 + int.from_bytes(fp[:8], "little") % (num_classes - 1) for fp in fps], np.int64)
-
-
-# ------------------------------------------------------------------------------------------------
 # the service (transport-independent)
 # ------------------------------------------------------------------------------------------------
 
@@ -576,14 +466,14 @@ class PredictionService:
 
     def __init__(self, model_or_dir, *, name: str = "secret", output: str = "label", top_k: int = 3, keys,
                  max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 log_dir=None, defense=None, fsync: bool = True, max_pending: int = 64,
+                 log_dir=None, defenses=(), fsync: bool = True, max_pending: int = 64,
                  max_pending_per_key: int | None = None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
                  batch_size: int = 256, clock=None):
         if not isinstance(name, str) or not name or any(c in name for c in "/:?# "):
             raise ValueError(f"name: expected a model name without '/', ':', '?', '#' or spaces, got {name!r}")
         if output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
-        self.model = _load_model(model_or_dir) if isinstance(model_or_dir, (str, Path)) else model_or_dir
+        self.model = load_model(model_or_dir) if isinstance(model_or_dir, (str, Path)) else model_or_dir
         if not callable(self.model) or not hasattr(self.model, "output_shape") or not hasattr(self.model, "input_shape"):
             raise TypeError("model_or_dir: expected a Keras model, a .keras file or a secret folder with model.keras")
         self.name, self.output = name, output
@@ -611,18 +501,18 @@ class PredictionService:
                 (self.log_dir / "keys").mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise QueryLogError(f"log_dir {self.log_dir}: cannot create {self.log_dir / 'keys'} ({e.strerror})") from None
-        self.defense = ServerDefense.from_spec(defense)
-        if self.defense is not None:
-            self.defense.validate(output, self.num_classes)
+        self.defenses = DefenseChain(parse_defenses(defenses), output=output, num_classes=self.num_classes)
         self.pending = 0
         self._lock = threading.Lock()
         self._parsing = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
         self._keys: dict[bytes, _KeyState] = {}
         for k, spec in parse_keys(keys).items():
             path = None if self.log_dir is None else self.log_dir / "keys" / f"{key_id(k)}.jsonl"
-            self._keys[hashlib.sha256(k.encode()).digest()] = _KeyState(k, spec, path, fsync, self.clock)
+            state = self._keys[hashlib.sha256(k.encode()).digest()] = _KeyState(k, spec, path, fsync, self.clock)
+            for defense, query in state.alarms.items():
+                self.defenses.restore(state.id, defense, query)
         self._pixels = int(np.prod(self.input_shape))
-        _logits(self.model, np.zeros((1, *self.input_shape), np.float32), 1)  # warm up
+        predict_logits(self.model, np.zeros((1, *self.input_shape), np.float32), 1)  # warm up
 
     def close(self) -> None:
         for s in self._keys.values():
@@ -784,12 +674,10 @@ class PredictionService:
             with self._lock:
                 state.append({"status": e.status, "code": e.code})
             raise
-        from .oracle import _digests
-
         fps = _digests(x)
+        chain = self.defenses
         with self._lock:
-            d = self.defense
-            if d is not None and d.prada_action == "block" and state.flagged_at is not None:
+            if chain.refuses(state.id):
                 state.append({"status": 403, "code": "blocked", "n": len(x)})
                 raise ApiError(403, "blocked", "this API key has been blocked for suspicious query patterns")
             new: dict[bytes, int] = {}
@@ -803,28 +691,23 @@ class PredictionService:
                                f"request refused: it asks for {len(new)} new sample(s) but only "
                                f"{budget - state.spent} of this key's budget of {budget} remain; nothing was "
                                "answered or charged", budget=budget, spent=state.spent, asked=len(new))
-            logits = _logits(self.model, x, self.batch_size)
+            logits = predict_logits(self.model, x, self.batch_size)
             if logits.shape != (len(x), self.num_classes) or not np.isfinite(logits).all():
                 raise RuntimeError(f"model returned logits of shape {logits.shape} with non-finite values; not answering")
             top1 = logits.argmax(axis=1)
-            newly_flagged = False
-            if d is not None and d.prada is not None and new:
-                if state.detector is None:
-                    state.detector = d.new_detector()
+            if chain and new:
                 idx = list(new.values())
-                before = state.detector.n_queries
-                state.detector.observe(x[idx], top1[idx])
-                if state.detector.flagged and state.flagged_at is None:
-                    state.flagged_at = state.spent + (state.detector.flagged_at - before)
-                    newly_flagged = True  # logged with the request's record (or, if that fails, the next)
-                    state.queued.append({"t": round(time.time(), 3), "event": "prada_flag", "query": state.flagged_at,
-                                         "w": state.detector.last_w})
-                    log.warning("PRADA alarm for key %s at its query %d", state.id, state.flagged_at)
-            if newly_flagged and d.prada_action == "block":
-                state.append({"status": 403, "code": "blocked", "n": len(x)})
-                raise ApiError(403, "blocked", "this API key has been blocked for suspicious query patterns")
-            poison = d is not None and d.prada_action == "poison" and state.flagged_at is not None
-            preds, answered = self._answer(x, logits, fps, poison)
+                for alarm in chain.observe(state.id, x[idx], top1[idx], start=state.spent):
+                    event = f"{alarm.pop('defense')}_flag"
+                    state.alarms.setdefault(event[: -len("_flag")], alarm["query"])
+                    # logged with the request's record (or, if that fails, the next)
+                    state.queued.append({"t": round(time.time(), 3), "event": event, **alarm})
+                    log.warning("%s alarm for key %s at its query %d", event, state.id, alarm["query"])
+                if chain.refuses(state.id):
+                    state.append({"status": 403, "code": "blocked", "n": len(x)})
+                    raise ApiError(403, "blocked", "this API key has been blocked for suspicious query patterns")
+            poison = chain.poisons(state.id)
+            preds, answered = self._answer(state, x, logits, fps)
             state.append({"status": 200, "n": len(x), "new": len(new), "fp": [fp.hex() for fp in new],
                           "top1": [int(answered[i]) for i in new.values()], **({"poisoned": True} if poison else {})},
                          new)
@@ -834,10 +717,9 @@ class PredictionService:
                 headers["X-Budget-Remaining"] = str(budget - state.spent)
         return {"predictions": preds}, headers
 
-    def _answer(self, x, logits, fps, poison: bool):
+    def _answer(self, state: _KeyState, x, logits, fps):
         """Predictions in the output mode (and the top-1 of each, for the log)."""
-        d = self.defense
-        if (d is None or not d.changes_outputs) and not poison:
+        if not self.defenses.changes_answers(state.id):
             if self.output == "label":
                 top1 = logits.argmax(axis=1)
                 return top1.tolist(), top1
@@ -847,14 +729,7 @@ class PredictionService:
                 return [{"classes": i.tolist(), "probabilities": q.tolist()} for i, q in zip(idx, p)], idx[:, 0]
             p = softmax(logits)
             return p.tolist(), p.argmax(axis=1)
-        probs = softmax(logits).astype(np.float64)
-        probs /= probs.sum(axis=1, keepdims=True)
-        if d is not None and d.changes_outputs:
-            probs = d.defend(x, probs, self.batch_size)
-        if poison:
-            off = _poison_offsets(fps, self.num_classes)
-            cols = (np.arange(self.num_classes)[None, :] - off[:, None]) % self.num_classes
-            probs = np.take_along_axis(probs, cols, axis=1)  # row i rolled right by off[i]
+        probs = self.defenses.answer(state.id, x, softmax(logits, dtype=np.float64), fps)
         p32 = probs.astype(np.float32)
         if self.output == "label":
             top1 = probs.argmax(axis=1)
@@ -869,7 +744,7 @@ class PredictionService:
         """Operator view (not served over HTTP): ``{key id: {name, budget, spent, requests, flagged_at}}``."""
         with self._lock:
             return {s.id: {"name": s.spec.name, "budget": s.spec.budget, "spent": s.spent, "requests": s.requests,
-                           "flagged_at": s.flagged_at} for s in self._keys.values()}
+                           "flagged_at": self.defenses.flagged_at(s.id)} for s in self._keys.values()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -879,7 +754,7 @@ class PredictionService:
 
 def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top_k: int = 3, keys,
                max_batch: int = DEFAULT_MAX_BATCH, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_dir=None,
-               defense=None, fsync: bool = True, max_pending: int = 64, max_pending_per_key: int | None = None,
+               defenses=(), fsync: bool = True, max_pending: int = 64, max_pending_per_key: int | None = None,
                body_timeout: float = DEFAULT_BODY_TIMEOUT, clock=None):
     """A FastAPI app serving ``model_or_dir`` (Keras model, ``.keras`` file or secret folder) under
     ``name`` with the TF Serving REST predict API (see the module docstring).
@@ -887,8 +762,8 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
     ``output``: ``"label"``, ``"topk"`` (``top_k`` classes) or ``"probs"``; ``keys``: ``{api_key:
     {"budget": int|None, "rate": req/s|None, "burst": int, "name": str}}``; ``max_batch``
     instances and ``max_body_bytes`` per request; ``log_dir``: per-key query logs (``None``: keep
-    nothing, spending is forgotten on restart); ``defense``: :class:`ServerDefense` or its dict
-    form; ``max_pending``: predict requests in progress before new ones get 503, at most
+    nothing, spending is forgotten on restart); ``defenses``: :class:`stealnb.defense_seam.Defense`
+    objects or specs (``"prada:delta=0.9,action=block"``, see the module docstring), applied per key; ``max_pending``: predict requests in progress before new ones get 503, at most
     ``max_pending_per_key`` (default ``max(1, max_pending // 4)``) of one key (then 429);
     ``body_timeout``: seconds to receive a request's whole body (then 408); ``clock``: the
     monotonic seconds the rate limits refill on (default ``time.monotonic``; tests pass a fake).
@@ -902,7 +777,7 @@ def create_app(model_or_dir, *, name: str = "secret", output: str = "label", top
     from starlette.requests import ClientDisconnect
 
     svc = PredictionService(model_or_dir, name=name, output=output, top_k=top_k, keys=keys, max_batch=max_batch,
-                            max_body_bytes=max_body_bytes, log_dir=log_dir, defense=defense, fsync=fsync,
+                            max_body_bytes=max_body_bytes, log_dir=log_dir, defenses=defenses, fsync=fsync,
                             max_pending=max_pending, max_pending_per_key=max_pending_per_key,
                             body_timeout=body_timeout, clock=clock)
     app = FastAPI(title="stealnb prediction service", docs_url=None, redoc_url=None, openapi_url=None)
@@ -1072,20 +947,9 @@ def _parse_key_arg(text: str) -> tuple[str, dict]:
     return parts[0], spec
 
 
-def _parse_perturb(text: str) -> dict:
-    name, _, opts = text.partition(":")
-    out = {"name": name}
-    for kv in filter(None, opts.split(",")):
-        k, eq, v = kv.partition("=")
-        if not eq:
-            raise ValueError(f"--perturb: expected NAME[:option=value,...], got {text!r}")
-        out[k] = json.loads(v) if v not in ("true", "false") else v == "true"
-    return out
-
-
-def _cmd_serve(args) -> int:
-    import uvicorn
-
+def app_from_args(args):
+    """The app ``stealnb serve`` runs for its parsed arguments ``args`` (keys, defences, limits)."""
+    defenses = parse_defenses(args.defense)  # a bad spec is one line and exit 2, before the model loads
     keys = {}
     if args.keys:
         try:
@@ -1101,17 +965,17 @@ def _cmd_serve(args) -> int:
         keys[key] = spec
     if not keys:
         raise ValueError("serve: give at least one API key with --keys FILE (JSON {key: {budget, rate}}) or --key KEY[:BUDGET[:RATE]]")
-    defense = {}
-    if args.prada != "off":
-        defense["prada"] = {"action": args.prada, "delta": args.prada_delta, "min_queries": args.prada_min_queries}
-    if args.admis_model:
-        defense["admis"] = {"misinformation_model": args.admis_model, "tau": args.admis_tau, "nu": args.admis_nu}
-    if args.perturb:
-        defense["perturbation"] = _parse_perturb(args.perturb)
-    app = create_app(args.model, name=args.name, output=args.output, top_k=args.top_k, keys=keys,
-                     max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20), log_dir=args.log_dir,
-                     defense=defense or None, fsync=not args.no_fsync, max_pending=args.max_pending,
-                     max_pending_per_key=args.max_pending_per_key, body_timeout=args.body_timeout)
+    return create_app(args.model, name=args.name, output=args.output, top_k=args.top_k, keys=keys,
+                      max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20), log_dir=args.log_dir,
+                      defenses=defenses, fsync=not args.no_fsync, max_pending=args.max_pending,
+                      max_pending_per_key=args.max_pending_per_key, body_timeout=args.body_timeout)
+
+
+def _cmd_serve(args) -> int:
+    import uvicorn
+
+    app = app_from_args(args)
+    keys = app.state.service.key_usage()
     svc = app.state.service
     sock = listen_socket(args.host, args.port, args.fd)
     host, port = sock.getsockname()[:2]
@@ -1150,12 +1014,9 @@ def register_cli(subparsers) -> None:
                    help="of which one key may have at most this many (default max-pending / 4), then 429")
     s.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
                    help="seconds to receive a request's whole body, then 408")
-    s.add_argument("--prada", default="off", choices=("off", *PRADA_ACTIONS), help="PRADA detection and what to do on alarm")
-    s.add_argument("--prada-delta", type=float, default=0.9)
-    s.add_argument("--prada-min-queries", type=int, default=100)
-    s.add_argument("--admis-model", type=Path, default=None, help="misinformation model (.keras) for Adaptive Misinformation")
-    s.add_argument("--admis-tau", type=float, default=0.5)
-    s.add_argument("--admis-nu", type=float, default=1000.0)
-    s.add_argument("--perturb", default=None, help="soft-label perturbation, e.g. round:decimals=2 or reverse_sigmoid:beta=0.5")
+    s.add_argument("--defense", action="append", default=None, metavar="NAME[:OPTION=VALUE,...]",
+                   help=f"a defence per key, applied in the order given (repeatable); one of {', '.join(DEFENSES.names())}, "
+                        "e.g. prada:delta=0.9,action=block, admis:misinformation_model=misinfo.keras,tau=0.5, "
+                        "round:decimals=2 (defaults: the defence's own)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=_cmd_serve)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from stealnb import attacks, models
+from stealnb import attacks, jbda, models
 from stealnb.attacks import deepfool, fgsm
 
 OVERSHOOT = 0.02
@@ -327,7 +327,7 @@ def test_jbda_queries_are_sign_steps_of_the_seeds():
         calls.append(len(z))
         return (z.reshape(len(z), -1).mean(axis=1) * 40).astype(np.int64) % 10
 
-    xq, yq = attacks.jbda_queries(oracle, seeds, "cnn-tiny", rounds=3, lam=0.1, epochs=1, seed=0, max_queries=28,
+    xq, yq = jbda.jbda_queries(oracle, seeds, "cnn-tiny", rounds=3, lam=0.1, epochs=1, seed=0, max_queries=28,
                                   num_classes=10)
     assert xq.shape == (28, 32, 32, 3) and xq.dtype == np.float32 and calls == [8, 8, 12]
     np.testing.assert_array_equal(xq[:8], seeds)
@@ -337,9 +337,9 @@ def test_jbda_queries_are_sign_steps_of_the_seeds():
     assert np.isclose(np.abs(step), 0.1, atol=1e-6).sum() + (step == 0).sum() == step.size
     assert xq.min() >= 0 and xq.max() <= 1
     with pytest.raises(ValueError, match=r"lam: expected a step size in \(0, 1\]"):
-        attacks.jbda_queries(oracle, seeds, "cnn-tiny", rounds=1, lam=1.5)
+        jbda.jbda_queries(oracle, seeds, "cnn-tiny", rounds=1, lam=1.5)
     with pytest.raises(ValueError, match="max_queries"):
-        attacks.jbda_queries(oracle, seeds, "cnn-tiny", rounds=1, max_queries=4)
+        jbda.jbda_queries(oracle, seeds, "cnn-tiny", rounds=1, max_queries=4)
 
 
 def test_jbda_steps_up_the_substitutes_probability_of_the_oracles_label(monkeypatch):
@@ -348,8 +348,6 @@ def test_jbda_steps_up_the_substitutes_probability_of_the_oracles_label(monkeypa
     +lam where w_y > w_other and -lam elsewhere, for the *oracle's* label y (not the substitute's
     own prediction, not the logit's gradient, not down the slope)."""
     import keras
-
-    from stealnb import train
 
     rng = np.random.default_rng(3)
     w = rng.normal(0, 0.01, (32 * 32 * 3, 2)).astype(np.float32)
@@ -364,13 +362,13 @@ def test_jbda_steps_up_the_substitutes_probability_of_the_oracles_label(monkeypa
         return model
 
     monkeypatch.setattr(models, "build", linear_substitute)
-    monkeypatch.setattr(train, "fit", lambda *a, **kw: {})  # keep the hand-set weights
+    monkeypatch.setattr(jbda, "fit", lambda *a, **kw: {})  # keep the hand-set weights
     seeds = _mid_images(12, seed=6)
     own = _labels(linear_substitute("", 2, 0), seeds)
     oracle_labels = np.arange(12) % 2  # the oracle disagrees with the substitute on some seeds
     assert 0 < (oracle_labels != own).sum() < 12
     oracle = lambda z: oracle_labels[: len(z)] if len(z) == 12 else np.zeros(len(z), np.int64)  # noqa: E731
-    xq, yq = attacks.jbda_queries(oracle, seeds, "linear", rounds=1, lam=0.1, num_classes=2)
+    xq, yq = jbda.jbda_queries(oracle, seeds, "linear", rounds=1, lam=0.1, num_classes=2)
     d = np.sign(w[:, 1] - w[:, 0]).reshape(32, 32, 3)
     up = np.where(oracle_labels[:, None, None, None] == 1, d, -d)  # sign(w_y - w_other) per seed
     np.testing.assert_allclose(xq[12:], seeds + np.float32(0.1) * up, atol=1e-6)

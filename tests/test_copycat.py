@@ -56,7 +56,7 @@ def test_config_validation(tiny_prof):
     with pytest.raises(ValueError, match="must cover the seed set"):
         copycat.CopycatConfig.from_profile(tiny_prof, "npdd", budgets=(10, 20))
     cfg = copycat.CopycatConfig.from_profile(tiny_prof, "npdd+pdd")
-    assert cfg.pdd_size == copycat.PDD_DEFAULTS["ci"]["pdd_size"] and cfg.budgets == tiny_prof.budgets
+    assert cfg.pdd_size == tiny_prof.copycat.pdd_size and cfg.budgets == tiny_prof.budgets
     assert cfg.extraction_config().strategy == "random"
 
 

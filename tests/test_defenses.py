@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
+from stealnb import defense_experiment as DX
 from stealnb import defenses as D
 from stealnb import models, train
 
@@ -206,23 +207,27 @@ def test_misinformation_loss_and_training():
     assert np.mean(probs.argmax(axis=1) == yy) < 0.1
 
 
-def test_adaptive_misinformation_wrapper(tiny_model, rng):
+def test_adaptive_misinformation_is_one_defense_mixing_in_the_misinformation_model(tiny_model, rng):
+    from stealnb.oracle import Oracle
+
     mis = models.build("cnn-tiny", seed=1)
     x = rng.random((20, 32, 32, 3), dtype=np.float32)
     p = special.softmax(models.predict_logits(tiny_model, x).astype(np.float64), axis=1)
     p_hat = special.softmax(models.predict_logits(mis, x).astype(np.float64), axis=1)
 
-    am = D.AdaptiveMisinformation(tiny_model, mis, tau=0.5, nu=1000.0)
-    out = am.predict_probs(x)
-    assert out.dtype == np.float32 and out.shape == (20, 10)
-    np.testing.assert_allclose(out, D.adaptive_misinformation(p, p_hat, 0.5, 1000.0), atol=1e-6)
+    am = D.AdaptiveMisinformation(mis, tau=0.5, nu=1000.0)
+    out = am.answer(x, p)
+    assert out.dtype == np.float64 and out.shape == (20, 10)
+    np.testing.assert_allclose(out, D.adaptive_misinformation(p, p_hat, 0.5, 1000.0), atol=1e-12)
     assert am.n_queries == 20 and am.n_misinformed == int((p.max(axis=1) < 0.5).sum())
     # tau = 0: nothing is OOD -> the defended model's own outputs; tau = 1: everything is
-    np.testing.assert_allclose(D.AdaptiveMisinformation(tiny_model, mis, tau=0.0).predict_probs(x), p, atol=1e-6)
-    np.testing.assert_allclose(D.AdaptiveMisinformation(tiny_model, mis, tau=1.0).predict_probs(x), p_hat, atol=1e-6)
-    np.testing.assert_array_equal(am.predict_labels(x), out.argmax(axis=1))
+    np.testing.assert_allclose(D.AdaptiveMisinformation(mis, tau=0.0).answer(x, p), p, atol=1e-6)
+    np.testing.assert_allclose(D.AdaptiveMisinformation(mis, tau=1.0).answer(x, p), p_hat, atol=1e-6)
+    # the same object defends an oracle
+    defended = Oracle(tiny_model, output="probs", defenses=[D.AdaptiveMisinformation(mis, tau=0.5)]).query(x)
+    np.testing.assert_allclose(defended, out, atol=1e-6)
     with pytest.raises(ValueError, match="classes"):
-        D.AdaptiveMisinformation(tiny_model, models.build("cnn-tiny", num_classes=3, seed=0))
+        Oracle(tiny_model, defenses=[D.AdaptiveMisinformation(models.build("cnn-tiny", num_classes=3, seed=0))])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,9 +340,9 @@ def test_perturbations_reject_bad_probability_matrices(fn, bad, err, msg):
         fn(bad)
 
 
-def test_perturbation_registry():
-    assert set(D.PERTURBATIONS.names()) == {"round", "top_k", "reverse_sigmoid"}
-    assert "Lee et al." in D.PERTURBATIONS["reverse_sigmoid"].__doc__
+def test_the_defense_registry_holds_every_shipped_defense_with_its_source():
+    assert {"prada", "admis", "round", "top_k", "reverse_sigmoid"} <= set(D.DEFENSES.names())
+    assert "Lee et al." in D.DEFENSES["reverse_sigmoid"].__doc__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,7 +512,7 @@ def test_prada_scan_flag_index_matches_a_detector_at_that_delta():
     rng = np.random.default_rng(3)
     label = _labeler(3)
     x = np.concatenate([_benign(250, rng), _attack(300, rng)])
-    scan = D.prada_scan(x, label(x), delta=0.5)
+    scan = DX.prada_scan(x, label(x), delta=0.5)
     assert scan["n_queries"] == 550 and scan["min_w"] == min(w for _, w in scan["w_history"])
     det = D.PradaDetector()
     det.observe(x, label(x))
@@ -515,41 +520,41 @@ def test_prada_scan_flag_index_matches_a_detector_at_that_delta():
     for delta in (0.5, 0.8, 0.9, 0.95):
         det = D.PradaDetector(delta=delta)
         det.observe(x, label(x))
-        assert D.prada_flag_index(scan["w_history"], delta) == det.flagged_at
+        assert DX.prada_flag_index(scan["w_history"], delta) == det.flagged_at
 
 
 def test_prada_rates_and_calibration_separate_attack_from_benign():
     rng = np.random.default_rng(4)
     label = _labeler(4)
     pool = _benign(600, rng)
-    benign = D.prada_benign_clients(pool, label(pool), n_clients=6, client_size=300, seed=0)
+    benign = DX.prada_benign_clients(pool, label(pool), n_clients=6, client_size=300, seed=0)
     assert len(benign) == 6 and all(s["n_queries"] == 300 for s in benign)
-    attacks = {f"a{i}": D.prada_scan(xa, label(xa)) for i, xa in enumerate(_attack(400, rng) for _ in range(3))}
-    delta = D.calibrate_prada_delta(benign)
+    attacks = {f"a{i}": DX.prada_scan(xa, label(xa)) for i, xa in enumerate(_attack(400, rng) for _ in range(3))}
+    delta = DX.calibrate_prada_delta(benign)
     assert delta == min(s["min_w"] for s in benign)
-    rows = D.prada_rates(attacks, benign, [0.0, delta, 1.0])
+    rows = DX.prada_rates(attacks, benign, [0.0, delta, 1.0])
     assert rows[0]["detection_rate"] == 0.0 and rows[0]["fpr"] == 0.0
     assert rows[1]["fpr"] == 0.0 and rows[1]["detection_rate"] == 1.0  # calibrated: no benign alarm
     assert all(0 < v <= 400 for v in rows[1]["flagged_at"].values())
     assert rows[2]["fpr"] == 1.0
     with pytest.raises(ValueError, match="at most 600"):
-        D.prada_benign_clients(pool, label(pool), n_clients=1, client_size=601, seed=0)
+        DX.prada_benign_clients(pool, label(pool), n_clients=1, client_size=601, seed=0)
 
 
 def test_replay_copy_and_admis_tradeoff_extremes(tiny_model, rng):
     x, y = _digits32()
     mis = models.build("cnn-tiny", seed=1)
     attacks = {"a": (x[:60], x[60:80])}
-    rows = D.admis_tradeoff(tiny_model, mis, x[100:200], y[100:200], attacks, [0.0, 1.0], substitute="cnn-tiny",
+    rows = DX.admis_tradeoff(tiny_model, mis, x[100:200], y[100:200], attacks, [0.0, 1.0], substitute="cnn-tiny",
                             epochs=1, nu=1e4)
     truth = models.predict_labels(tiny_model, x[100:200])
     assert rows[0]["defender_accuracy"] == pytest.approx(np.mean(truth == y[100:200]))
     assert rows[0]["misinformed_queries"] == 0.0 and rows[1]["misinformed_queries"] == 1.0
     mis_acc = np.mean(models.predict_labels(mis, x[100:200]) == y[100:200])
     assert rows[1]["defender_accuracy"] == pytest.approx(mis_acc)  # tau = 1: the misinformation model answers
-    c1 = D.replay_copy(lambda z: models.predict_labels(tiny_model, z), x[:60], x[60:80], substitute="cnn-tiny",
+    c1 = DX.replay_copy(lambda z: models.predict_labels(tiny_model, z), x[:60], x[60:80], substitute="cnn-tiny",
                        num_classes=10, epochs=2, patience=1, seed=5)
-    c2 = D.replay_copy(lambda z: models.predict_labels(tiny_model, z), x[:60], x[60:80], substitute="cnn-tiny",
+    c2 = DX.replay_copy(lambda z: models.predict_labels(tiny_model, z), x[:60], x[60:80], substitute="cnn-tiny",
                        num_classes=10, epochs=2, patience=1, seed=5)
     np.testing.assert_array_equal(models.predict_labels(c1, x[100:150]), models.predict_labels(c2, x[100:150]))
 
@@ -559,9 +564,9 @@ def test_replay_cache_trains_once_per_labelled_query_set(tiny_model, monkeypatch
     secret = lambda z: models.predict_labels(tiny_model, z)  # noqa: E731
     flipped = lambda z: (secret(z) + 1) % 10  # noqa: E731
     trained = []
-    real_fit = D._fit_copy
-    monkeypatch.setattr(D, "_fit_copy", lambda *a, **k: trained.append(a[1].copy()) or real_fit(*a, **k))
-    cache = D.ReplayCache()
+    real_fit = DX._fit_copy
+    monkeypatch.setattr(DX, "_fit_copy", lambda *a, **k: trained.append(a[1].copy()) or real_fit(*a, **k))
+    cache = DX.ReplayCache()
     kw = dict(substitute="cnn-tiny", num_classes=10, epochs=1, seed=5)
     c1 = cache(secret, x[:60], x[60:80], **kw)
     assert cache(secret, x[:60].copy(), x[60:80].copy(), **kw) is c1  # same queries, same answers: reused
@@ -577,7 +582,7 @@ def test_replay_cache_trains_once_per_labelled_query_set(tiny_model, monkeypatch
     np.testing.assert_array_equal(trained[1], (trained[0] + 1) % 10)
     # ADMIS at tau = 0 misinforms no query, so its copies are the undefended ones
     mis = models.build("cnn-tiny", seed=1)
-    D.admis_tradeoff(tiny_model, mis, x[100:200], y[100:200], {"a": (x[:60], x[60:80])}, [0.0], substitute="cnn-tiny",
+    DX.admis_tradeoff(tiny_model, mis, x[100:200], y[100:200], {"a": (x[:60], x[60:80])}, [0.0], substitute="cnn-tiny",
                      epochs=1, seed=5, replay=cache)
     assert (cache.hits, cache.misses) == (3, 6)
     with pytest.raises(ValueError, match="x_train"):
@@ -605,12 +610,12 @@ def test_watermark_claim_controls_for_a_collapsed_copy():
     x, y = _digits32()
     src = x[y == 1][:60] * 0.5
     x_wm = D.make_watermark_trigger(src)
-    good = D.watermark_claim(_patch_model(7), x_wm, src, 7, 10)
+    good = DX.watermark_claim(_patch_model(7), x_wm, src, 7, 10)
     assert good["watermark_success"] == 1.0 and good["clean_target_rate"] == 0.0 and good["base_rate"] == 0.1
     assert good["p_value"] == pytest.approx(0.1**60) and good["successes"] == 60
-    collapsed = D.watermark_claim(_patch_model(7, constant=True), x_wm, src, 7, 10)
+    collapsed = DX.watermark_claim(_patch_model(7, constant=True), x_wm, src, 7, 10)
     assert collapsed["watermark_success"] == 1.0 and collapsed["base_rate"] == 1.0 and collapsed["p_value"] == 1.0
-    null = D.watermark_claim(_patch_model(7), x_wm, src, 7, 10, null_rate=0.5)
+    null = DX.watermark_claim(_patch_model(7), x_wm, src, 7, 10, null_rate=0.5)
     assert null["base_rate"] == 0.5 and null["p_value"] == pytest.approx(0.5**60)
 
 
@@ -627,13 +632,13 @@ def test_admis_at_tau_0_misinforms_nothing_and_its_copy_agrees_like_the_undefend
     copies = []
 
     def replay(label_fn, x_train, x_val, **kw):
-        copies.append(D.replay_copy(label_fn, x_train, x_val, **kw))
+        copies.append(DX.replay_copy(label_fn, x_train, x_val, **kw))
         return copies[-1]
 
-    rows = D.admis_tradeoff(secret, models.build("cnn-tiny", seed=1), x_test, y_test, {"a": (x[:80], x[80:100])},
+    rows = DX.admis_tradeoff(secret, models.build("cnn-tiny", seed=1), x_test, y_test, {"a": (x[:80], x[80:100])},
                             [0.0], substitute="cnn-tiny", nu=1e4, seed=5, replay=replay, **fit_options)
     secret_labels = lambda z: models.predict_labels(secret, z)  # noqa: E731
-    undefended = D.replay_copy(secret_labels, x[:80], x[80:100], substitute="cnn-tiny", num_classes=10, seed=5,
+    undefended = DX.replay_copy(secret_labels, x[:80], x[80:100], substitute="cnn-tiny", num_classes=10, seed=5,
                                **fit_options)
     truth, pred = secret_labels(x_test), models.predict_labels(undefended, x_test)
     assert rows[0]["misinformed_queries"] == 0.0
@@ -643,5 +648,5 @@ def test_admis_at_tau_0_misinforms_nothing_and_its_copy_agrees_like_the_undefend
     assert rows[0]["defender_accuracy"] == metrics.accuracy(y_test, truth)
     # not degenerate: agreement is with the secret, not the truth, and the copy's recipe shows in it
     assert metrics.agreement(truth, pred) != metrics.accuracy(y_test, pred)
-    no_val = D.replay_copy(secret_labels, x[:80], None, substitute="cnn-tiny", num_classes=10, seed=5, **fit_options)
+    no_val = DX.replay_copy(secret_labels, x[:80], None, substitute="cnn-tiny", num_classes=10, seed=5, **fit_options)
     assert (models.predict_labels(no_val, x_test) != pred).any()

@@ -276,7 +276,7 @@ def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
     prada = {"delta": 0.9, "min_queries": 40}
     for action in ("block", "poison"):
         app, client = app_client(tiny, tmp_path / action, keys={ALICE: None},
-                                 defense={"prada": {**prada, "action": action}})
+                                 defenses=[{"name": "prada", **prada, "action": action}])
         answers, statuses = [], []
         for s in range(0, len(x), 10):
             r = client.post(PRED, content=json.dumps({"instances": [b64(i) for i in x[s : s + 10]]}).encode(),
@@ -297,10 +297,10 @@ def test_server_side_prada_blocks_or_poisons_a_synthetic_attack(tiny, tmp_path):
             assert (after != truth[req * 10 :]).all()  # every answer after the alarm is a lie
         log = (tmp_path / action / "keys" / f"{server.key_id(ALICE)}.jsonl").read_text()
         assert f'"event":"prada_flag","query":{flagged_at}' in log
-    app2, client2 = app_client(tiny, tmp_path / "block", keys={ALICE: None}, defense={"prada": {**prada, "action": "block"}})
+    app2, client2 = app_client(tiny, tmp_path / "block", keys={ALICE: None}, defenses=[{"name": "prada", **prada, "action": "block"}])
     assert client2.post(PRED, content=GOOD, headers=auth(ALICE)).status_code == 403  # the alarm survives a restart
     # a benign stream of independent images is not flagged
-    app3, client3 = app_client(tiny, keys={ALICE: None}, defense={"prada": {**prada, "action": "block"}})
+    app3, client3 = app_client(tiny, keys={ALICE: None}, defenses=[{"name": "prada", **prada, "action": "block"}])
     xb = images(200, 9)
     for s in range(0, 200, 20):
         r = client3.post(PRED, content=json.dumps({"instances": [b64(i) for i in xb[s : s + 20]]}).encode(),
@@ -316,7 +316,7 @@ PRADA = {"delta": 0.9, "min_queries": 40}
 def test_prada_poison_of_soft_labels_moves_the_top1_of_every_answer_after_the_alarm(tiny, output):
     x = _synthetic_attack()
     app, client = app_client(tiny, output=output, top_k=3, keys={ALICE: None},
-                             defense={"prada": {**PRADA, "action": "poison"}})
+                             defenses=[{"name": "prada", **PRADA, "action": "poison"}])
     statuses, answers = _ask_in_requests(client, x)
     assert set(statuses) == {200}
     flagged_at = app.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"]
@@ -341,8 +341,8 @@ def test_prada_poison_of_soft_labels_moves_the_top1_of_every_answer_after_the_al
 
 def test_prada_log_records_the_alarm_and_keeps_answering_the_truth(tiny, tmp_path):
     x = _synthetic_attack()
-    keys, defense = {ALICE: None}, {"prada": {**PRADA, "action": "log"}}
-    app, client = app_client(tiny, tmp_path, keys=keys, defense=defense)
+    keys, defense = {ALICE: None}, [{"name": "prada", **PRADA, "action": "log"}]
+    app, client = app_client(tiny, tmp_path, keys=keys, defenses=defense)
     statuses, answers = _ask_in_requests(client, x)
     assert set(statuses) == {200} and answers == Oracle(tiny).query(x).tolist()
     flagged_at = app.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"]
@@ -350,7 +350,7 @@ def test_prada_log_records_the_alarm_and_keeps_answering_the_truth(tiny, tmp_pat
     log = (tmp_path / "keys" / f"{server.key_id(ALICE)}.jsonl").read_text()
     assert log.count('"event":"prada_flag"') == 1 and f'"query":{flagged_at}' in log and "poisoned" not in log
     app.state.service.close()
-    app2, client2 = app_client(tiny, tmp_path, keys=keys, defense=defense)  # the alarm survives a restart ...
+    app2, client2 = app_client(tiny, tmp_path, keys=keys, defenses=defense)  # the alarm survives a restart ...
     assert app2.state.service.key_usage()[server.key_id(ALICE)]["flagged_at"] == flagged_at
     r = client2.post(PRED, content=json.dumps({"instances": [b64(images(1, 50)[0])]}).encode(), headers=auth(ALICE))
     assert r.status_code == 200 and r.json()["predictions"] == Oracle(tiny).query(images(1, 50)).tolist()  # ... and only logs
@@ -729,26 +729,25 @@ def test_output_defenses_in_the_server(tiny):
     x = images(6, 13)
     body = json.dumps({"instances": [b64(i) for i in x]}).encode()
     probs = Oracle(tiny, output="probs").query(x).astype(np.float64)
-    _, client = app_client(tiny, output="probs", keys={ALICE: None}, defense={"perturbation": {"name": "round", "decimals": 2}})
+    _, client = app_client(tiny, output="probs", keys={ALICE: None}, defenses=["round:decimals=2"])
     got = np.asarray(client.post(PRED, content=body, headers=auth(ALICE)).json()["predictions"])
     np.testing.assert_allclose(got, np.round(probs, 2), atol=1e-6)
     # ADMIS with tau = 1 and a steep sigmoid answers (almost) only the misinformation model
     mis = models.build("cnn-tiny", seed=9)
     _, client = app_client(tiny, output="label", keys={ALICE: None},
-                           defense={"admis": {"misinformation_model": mis, "tau": 1.0, "nu": 1e6}})
+                           defenses=[{"name": "admis", "misinformation_model": mis, "tau": 1.0, "nu": 1e6}])
     got = client.post(PRED, content=body, headers=auth(ALICE)).json()["predictions"]
     assert got == Oracle(mis).query(x).tolist()
-    with pytest.raises(ValueError, match="soft-label modes"):
-        server.create_app(tiny, keys={ALICE: None}, defense={"perturbation": {"name": "round"}})
-    with pytest.raises(ValueError, match="unknown part"):
-        server.create_app(tiny, keys={ALICE: None}, defense={"firewall": {}})
+    with pytest.raises(ValueError, match="applies to output 'topk' or 'probs', not output='label'"):
+        server.create_app(tiny, keys={ALICE: None}, defenses=["round"])
+    with pytest.raises(ValueError, match="unknown name 'firewall'"):
+        server.create_app(tiny, keys={ALICE: None}, defenses=["firewall"])
     with pytest.raises(ValueError, match="at least 8 characters"):
         server.create_app(tiny, keys={"short": None})
 
 
-def test_cli_key_and_perturbation_arguments():
+def test_cli_key_arguments():
     assert server._parse_key_arg("abcdefgh:500:2.5") == ("abcdefgh", {"budget": 500, "rate": 2.5})
     assert server._parse_key_arg("abcdefgh::1") == ("abcdefgh", {"rate": 1.0})
-    assert server._parse_perturb("reverse_sigmoid:beta=0.4,gamma=2") == {"name": "reverse_sigmoid", "beta": 0.4, "gamma": 2}
     with pytest.raises(ValueError, match="KEY"):
         server._parse_key_arg("a:b:c:d")
