@@ -459,8 +459,10 @@ def _submit_and_follow(client, pending: list[Task], *, root: Path, run_dir: Path
                     else:
                         bar.write(f"  FAILED {t.id}: {type(exc).__name__}: {exc}; log: {log}")
             bar.update(1)
-            running = {task_of[k].id for keys in client.processing().values() for k in keys if k in task_of}
-            bar.set_postfix_str(", ".join(sorted(running - done)), refresh=True)
+            # Started (this run's stamp, written by run_task on the worker) and not finished: Dask's own
+            # "processing" also counts the tasks queued on a busy worker.
+            running = [p.id for p in pending if p.id not in done and _stamp(run_dir, p).get("run") == token]
+            bar.set_postfix_str(", ".join(running), refresh=True)
     finally:
         # Ctrl-C or an error here: nothing more starts (a local cluster's workers are then
         # stopped, and their notebooks with them; the stamps let the next run resume).
