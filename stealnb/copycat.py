@@ -55,6 +55,7 @@ PDD_DEFAULTS = {
     "ci": {"pdd_size": 50, "finetune_epochs": 5},
     "demo": {"pdd_size": 200, "finetune_epochs": 10},
     "paper": {"pdd_size": 1_000, "finetune_epochs": 10},
+    "paper-smoke": {"pdd_size": 20, "finetune_epochs": 1},
 }
 
 
