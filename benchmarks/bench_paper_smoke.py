@@ -71,11 +71,12 @@ def main(argv=None) -> int:
     ap.add_argument("--status", action="store_true",
                     help="run nothing: write the JSON from the stamps and logs under --work (a run still going, "
                          "or one that was stopped)")
+    ap.add_argument("--note", default="", help="with --status: a remark stored in the JSON (why the run stopped)")
     args = ap.parse_args(argv)
     if args.status:
         if args.work is None:
             ap.error("--status needs --work")
-        return status(args.work, args.json)
+        return status(args.work, args.json, args.note)
 
     from stealnb import pipeline
     from stealnb.profiles import get_profile
@@ -122,10 +123,10 @@ def main(argv=None) -> int:
     return 0 if out["all_ok"] else 1
 
 
-def status(work: Path, json_path: Path) -> int:
+def status(work: Path, json_path: Path, note: str = "") -> int:
     """The JSON of a run under ``work`` that has not finished: per notebook, executed (its
-    stamp holds a notebook key), failed (its log records a cell exception), running (started,
-    no outcome yet) or not started."""
+    stamp holds a notebook key), failed (its log records a cell exception), started with no
+    outcome (still running, or the run was stopped), or not started."""
     from stealnb import layout, pipeline
     from stealnb.profiles import get_profile
 
@@ -142,7 +143,7 @@ def status(work: Path, json_path: Path) -> int:
         elif log.exists() and "Exception encountered" in log.read_text(errors="replace"):
             state = "failed (an attempt; a second one may follow)" if st else "failed"
         elif st:
-            state = "running"
+            state = "started, no outcome (running, or the run was stopped)"
         else:
             state = "not started"
         notebooks[t.id] = {"ok": state == "executed", "state": state,
@@ -150,7 +151,7 @@ def status(work: Path, json_path: Path) -> int:
     counts = {}
     for n in notebooks.values():
         counts[n["state"]] = counts.get(n["state"], 0) + 1
-    out = {"profile": prof.name, "partial": True, "states": counts, "notebooks_total": len(notebooks),
+    out = {"profile": prof.name, "partial": True, "note": note, "states": counts, "notebooks_total": len(notebooks),
            "notebooks_ok": sum(n["ok"] for n in notebooks.values()),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                        "note": "shared with other jobs while measured"},
