@@ -94,25 +94,29 @@ def test_training_tasks_take_a_gpu_only_when_the_profile_wants_one(tmp_path):
 
 
 # -- the grid on a 2-worker LocalCluster, and a worker killed mid-extraction ------------------------
-# One extraction per task, small enough for the ci budget (the `stealnb extract` kill test's settings).
+# One extraction per task, small enough for the ci budget (the `stealnb extract` kill test's settings;
+# K-center in 10 rounds, to be killed in one of them, random in 5).
+ROUND_SIZE = {"kcenter": 10, "random": 20}
 _EXTRACT = """\
 import os
 from stealnb import extraction, profiles
 prof = profiles.get_profile("ci").with_(pool_size=500)
 ex = extraction.run_extraction("digits", "cnn-tiny", strategy, prof, seed=3, out=out, secret_dir=secret_dir,
-                               resume=True, budgets=(90, 130), round_size=10, seed_size=40, val_size=20)
+                               resume=True, budgets=(90, 130), round_size=round_size, seed_size=40, val_size=20)
 print("pid", os.getpid(), "spent", ex.oracle.spent)
 """
 
 
 def _extraction_grid(tmp_path, secret_dir, strategies):
     root = tmp_path / "proj"
-    _notebook(root / "notebooks" / "ex.ipynb", _EXTRACT, 'strategy = "random"\nout = None\nsecret_dir = None')
+    _notebook(root / "notebooks" / "ex.ipynb", _EXTRACT,
+              'strategy = "random"\nround_size = 10\nout = None\nsecret_dir = None')
     _notebook(root / "notebooks" / "gather.ipynb",
               "import json, pathlib\nfor o in outs:\n    assert json.loads(pathlib.Path(o, 'summary.json').read_text())",
               "outs = []")
     outs = {s: tmp_path / "res" / s for s in strategies}
-    ts = [pipeline.Task(f"extraction/{s}", "ex.ipynb", {"strategy": s, "out": str(o), "secret_dir": str(secret_dir)},
+    ts = [pipeline.Task(f"extraction/{s}", "ex.ipynb", {"strategy": s, "round_size": ROUND_SIZE[s], "out": str(o),
+                                                       "secret_dir": str(secret_dir)},
                         outputs={o: "extraction"}) for s, o in outs.items()]
     ts.append(pipeline.Task("results/gather", "gather.ipynb", {"outs": [str(o) for o in outs.values()]},
                             deps=[t.id for t in ts]))
@@ -138,7 +142,7 @@ def in_process(secret_dir, tmp_path_factory):
     out = {}
     for s in ("kcenter", "random"):
         extraction.run_extraction("digits", "cnn-tiny", s, prof, seed=3, out=base / s, secret_dir=secret_dir,
-                                  resume=True, budgets=(90, 130), round_size=10, seed_size=40, val_size=20)
+                                  resume=True, budgets=(90, 130), round_size=ROUND_SIZE[s], seed_size=40, val_size=20)
         out[s] = _comparable(base / s)
     return out
 
@@ -149,7 +153,7 @@ def two_workers():
         yield c
 
 
-@pytest.mark.timeout(900)  # two extraction notebooks on 2 workers: ~2 min, longer on a loaded 2-core runner
+@pytest.mark.timeout(1800)  # 2 in-process extractions, then 2 notebooks on 2 workers: ~3 min, far longer on a loaded runner
 def test_a_grid_on_two_workers_gives_the_in_process_results(secret_dir, tmp_path, in_process, two_workers):
     root, ts, outs = _extraction_grid(tmp_path, secret_dir, ("kcenter", "random"))
     rep = pipeline.execute(ts, root=root, run_dir=tmp_path / "run", scheduler=two_workers.scheduler_address,
@@ -167,7 +171,7 @@ def test_a_grid_on_two_workers_gives_the_in_process_results(secret_dir, tmp_path
     assert rep["ran"] == [] and set(rep["skipped"]) == {t.id for t in ts}
 
 
-@pytest.mark.timeout(900)  # an extraction killed and resumed on the other worker: ~2 min on a loaded runner
+@pytest.mark.timeout(1800)  # an extraction killed and resumed on the other worker: ~2 min, far longer on a loaded runner
 def test_a_worker_killed_mid_extraction_is_retried_and_resumes_paying_no_query_twice(
         secret_dir, tmp_path, in_process, two_workers):
     from distributed import Client
