@@ -28,6 +28,12 @@ stealnb did not write is refused before any notebook starts, and nothing is dele
 reruns every notebook and deletes every task's results. An interrupted run keeps its partial
 results (its stamp records the results key before the notebook starts), so the next run resumes them.
 
+**Where tasks run.** :func:`execute` submits each task to a Dask cluster as a future that
+depends on its upstream tasks' futures, with its :func:`critical_path` length as its priority:
+a local cluster of ``--jobs`` worker processes, or a running one (``--scheduler``,
+``$DASK_SCHEDULER_ADDRESS``; :mod:`stealnb.cluster`). A task whose worker dies is rerun on
+another worker and resumes from the results its first attempt left (checkpoint, query ledger).
+
 Executed notebooks are build products: they go to ``results/<profile>/notebooks/`` and are
 copied into ``book/generated/`` (git-ignored) just before the book is built; the book renders
 them without executing anything (``execute_notebooks: off``).
@@ -43,7 +49,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import layout
+from . import cluster, layout
+from ._checks import UsageError
 from .profiles import BEST_STRATEGY, PROFILES, Profile, get_profile
 
 NOTEBOOKS = {
@@ -67,6 +74,11 @@ _STRATEGY_COST_HINT = {"random": 230, "uncertainty": 300, "kcenter": 350, "dfal"
 # The project folder: stealnb.layout.project_root (kept here under its old name).
 project_root = layout.project_root
 
+# The notebooks that train models (secrets, substitutes, Copycat copies, the defenses' copies,
+# the pool study's substitutes): the tasks that take a GPU when the profile wants one
+# (``Profile.gpu``, :mod:`stealnb.cluster`).
+TRAINING_CHAPTERS = frozenset({"secret", "extraction", "copycat", "defenses", "pools"})
+
 
 @dataclass
 class Task:
@@ -80,6 +92,7 @@ class Task:
     outputs: dict[Path, str | dict] = field(default_factory=dict)
     key: str = ""  # notebook key: rerun the notebook when it changes
     results_key: str = ""  # results key: delete the task's results when it changes
+    resources: dict = field(default_factory=dict)  # Dask worker resources it takes (``{"GPU": 1}``)
 
     @property
     def chapter(self) -> str:
@@ -151,6 +164,10 @@ def plan(profile: str | Profile, results, data_root=None, optional: bool = False
                       deps=[f"secret/{tag}"]))
     # The results chapter reads every other task's files, so it depends on all of them.
     tasks.append(Task("results/results", NOTEBOOKS["results"], dict(common), deps=[t.id for t in tasks]))
+    if prof.gpu:
+        for t in tasks:
+            if t.chapter in TRAINING_CHAPTERS:
+                t.resources = {"GPU": 1}
     return tasks
 
 
@@ -165,7 +182,7 @@ def _code_hash(nb_path: Path) -> str:
 # Modules that only present results (figures, tables, the book, the CLI, the server): changing
 # them re-executes notebooks but keeps their computed results.
 PRESENTATION_MODULES = frozenset({"plots.py", "results.py", "pipeline.py", "bookcheck.py", "sphinxext.py",
-                                  "cli.py", "server.py", "layout.py"})
+                                  "cli.py", "server.py", "layout.py", "cluster.py"})
 
 
 def package_hash(presentation: bool = False) -> str:
@@ -246,20 +263,71 @@ def _kernel_env() -> dict:
     return env
 
 
-def _start(task: Task, root: Path, run_dir: Path, log_dir: Path) -> tuple[subprocess.Popen, Path]:
+# papermill started through this: on Linux it is SIGKILLed when the worker that started it dies
+# (prctl PR_SET_PDEATHSIG), and its kernel follows (ipykernel polls JPY_PARENT_PID). A killed
+# worker therefore leaves no orphan notebook still paying queries into the ledger that the
+# retried task resumes from.
+_DIE_WITH_WORKER = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(70)\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'papermill', *sys.argv[2:]])\n")
+
+
+class NotebookFailed(RuntimeError):
+    """A task's notebook exited with an error; ``log`` is its papermill log."""
+
+    def __init__(self, task_id: str, returncode: int, log: Path, seconds: float):
+        super().__init__(task_id, returncode, str(log), seconds)
+        self.task_id, self.returncode, self.log, self.seconds = task_id, returncode, Path(log), seconds
+
+    def __str__(self) -> str:
+        return f"{self.task_id} failed after {self.seconds:.0f} s (exit {self.returncode}); log: {self.log}"
+
+
+def run_task(task: Task, root: Path, run_dir: Path, fresh: bool, run_token: str, *upstream) -> dict:
+    """Execute one task's notebook with papermill (on a Dask worker; ``upstream`` are the
+    results of the tasks it depends on, passed only so that Dask waits for them).
+
+    ``fresh``: the task's results are of other code or settings (or ``--force``): its result
+    folders are replaced first -- once per run (``run_token``), so an attempt retried after its
+    worker died resumes from the checkpoint and ledger that the killed attempt left. The stamp
+    records the results key before the notebook starts (an interrupted run resumes) and the
+    notebook key once it succeeded. Raises :class:`NotebookFailed`."""
+    stamp = _stamp_path(run_dir, task)
+    before = _stamp(run_dir, task)
+    if fresh and before.get("run") != run_token:
+        for o, kind in task.outputs.items():
+            layout.new_run_dir(o, kind)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    started = {"key": None, "results_key": task.results_key, "run": run_token, "started": time.time()}
+    if isinstance(before.get("seconds"), (int, float)):
+        started["seconds"] = before["seconds"]  # the critical path's estimate, until this run's is known
+    stamp.write_text(json.dumps(started))
     out = _executed_path(run_dir, task)
     out.parent.mkdir(parents=True, exist_ok=True)
     params = run_dir / "params" / (task.id.replace("/", "__") + ".json")
     params.parent.mkdir(parents=True, exist_ok=True)
     params.write_text(json.dumps(task.params, indent=2))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / (task.id.replace("/", "__") + ".log")
-    cmd = [sys.executable, "-m", "papermill", str(root / "notebooks" / task.notebook), str(out),
+    log = _log_path(run_dir, task)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-c", _DIE_WITH_WORKER, str(os.getpid()),
+           str(root / "notebooks" / task.notebook), str(out),
            "-f", str(params), "--cwd", str(root / "notebooks"), "-k", "python3",
            "--no-progress-bar", "--log-output"]
+    t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_kernel_env(), cwd=root)
-    return proc, log
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_kernel_env(), cwd=root).returncode
+    secs = round(time.perf_counter() - t0, 1)
+    if rc != 0:
+        raise NotebookFailed(task.id, rc, log, secs)
+    stamp.write_text(json.dumps({"key": task.key, "results_key": task.results_key, "seconds": secs,
+                                 "params": task.params}, indent=2))
+    return {"id": task.id, "seconds": secs, "log": str(log)}
 
 
 def critical_path(tasks: list[Task], run_dir: Path) -> dict[str, float]:
@@ -287,101 +355,115 @@ def critical_path(tasks: list[Task], run_dir: Path) -> dict[str, float]:
 
 
 def execute(tasks: list[Task], *, root: Path, run_dir: Path, jobs: int = 1, force: bool = False,
-            progress: bool = True) -> dict:
-    """Run the tasks that are not current, ``jobs`` at a time, respecting dependencies.
+            progress: bool = True, scheduler: str | None = None) -> dict:
+    """Run the tasks that are not current on a Dask cluster (:mod:`stealnb.cluster`): a local
+    one of ``jobs`` worker processes, or the running scheduler at ``scheduler``.
 
-    Of the tasks ready to start, the one heading the longest chain of waiting work goes first
-    (:func:`critical_path`). Returns ``{"ran": [...], "skipped": [...], "failed": [...],
-    "blocked": [...], "seconds": {...}}``.
-    A failed task's dependants are not started; independent tasks still run. Before any starts, a
-    result folder to be cleared that holds files stealnb did not write is refused
-    (:func:`stealnb.layout.check_run_dir`).
+    Each task is a future (:func:`run_task`) that depends on its upstream tasks' futures, with
+    its :func:`critical_path` length as its Dask priority: of the tasks ready to start, the one
+    heading the longest chain of waiting work goes first. A task whose worker died, or whose
+    notebook failed, is run once more (on whichever worker is free; the notebook resumes what the
+    first attempt finished); failing twice, it is reported with its log path, its dependants are
+    not started, independent tasks still run. Returns ``{"ran": [...], "skipped": [...],
+    "failed": [...], "blocked": [...], "seconds": {...}, "logs": {failed id: log}}``.
+    Before any starts, a result folder to be cleared that holds files stealnb did not write is
+    refused (:func:`stealnb.layout.check_run_dir`).
     """
     from tqdm.auto import tqdm
 
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    status: dict[str, str] = {}
-    report = {"ran": [], "skipped": [], "failed": [], "blocked": [], "seconds": {}}
+    report = {"ran": [], "skipped": [], "failed": [], "blocked": [], "seconds": {}, "logs": {}}
     for t in tasks:
         if not force and is_current(run_dir, t):
-            status[t.id] = "done"
             report["skipped"].append(t.id)
     chain = critical_path(tasks, run_dir)
-    pending = sorted((t for t in tasks if t.id not in status), key=lambda t: -chain[t.id])  # stable
+    skipped = set(report["skipped"])
+    pending = [t for t in tasks if t.id not in skipped]
     # Results of other code or settings are not reused: these tasks' folders are replaced.
     stale = {t.id for t in pending if force or not results_current(run_dir, t)}
     for t in pending:
         if t.id in stale:
             for o, kind in t.outputs.items():
                 layout.check_run_dir(o, kind)
-    running: dict[str, tuple[subprocess.Popen, Path, float, Task]] = {}
-    log_dir = run_dir / "logs"
-    bar = tqdm(total=len(tasks), initial=len(report["skipped"]), desc="notebooks", unit="nb",
+    bar = tqdm(total=len(tasks), initial=len(skipped), desc="notebooks", unit="nb",
                disable=not progress, file=sys.stdout)
-    if progress and report["skipped"]:
-        bar.write(f"skipping {len(report['skipped'])} unchanged notebook(s)")
+    if progress and skipped:
+        bar.write(f"skipping {len(skipped)} unchanged notebook(s)")
+    if not pending:
+        bar.close()
+        return report
+    need = frozenset(r for t in pending for r in t.resources)
+    token = f"{os.getpid()}-{time.time_ns()}"  # this run: a retried attempt does not clear results again
     try:
-        while pending or running:
-            # Start whatever is ready.
-            for t in list(pending):
-                if len(running) >= jobs:
-                    break
-                dep_states = [status.get(d) for d in t.deps]
-                if any(s in ("failed", "blocked") for s in dep_states):
-                    status[t.id] = "blocked"
-                    report["blocked"].append(t.id)
-                    pending.remove(t)
-                    bar.update(1)
-                    continue
-                if all(s == "done" for s in dep_states):
-                    if t.id in stale:
-                        for o, kind in t.outputs.items():
-                            layout.new_run_dir(o, kind)
-                    # Recorded before running: if this run dies (a crash, Ctrl-C, kill -9), the next
-                    # one keeps the partial results and the notebook resumes them (same results key).
-                    stamp = _stamp_path(run_dir, t)
-                    stamp.parent.mkdir(parents=True, exist_ok=True)
-                    stamp.write_text(json.dumps({"key": None, "results_key": t.results_key, "started": time.time()}))
-                    proc, log = _start(t, root, run_dir, log_dir)
-                    running[t.id] = (proc, log, time.perf_counter(), t)
-                    pending.remove(t)
-                    bar.set_postfix_str(", ".join(running), refresh=True)
-            if not running and pending:
-                # Nothing can start: every pending task waits on a blocked or failed one.
-                for t in pending:
-                    status[t.id] = "blocked"
-                    report["blocked"].append(t.id)
-                    bar.update(1)
-                pending = []
-                break
-            time.sleep(0.5)
-            for tid, (proc, log, t0, t) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
-                    continue
-                secs = round(time.perf_counter() - t0, 1)
-                report["seconds"][tid] = secs
-                del running[tid]
-                if rc == 0:
-                    status[tid] = "done"
-                    report["ran"].append(tid)
-                    stamp = _stamp_path(run_dir, t)
-                    stamp.parent.mkdir(parents=True, exist_ok=True)
-                    stamp.write_text(json.dumps({"key": t.key, "results_key": t.results_key, "seconds": secs,
-                                                 "params": t.params}, indent=2))
-                    bar.write(f"  ran    {tid} ({secs:.0f} s)")
-                else:
-                    status[tid] = "failed"
-                    report["failed"].append(tid)
-                    bar.write(f"  FAILED {tid} after {secs:.0f} s (exit {rc}); log: {log}")
-                bar.update(1)
-                bar.set_postfix_str(", ".join(running), refresh=True)
+        with cluster.connect(scheduler, jobs, need=need) as client:
+            _submit_and_follow(client, pending, root=root, run_dir=run_dir, stale=stale, chain=chain,
+                               token=token, report=report, bar=bar)
     finally:
-        for proc, *_ in running.values():
-            proc.kill()
         bar.close()
     return report
+
+
+def _log_path(run_dir: Path, task: Task) -> Path:
+    return run_dir / "logs" / (task.id.replace("/", "__") + ".log")
+
+
+def _submit_and_follow(client, pending: list[Task], *, root: Path, run_dir: Path, stale: set, chain: dict,
+                       token: str, report: dict, bar) -> None:
+    """Submit ``pending`` (in plan order) to ``client`` and record each outcome in ``report`` as it
+    arrives (see :func:`execute`)."""
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    futures, task_of = {}, {}
+    for t in pending:  # plan order is topological: upstream futures exist already
+        upstream = [futures[d] for d in t.deps if d in futures]
+        fut = client.submit(run_task, t, root, run_dir, t.id in stale, token, *upstream,
+                            key=f"stealnb-{token}-{t.id}", priority=int(round(chain[t.id])),
+                            retries=cluster.ALLOWED_FAILURES, resources=dict(t.resources) or None, pure=False)
+        futures[t.id], task_of[fut.key] = fut, t
+    done: set[str] = set()
+
+    def origin(exc) -> str | None:  # the task whose failure this error is (a dependant's error is its upstream's)
+        if isinstance(exc, NotebookFailed):
+            return exc.task_id
+        if isinstance(exc, KilledWorker):
+            return task_of[exc.task].id if exc.task in task_of else None
+        return None
+
+    try:
+        for fut in as_completed(list(futures.values())):
+            t = task_of[fut.key]
+            done.add(t.id)
+            if fut.status == "finished":
+                secs = fut.result()["seconds"]
+                report["ran"].append(t.id)
+                report["seconds"][t.id] = secs
+                bar.write(f"  ran    {t.id} ({secs:.0f} s)")
+            else:
+                exc = fut.exception()
+                src = origin(exc)
+                if src is not None and src != t.id:
+                    report["blocked"].append(t.id)
+                else:
+                    log = _log_path(run_dir, t)
+                    report["failed"].append(t.id)
+                    report["logs"][t.id] = str(log)
+                    if isinstance(exc, NotebookFailed):
+                        report["seconds"][t.id] = exc.seconds
+                        bar.write(f"  FAILED {t.id} twice (the last attempt: exit {exc.returncode} after "
+                                  f"{exc.seconds:.0f} s); log: {log}")
+                    else:
+                        bar.write(f"  FAILED {t.id}: {type(exc).__name__}: {exc}; log: {log}")
+            bar.update(1)
+            # Started (this run's stamp, written by run_task on the worker) and not finished: Dask's own
+            # "processing" also counts the tasks queued on a busy worker.
+            running = [p.id for p in pending if p.id not in done and _stamp(run_dir, p).get("run") == token]
+            bar.set_postfix_str(", ".join(running), refresh=True)
+    finally:
+        # Ctrl-C or an error here: nothing more starts (a local cluster's workers are then
+        # stopped, and their notebooks with them; the stamps let the next run resume).
+        client.cancel([f for f in futures.values() if not f.done()])
 
 
 def assemble_book(tasks: list[Task], *, root: Path, run_dir: Path) -> Path:
@@ -436,11 +518,16 @@ def build_book(root: Path, *, warnings_as_errors: bool = True, log: Path | None 
 
 def run(profile: str = "demo", *, results=None, data_root=None, jobs: int = 1, force: bool = False,
         book: bool = True, only: str | None = None, progress: bool = True, root=None,
-        optional: bool = False) -> dict:
+        optional: bool = False, scheduler: str | None = None) -> dict:
     """Execute ``profile``'s grid and build the book; returns the execution report (+ ``book``).
 
     ``root`` is the project folder (``_config.yml``, ``_toc.yml``, ``book/``, ``notebooks/``);
-    default: the source checkout this package is installed from."""
+    default: the source checkout this package is installed from. ``scheduler``: a running Dask
+    scheduler's address (default ``$DASK_SCHEDULER_ADDRESS``, else a local cluster of ``jobs``
+    workers; :mod:`stealnb.cluster`)."""
+    scheduler = cluster.scheduler_address(scheduler)  # a malformed address: before any work
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
     root = project_root() if root is None else Path(root).resolve()
     prof = get_profile(profile)
     results = layout.results_root(results)
@@ -467,7 +554,8 @@ def run(profile: str = "demo", *, results=None, data_root=None, jobs: int = 1, f
                              "(drop --only or add --no-book)")
         layout.check_run_dir(root / BOOK_GENERATED, "book")
     t0 = time.perf_counter()
-    report = execute(selected, root=root, run_dir=run_dir, jobs=jobs, force=force, progress=progress)
+    report = execute(selected, root=root, run_dir=run_dir, jobs=jobs, force=force, progress=progress,
+                     scheduler=scheduler)
     report["notebook_seconds"] = round(time.perf_counter() - t0, 1)
     report["book"] = None
     if book and not report["failed"] and not report["blocked"]:
@@ -482,12 +570,13 @@ def run(profile: str = "demo", *, results=None, data_root=None, jobs: int = 1, f
 
 def _cmd_run(args) -> int:
     rep = run(args.profile, results=args.results, data_root=args.data_root, jobs=args.jobs, force=args.force,
-              book=not args.no_book, only=args.only, progress=not args.quiet, optional=args.with_optional)
+              book=not args.no_book, only=args.only, progress=not args.quiet, optional=args.with_optional,
+              scheduler=args.scheduler)
     print(f"{len(rep['ran'])} notebook(s) executed, {len(rep['skipped'])} unchanged and skipped, "
           f"{len(rep['failed'])} failed, {len(rep['blocked'])} blocked; {rep['seconds']['total']:.0f} s")
     if rep["failed"] or rep["blocked"]:
         for t in rep["failed"]:
-            print(f"  failed: {t}")
+            print(f"  failed: {t} (log: {rep['logs'].get(t)})")
         for t in rep["blocked"]:
             print(f"  blocked (a dependency failed): {t}")
         return 1
@@ -502,7 +591,12 @@ def register_cli(subparsers) -> None:
                    help="one of %(choices)s (default: %(default)s)")
     r.add_argument("--results", type=Path, default=None,
                    help="results root (default: $STEALNB_RESULTS, else the project's results/)")
-    r.add_argument("--jobs", type=int, default=1, help="notebooks executed in parallel processes")
+    r.add_argument("--jobs", type=int, default=1,
+                   help="worker processes of the local Dask cluster: notebooks executed in parallel "
+                        "(ignored with --scheduler)")
+    r.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help=f"run the notebooks on the Dask cluster of this scheduler (default: "
+                        f"${cluster.SCHEDULER_ENV}, else a local cluster of --jobs workers)")
     r.add_argument("--force", action="store_true", help="rerun every notebook, even unchanged ones")
     r.add_argument("--no-book", action="store_true", help="execute the notebooks only")
     r.add_argument("--only", default=None, help="run only tasks whose id contains this text (and their dependencies)")

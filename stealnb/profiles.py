@@ -8,6 +8,8 @@
   (scikit-learn digits; Fashion-MNIST when the Debian package is installed; a pool of natural
   photo patches).
 * ``ci`` -- the smallest run that still exercises every code path, for tests and nbval.
+* ``paper-smoke`` -- ``paper``'s grid (architectures, loaders, pool) with 2 folds, 1 epoch and
+  tiny budgets, on small files in the official formats: the paper wiring proven on a CPU.
 """
 from __future__ import annotations
 
@@ -124,6 +126,12 @@ class Profile:
     pool_study: PoolStudy = PoolStudy()  # the "Which thief pool?" chapter (notebook 08)
     copycat: CopycatSettings = CopycatSettings()  # Copycat's problem-domain variants
     defenses: DefenseSettings = DefenseSettings()  # the defences chapter
+    # The secret notebook checks that the best fold's test accuracy is above this multiple of
+    # chance (1 / classes): a secret that learnt nothing would make every extraction meaningless.
+    secret_over_chance: float = 2.0
+    # The training notebooks take a GPU: on a Dask cluster they run on workers started with
+    # ``--resources GPU=1``, one at a time each (stealnb.cluster).
+    gpu: bool = False
 
     def substitute_fit(self) -> dict:
         """The keyword arguments of :func:`stealnb.train.fit` for a substitute of this profile."""
@@ -177,6 +185,7 @@ PROFILES: dict[str, Profile] = {
                              seeds=(0,), round_size=500),
         copycat=CopycatSettings(pdd_size=1_000, finetune_epochs=10),
         defenses=DefenseSettings(admis_taus=(0.0, 0.5, 0.7, 0.9, 0.95)),
+        gpu=True,  # VGG16/ResNet101 secrets for 20 epochs x 5 folds: days on a CPU
     ),
     "demo": Profile(
         name="demo",
@@ -248,6 +257,32 @@ PROFILES: dict[str, Profile] = {
         copycat=CopycatSettings(pdd_size=50, finetune_epochs=5),
     ),
 }
+
+# The paper grid's wiring on a CPU (issue 17): every notebook of ``paper`` -- the same 15 secrets,
+# architectures, strategies, substitute, pool and loaders -- on small files written in the
+# official formats (benchmarks/bench_paper_smoke.py), with the least training that still runs
+# each code path: 2 folds (cross-validation needs two), 1 epoch, one round per budget.
+PROFILES["paper-smoke"] = replace(
+    PROFILES["paper"],
+    name="paper-smoke",
+    folds=2,
+    epochs=1,
+    batch_size=64,
+    pool_size=600,
+    seed_size=20,
+    val_size=10,
+    round_size=20,
+    budgets=(40, 60),
+    substitute_epochs=1,
+    patience=1,
+    substitute_batch_size=32,
+    substitute_stop_loss=None,
+    secret_over_chance=0.0,  # the fixture images are noise: one epoch on them learns nothing to check
+    copycat=CopycatSettings(pdd_size=20, finetune_epochs=1),
+    pool_study=replace(PROFILES["paper"].pool_study, budgets=(40, 60), round_size=20),
+    strategy_options={"dfal": {"max_candidates": 100, "max_iter": 3},
+                      "dfal+kcenter": {"max_candidates": 100, "max_iter": 3, "keep_multiple": 2}},
+)
 
 
 def get_profile(name: str) -> Profile:

@@ -1,4 +1,4 @@
-"""stealnb.pipeline: the grid, the keys that decide what reruns, and the scheduler (on tiny notebooks)."""
+"""stealnb.pipeline: the grid, the keys that decide what reruns, and the Dask engine (on tiny notebooks)."""
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -6,8 +6,16 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from stealnb import layout, pipeline
+from stealnb import cluster, layout, pipeline
 from stealnb.profiles import PROFILES
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    """One 2-worker Dask cluster for the tests that run several grids (a local cluster per
+    ``execute`` call costs two worker start-ups each; that path has its own tests)."""
+    with cluster.local_cluster(2) as c:
+        yield c.scheduler_address
 
 
 def test_plan_covers_the_grid_in_dependency_order(tmp_path):
@@ -94,9 +102,10 @@ def tiny(tmp_path):
     return root, tmp_path / "run", out_a, tasks
 
 
-def test_execute_runs_in_order_skips_unchanged_and_blocks_dependants_of_failures(tiny):
+@pytest.mark.timeout(900)  # four grids of tiny notebooks (the failing one tried twice each): slow on a loaded runner
+def test_execute_runs_in_order_skips_unchanged_and_blocks_dependants_of_failures(tiny, scheduler):
     root, run_dir, out_a, tasks = tiny
-    rep = pipeline.execute(tasks(), root=root, run_dir=run_dir, jobs=2, progress=False)
+    rep = pipeline.execute(tasks(), root=root, run_dir=run_dir, scheduler=scheduler, progress=False)
     assert rep["ran"] == ["one/a", "two/b"] or set(rep["ran"]) == {"one/a", "two/b"}
     assert rep["failed"] == ["three/bad"] and rep["blocked"] == ["four/after-bad"]
     assert (out_a / "runs.txt").read_text() == "x"
@@ -105,18 +114,18 @@ def test_execute_runs_in_order_skips_unchanged_and_blocks_dependants_of_failures
     assert "boom" in (run_dir / "logs" / "three__bad.log").read_text()
 
     # Unchanged: nothing reruns (the failed task is retried, and fails again).
-    rep = pipeline.execute(tasks(), root=root, run_dir=run_dir, jobs=1, progress=False)
+    rep = pipeline.execute(tasks(), root=root, run_dir=run_dir, scheduler=scheduler, progress=False)
     assert set(rep["skipped"]) == {"one/a", "two/b"} and rep["ran"] == []
     assert (out_a / "runs.txt").read_text() == "x"
 
     # A changed parameter changes a's key and its dependant's: both rerun, a's old results are
     # deleted first (runs.txt starts again from one run).
-    rep = pipeline.execute(tasks(x=2), root=root, run_dir=run_dir, jobs=1, progress=False)
+    rep = pipeline.execute(tasks(x=2), root=root, run_dir=run_dir, scheduler=scheduler, progress=False)
     assert set(rep["ran"]) == {"one/a", "two/b"}
     assert (out_a / "runs.txt").read_text() == "x"
 
     # --force reruns what is current.
-    rep = pipeline.execute(tasks(x=2), root=root, run_dir=run_dir, jobs=1, force=True, progress=False)
+    rep = pipeline.execute(tasks(x=2), root=root, run_dir=run_dir, scheduler=scheduler, force=True, progress=False)
     assert set(rep["ran"]) == {"one/a", "two/b"}
 
 
@@ -170,24 +179,38 @@ def test_cli_has_run_command():
 
     args = build_parser().parse_args(["run", "--profile", "ci", "--jobs", "2", "--no-book"])
     assert args.profile == "ci" and args.jobs == 2 and args.no_book and args.func is pipeline._cmd_run
+    assert args.scheduler is None
+    args = build_parser().parse_args(["run", "--profile", "paper-smoke", "--scheduler", "tcp://gpu-box:8786"])
+    assert args.profile == "paper-smoke" and args.scheduler == "tcp://gpu-box:8786"
 
 
-def test_presentation_change_reruns_notebook_but_keeps_results(tiny, monkeypatch):
+def test_paper_smoke_is_the_paper_grid_with_the_least_training(tmp_path):
+    paper, smoke = PROFILES["paper"], PROFILES["paper-smoke"]
+    for f in ("secrets", "strategies", "substitute", "pool", "pool_transform", "seeds", "gpu", "fgsm_eps"):
+        assert getattr(smoke, f) == getattr(paper, f), f
+    assert (smoke.folds, smoke.epochs, smoke.substitute_epochs) == (2, 1, 1)  # cross-validation needs 2 folds
+    assert smoke.budgets[-1] < smoke.pool_size < paper.pool_size
+    ids = lambda prof: [t.id for t in pipeline.plan(prof, tmp_path)]  # noqa: E731
+    assert ids(smoke) == ids(paper) and len(ids(paper)) == 111  # every notebook of the paper grid
+
+
+@pytest.mark.timeout(600)  # three grids of two tiny notebooks
+def test_presentation_change_reruns_notebook_but_keeps_results(tiny, monkeypatch, scheduler):
     root, run_dir, out_a, tasks = tiny
-    pipeline.execute(tasks()[:2], root=root, run_dir=run_dir, progress=False)
+    pipeline.execute(tasks()[:2], root=root, run_dir=run_dir, scheduler=scheduler, progress=False)
     assert (out_a / "runs.txt").read_text() == "x"
     real = pipeline.package_hash
     monkeypatch.setattr(pipeline, "package_hash", lambda presentation=False: real(presentation) + ("p" if presentation else ""))
     ts = tasks()[:2]
-    rep = pipeline.execute(ts, root=root, run_dir=run_dir, progress=False)
+    rep = pipeline.execute(ts, root=root, run_dir=run_dir, scheduler=scheduler, progress=False)
     assert set(rep["ran"]) == {"one/a", "two/b"}
     assert (out_a / "runs.txt").read_text() == "xx"  # re-executed on the kept results
     monkeypatch.setattr(pipeline, "package_hash", lambda presentation=False: real(presentation) + "c")
-    rep = pipeline.execute(tasks()[:2], root=root, run_dir=run_dir, progress=False)
+    rep = pipeline.execute(tasks()[:2], root=root, run_dir=run_dir, scheduler=scheduler, progress=False)
     assert (out_a / "runs.txt").read_text() == "x"  # compute code changed: results recomputed
 
 
-def test_interrupted_task_keeps_partial_results_for_resume(tiny):
+def test_interrupted_task_keeps_partial_results_for_resume(tiny, scheduler):
     root, run_dir, out_a, tasks = tiny
     ts = tasks()[:1]
     # Simulate a run that died mid-notebook: stamp written at start, partial output present.
@@ -196,7 +219,7 @@ def test_interrupted_task_keeps_partial_results_for_resume(tiny):
     stamp.write_text(json.dumps({"key": None, "results_key": ts[0].results_key, "started": 0}))
     out_a.mkdir(parents=True)
     (out_a / "runs.txt").write_text("partial:")
-    rep = pipeline.execute(ts, root=root, run_dir=run_dir, progress=False)
+    rep = pipeline.execute(ts, root=root, run_dir=run_dir, scheduler=scheduler, progress=False)
     assert rep["ran"] == ["one/a"]
     assert (out_a / "runs.txt").read_text() == "partial:x"
 
@@ -241,6 +264,7 @@ def test_critical_path_prefers_long_chains_and_learns_recorded_times(tmp_path):
     assert chain[t.id] > chain[f"copycat/{tag}"]
 
 
+@pytest.mark.timeout(600)  # one worker, four tiny notebook runs in a row (the failing one twice)
 def test_execute_starts_the_longest_chain_first(tiny):
     root, run_dir, out_a, tasks = tiny
     ts = tasks()
