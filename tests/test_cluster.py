@@ -1,6 +1,5 @@
 """stealnb run on Dask (stealnb/cluster.py, pipeline.execute): scheduler addresses, GPU resources,
 a grid on two workers equal to the in-process run, and a worker killed mid-extraction."""
-import json
 import os
 import signal
 import socket
@@ -8,9 +7,9 @@ import threading
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
 
+from helpers import tiny_notebook, comparable_run
 from stealnb import cluster, extraction, oracle, pipeline, profiles
 from stealnb._checks import UsageError
 from stealnb.cli import main
@@ -35,14 +34,6 @@ def test_the_scheduler_address_comes_from_the_option_else_the_environment(monkey
         cluster.scheduler_address(None)
 
 
-def _notebook(path: Path, code: str, param_src: str) -> None:
-    nb = nbformat.v4.new_notebook()
-    p = nbformat.v4.new_code_cell(param_src)
-    p.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell("# Tiny"), p, nbformat.v4.new_code_cell(code)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
 
 
 def _free_port() -> int:
@@ -53,7 +44,7 @@ def _free_port() -> int:
 
 def test_an_unreachable_scheduler_is_refused_before_any_notebook_starts(tmp_path, monkeypatch):
     root = tmp_path / "proj"
-    _notebook(root / "notebooks" / "a.ipynb", "print(x)", "x = 1")
+    tiny_notebook(root / "notebooks" / "a.ipynb", "print(x)", "x = 1")
     ts = [pipeline.Task("one/a", "a.ipynb", {"x": 2})]
     pipeline.assign_keys(ts, profiles.PROFILES["ci"], root / "notebooks")
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 2.0)
@@ -67,9 +58,9 @@ def test_a_task_is_tried_twice_then_reported_with_its_log_and_its_dependants_blo
     root = tmp_path / "proj"
     # "flaky" fails its first attempt only, "bad" every attempt; both count their attempts.
     count = "import pathlib\nf = pathlib.Path(tally); f.write_text(f.read_text() + 'x' if f.exists() else 'x')\n"
-    _notebook(root / "notebooks" / "flaky.ipynb", count + "assert len(f.read_text()) > 1, 'first attempt'", "tally = ''")
-    _notebook(root / "notebooks" / "bad.ipynb", count + "raise RuntimeError('boom')", "tally = ''")
-    _notebook(root / "notebooks" / "ok.ipynb", "print('ok')", "x = 1")
+    tiny_notebook(root / "notebooks" / "flaky.ipynb", count + "assert len(f.read_text()) > 1, 'first attempt'", "tally = ''")
+    tiny_notebook(root / "notebooks" / "bad.ipynb", count + "raise RuntimeError('boom')", "tally = ''")
+    tiny_notebook(root / "notebooks" / "ok.ipynb", "print('ok')", "x = 1")
     ts = [pipeline.Task("one/flaky", "flaky.ipynb", {"tally": str(tmp_path / "flaky.txt")}),
           pipeline.Task("two/bad", "bad.ipynb", {"tally": str(tmp_path / "bad.txt")}),
           pipeline.Task("three/after-bad", "ok.ipynb", {}, deps=["two/bad"]),
@@ -109,9 +100,9 @@ print("pid", os.getpid(), "spent", ex.oracle.spent)
 
 def _extraction_grid(tmp_path, secret_dir, strategies):
     root = tmp_path / "proj"
-    _notebook(root / "notebooks" / "ex.ipynb", _EXTRACT,
+    tiny_notebook(root / "notebooks" / "ex.ipynb", _EXTRACT,
               'strategy = "random"\nround_size = 10\nout = None\nsecret_dir = None')
-    _notebook(root / "notebooks" / "gather.ipynb",
+    tiny_notebook(root / "notebooks" / "gather.ipynb",
               "import json, pathlib\nfor o in outs:\n    assert json.loads(pathlib.Path(o, 'summary.json').read_text())",
               "outs = []")
     outs = {s: tmp_path / "res" / s for s in strategies}
@@ -124,14 +115,6 @@ def _extraction_grid(tmp_path, secret_dir, strategies):
     return root, ts, outs
 
 
-def _comparable(out: Path):
-    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    for r in rounds:
-        r.pop("seconds")
-    state = json.loads((out / "checkpoint" / "state.json").read_text())
-    summary = json.loads((out / "summary.json").read_text())
-    per_budget = {b: {k: v for k, v in row.items() if k != "seconds"} for b, row in summary["budgets"].items()}
-    return rounds, state["val_idx"], state["labelled_idx"], per_budget, summary["oracle_spent"]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +126,7 @@ def in_process(secret_dir, tmp_path_factory):
     for s in ("kcenter", "random"):
         extraction.run_extraction("digits", "cnn-tiny", s, prof, seed=3, out=base / s, secret_dir=secret_dir,
                                   resume=True, budgets=(90, 130), round_size=ROUND_SIZE[s], seed_size=40, val_size=20)
-        out[s] = _comparable(base / s)
+        out[s] = comparable_run(base / s)
     return out
 
 
@@ -161,7 +144,7 @@ def test_a_grid_on_two_workers_gives_the_in_process_results(secret_dir, tmp_path
     assert set(rep["ran"]) == {t.id for t in ts} and rep["ran"][-1] == "results/gather"
     assert not rep["failed"] and not rep["blocked"]
     for s, o in outs.items():
-        assert _comparable(o) == in_process[s], s
+        assert comparable_run(o) == in_process[s], s
     pids = {t.id: [ln for ln in (tmp_path / "run" / "logs" / (t.id.replace("/", "__") + ".log")).read_text()
                    .splitlines() if "pid " in ln] for t in ts[:2]}
     assert all(pids.values()), pids
@@ -201,7 +184,7 @@ def test_a_worker_killed_mid_extraction_is_retried_and_resumes_paying_no_query_t
     assert set(rep["ran"]) == {"extraction/kcenter", "results/gather"} and not rep["failed"], rep
     # the retried task resumed: the uninterrupted run's rounds, sets and summary, and each paid
     # sample in the ledger once (130 in all, the killed attempt's among them)
-    assert _comparable(outs["kcenter"]) == in_process["kcenter"]
+    assert comparable_run(outs["kcenter"]) == in_process["kcenter"]
     payloads = oracle.read_ledger(outs["kcenter"] / "ledger.bin")[0][1:]
     assert len(payloads) == 130 >= killed["paid"] > 0
     assert len({p[:32] for p in payloads}) == 130  # a record starts with its sample's sha256

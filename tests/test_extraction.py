@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import comparable_run
 from stealnb import data, extraction, oracle, profiles, train
 from stealnb._checks import UsageError
 
@@ -106,14 +107,6 @@ def _extract_cmd(secret_dir, out, *extra):
             "--seed", "3", "--out", str(out), "--quiet", *extra]
 
 
-def _comparable(out: Path):
-    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    for r in rounds:
-        r.pop("seconds")
-    state = json.loads((out / "checkpoint" / "state.json").read_text())
-    summary = json.loads((out / "summary.json").read_text())
-    per_budget = {b: {k: v for k, v in row.items() if k != "seconds"} for b, row in summary["budgets"].items()}
-    return rounds, state["val_idx"], state["labelled_idx"], per_budget, summary["oracle_spent"]
 
 
 @pytest.mark.timeout(900)  # two extraction subprocesses: ~2 min, longer on a loaded 2-core runner
@@ -137,7 +130,7 @@ def test_resume_after_kill_equals_uninterrupted_run(secret_dir, tmp_path):
     paid_before = len(oracle.read_ledger(cut / "ledger.bin")[0]) - 1  # minus the header record
 
     subprocess.run(_extract_cmd(secret_dir, cut, "--resume"), check=True, env=env, capture_output=True)
-    assert _comparable(cut) == _comparable(ref)
+    assert comparable_run(cut) == comparable_run(ref)
     # Zero repeated queries: the ledger holds each paid sample once, 130 in all.
     payloads = oracle.read_ledger(cut / "ledger.bin")[0]
     assert len(payloads) - 1 == 130 >= paid_before

@@ -6,6 +6,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from helpers import tiny_notebook
 from stealnb import cluster, layout, pipeline
 from stealnb.profiles import PROFILES
 
@@ -55,6 +56,18 @@ def test_the_pool_study_runs_after_the_extractions_whose_best_strategy_it_reads(
     assert named_tasks[f"pools/{ds}-{arch}"].deps == [f"secret/{ds}-{arch}"]  # no "best": nothing to wait for
 
 
+def test_installing_a_dataset_reruns_the_pool_chapter_and_nothing_else(tmp_path, monkeypatch):
+    # the pool chapter tries every installed cross-domain dataset (stealnb.pools.pool_specs)
+    prof = PROFILES["demo"]
+    keys = {}
+    for installed in (set(), {"fashion-mnist"}):
+        monkeypatch.setattr(pipeline, "_present_datasets", lambda root, s=installed: s)
+        keys[frozenset(installed)] = {t.id: t.results_key for t in pipeline.plan(prof, tmp_path, optional=False)}
+    before, after = keys.values()
+    changed = {i for i in before if before[i] != after[i]}
+    assert changed and all(i.startswith(("pools/", "results/")) for i in changed), changed
+
+
 def test_optional_secret_joins_only_when_its_data_is_present(tmp_path, monkeypatch):
     prof = PROFILES["demo"]
     assert prof.optional_secrets
@@ -69,14 +82,6 @@ def test_optional_secret_joins_only_when_its_data_is_present(tmp_path, monkeypat
     assert f"secret/{ds}-{arch}" not in [t.id for t in pipeline.plan(prof, tmp_path)]
 
 
-def _notebook(path: Path, code: str, param_src: str = "x = 1\nout = None") -> None:
-    nb = nbformat.v4.new_notebook()
-    p = nbformat.v4.new_code_cell(param_src)
-    p.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell("# Tiny"), p, nbformat.v4.new_code_cell(code)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
 
 
 @pytest.fixture
@@ -84,11 +89,11 @@ def tiny(tmp_path):
     root = tmp_path / "proj"
     nbs = root / "notebooks"
     # "a" writes a file into its output folder (counting its executions), "b" reads it, "bad" fails.
-    _notebook(nbs / "a.ipynb", "import pathlib\np = pathlib.Path(out); p.mkdir(parents=True, exist_ok=True)\n"
+    tiny_notebook(nbs / "a.ipynb", "import pathlib\np = pathlib.Path(out); p.mkdir(parents=True, exist_ok=True)\n"
                                "f = p / 'runs.txt'\nf.write_text(f.read_text() + 'x' if f.exists() else 'x')\n"
                                "print('a ran with x =', x)")
-    _notebook(nbs / "b.ipynb", "import pathlib\nassert pathlib.Path(out, 'runs.txt').exists()")
-    _notebook(nbs / "bad.ipynb", "raise RuntimeError('boom')")
+    tiny_notebook(nbs / "b.ipynb", "import pathlib\nassert pathlib.Path(out, 'runs.txt').exists()")
+    tiny_notebook(nbs / "bad.ipynb", "raise RuntimeError('boom')")
     out_a = tmp_path / "res" / "a"
 
     def tasks(x=1):
@@ -165,7 +170,7 @@ def test_key_follows_notebook_code_params_and_dependencies(tiny):
     k2 = {t.id: t.key for t in tasks(x=3)}
     assert k2["one/a"] != k1["one/a"] and k2["two/b"] != k1["two/b"] and k2["three/bad"] == k1["three/bad"]
     nb = root / "notebooks" / "bad.ipynb"
-    _notebook(nb, "raise RuntimeError('boom!')")
+    tiny_notebook(nb, "raise RuntimeError('boom!')")
     assert {t.id: t.key for t in tasks()}["three/bad"] != k1["three/bad"]
 
 
