@@ -174,9 +174,16 @@ class DefenseChain:
         """The defended probabilities (float64) of ``x`` (sha256 fingerprints ``fps``, as the
         oracle's ledger keys them): each transform in order, then the poison."""
         probs = np.asarray(probs, np.float64)
+        first = True
         for d in self.defenses:
             if d.transforms:
+                if not first:
+                    # A transform may answer rows that are no distribution (rounding, top-k without
+                    # renormalisation); the next one expects a distribution, so it gets the same
+                    # row rescaled to sum 1. The last transform's answer is returned as it is.
+                    probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
                 probs = np.asarray(d.answer(x, probs, client=client), np.float64)
+                first = False
                 if probs.shape != (len(x), self.num_classes):
                     raise ValueError(f"defense {d.name}: answered shape {probs.shape}, expected "
                                      f"{(len(x), self.num_classes)}")

@@ -89,7 +89,7 @@ RUN_FILES: dict[str, dict] = {
     "pool strategies": {"*": "extraction seeds"},
     "defenses": {**_files("prada.json", "admis.json", "ewe.json"), "server-logs": "server logs"},
     "server logs": {"keys": "server key logs"},
-    "server key logs": _files("*.jsonl"),
+    "server key logs": _files("*.jsonl", "*.head"),  # stealnb.server: a log and its header per key
     "book": {"*": "book chapter"},
     "book chapter": _files("*.ipynb"),
 }

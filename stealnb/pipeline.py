@@ -213,9 +213,16 @@ def assign_keys(tasks: list[Task], prof: Profile, notebooks_dir: Path) -> None:
 
     compute, present = package_hash(False), package_hash(True)
     photos = data.wallpapers_present()[0]
-    by_id = {}
+    by_id, installed = {}, {}
     for t in tasks:
+        extra = {}
+        if t.chapter == "pools":  # its cross-domain pools are the datasets installed (stealnb.pools.pool_specs)
+            root = t.params.get("data_root")
+            if root not in installed:
+                installed[root] = sorted(_present_datasets(root))
+            extra["datasets"] = installed[root]
         t.results_key = _sha({
+            **extra,
             "notebook": _code_hash(notebooks_dir / t.notebook),
             "params": t.params,
             "profile": prof.to_dict(),

@@ -279,6 +279,8 @@ PROFILES["paper-smoke"] = replace(
     substitute_stop_loss=None,
     secret_over_chance=0.0,  # the fixture images are noise: one epoch on them learns nothing to check
     copycat=CopycatSettings(pdd_size=20, finetune_epochs=1),
+    # benign clients send at most budgets[-1] = 60 queries: PRADA must test before 100 of them
+    defenses=replace(PROFILES["paper"].defenses, prada_min_queries=20),
     pool_study=replace(PROFILES["paper"].pool_study, budgets=(40, 60), round_size=20),
     strategy_options={"dfal": {"max_candidates": 100, "max_iter": 3},
                       "dfal+kcenter": {"max_candidates": 100, "max_iter": 3, "keep_multiple": 2}},

@@ -153,3 +153,18 @@ def test_a_bad_defense_spec_on_the_serve_cli_is_one_line_and_exit_2(tmp_path, ca
                      str(tmp_path), "--defense", "prada:delta=2"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "delta" in err
+
+
+def test_a_transform_after_one_that_answers_no_distribution_gets_the_rescaled_row():
+    # round:decimals=1 answers rows summing to 1.1 here; reverse_sigmoid after it must still answer
+    chain = DefenseChain(defenses.parse_defenses("round:decimals=1;reverse_sigmoid"), output="probs", num_classes=4)
+    probs = np.array([[0.25, 0.25, 0.25, 0.25], [0.36, 0.36, 0.14, 0.14]])
+    rounded = defenses.round_probs(probs, 1)
+    assert not np.allclose(rounded.sum(axis=1), 1.0)
+    got = chain.answer("alice", images(2, 0), probs, [b"a" * 32, b"b" * 32])
+    want = defenses.reverse_sigmoid(rounded / rounded.sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(got, want)
+    # the last transform's answer is returned as it is, not rescaled
+    last = DefenseChain(defenses.parse_defenses("reverse_sigmoid;round:decimals=1"), output="probs", num_classes=4)
+    np.testing.assert_allclose(last.answer("a", images(2, 0), probs, [b"a" * 32, b"b" * 32]),
+                               defenses.round_probs(defenses.reverse_sigmoid(probs), 1))

@@ -48,6 +48,18 @@ def test_a_new_run_refuses_another_kind_of_run_a_symlink_and_nested_strangers(tm
         layout.check_run_dir(seeds, "extraction seeds")
 
 
+def test_a_defenses_folder_with_the_servers_key_logs_and_headers_can_be_replaced(tmp_path):
+    # what run_defenses leaves: stealnb.server writes <key id>.jsonl and <key id>.head per key
+    out = tmp_path / "defenses"
+    keys = out / "server-logs" / "keys"
+    keys.mkdir(parents=True)
+    for name in ("abc.jsonl", "abc.head"):
+        (keys / name).write_text("x")
+    (out / "prada.json").write_text("{}")
+    layout.check_run_dir(out, "defenses")
+    assert layout.new_run_dir(out, "defenses") == out and not keys.exists()
+
+
 # -- the results root: one folder however a notebook or command is started ---------------------
 
 ROOT = layout.project_root()
