@@ -62,7 +62,9 @@ def test_installing_a_dataset_reruns_the_pool_chapter_and_nothing_else(tmp_path,
     keys = {}
     for installed in (set(), {"fashion-mnist"}):
         monkeypatch.setattr(pipeline, "_present_datasets", lambda root, s=installed: s)
-        keys[frozenset(installed)] = {t.id: t.results_key for t in pipeline.plan(prof, tmp_path, optional=False)}
+        tasks = pipeline.plan(prof, tmp_path, optional=False)
+        pipeline.assign_keys(tasks, prof, layout.project_root() / "notebooks")
+        keys[frozenset(installed)] = {t.id: t.results_key for t in tasks}
     before, after = keys.values()
     changed = {i for i in before if before[i] != after[i]}
     assert changed and all(i.startswith(("pools/", "results/")) for i in changed), changed
