@@ -182,7 +182,7 @@ def _code_hash(nb_path: Path) -> str:
 # Modules that only present results (figures, tables, the book, the CLI, the server): changing
 # them re-executes notebooks but keeps their computed results.
 PRESENTATION_MODULES = frozenset({"plots.py", "results.py", "pipeline.py", "bookcheck.py", "sphinxext.py",
-                                  "cli.py", "server.py", "layout.py", "cluster.py"})
+                                  "benchpage.py", "cli.py", "server.py", "layout.py", "cluster.py"})
 
 
 def package_hash(presentation: bool = False) -> str:
