@@ -67,6 +67,15 @@ def quality(data: dict) -> list[str]:
             rows.append([strategy] + [_mean_sd([r["budgets"][b] for r in runs if b in r["budgets"]])
                                       for b in budgets])
         out += _table(["strategy", *budgets], rows)
+        best = []
+        for b in budgets:
+            means = {st: statistics.mean(v) for st, runs in secret["runs"].items()
+                     if (v := [r["budgets"][b] for r in runs if b in r["budgets"]])}
+            if means:
+                top = max(means, key=means.get)
+                best.append(f"{b}: {top} ({_num(means[top])})")
+        if best:
+            out += ["", "Highest mean agreement per budget: " + "; ".join(best) + "."]
     return out
 
 
@@ -94,8 +103,17 @@ def prada(data: dict) -> list[str]:
              "never" if r.get("flagged_at") is None else _num(r["flagged_at"]),
              _num(r.get("min_w")), _num(r.get("median_distance"), 2), _num(r.get("distance_skew"), 2),
              _num(r.get("top_class_share"), 2), _num(r.get("agreement"))] for r in data["runs"]]
+    flagged: dict[str, list[str]] = {}
+    for r in data["runs"]:
+        if r.get("flagged_at") is not None:
+            flagged.setdefault(r["strategy"], []).append(f"seed {r['seed']} at query {_num(r['flagged_at'])}")
+    never = sorted({r["strategy"] for r in data["runs"]} - set(flagged))
+    summary = ("Flagged: " + "; ".join(f"{k} ({', '.join(v)})" for k, v in flagged.items()) + "."
+               if flagged else "No attack was flagged.")
+    if never:
+        summary += " Never flagged: " + ", ".join(never) + "."
     return out + _table(["attack", "seed", "queries", "flagged at query", "lowest W", "median distance",
-                         "distance skew", "top-class share", "agreement"], rows)
+                         "distance skew", "top-class share", "agreement"], rows) + ["", summary]
 
 
 def server(data: dict) -> list[str]:

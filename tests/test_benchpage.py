@@ -39,6 +39,7 @@ def test_a_quality_file_becomes_a_table_of_agreement_mean_and_sd_per_strategy_an
         ["random", "0.500 ± 0.141", "0.700 ± 0.141"],  # sample standard deviation of two seeds
         ["kcenter", "0.500", "0.700"],  # one seed: no spread to show
     ]
+    assert "Highest mean agreement per budget: 250: random (0.500); 500: random (0.700)." in section
 
 
 def test_a_prada_scan_lists_when_each_attack_was_flagged(tmp_path):
@@ -51,6 +52,7 @@ def test_a_prada_scan_lists_when_each_attack_was_flagged(tmp_path):
     rows = _table_rows(section)
     assert rows[1][:5] == ["uncertainty", "0", "952", "292", "0.797"]
     assert rows[2][:4] == ["random", "0", "1,000", "never"]
+    assert "Flagged: uncertainty (seed 0 at query 292). Never flagged: random." in section
 
 
 def test_an_unknown_file_shows_its_top_level_values(tmp_path):
