@@ -67,7 +67,7 @@ NOTEBOOKS = {
     "pools": "08_pools.ipynb",
 }
 BOOK_GENERATED = Path("book") / "generated"
-# Rough wall seconds per notebook on the demo profile (README, Timings), used only to order the
+# Rough wall seconds per notebook on the demo profile (book/reproduce.md, Timings), used only to order the
 # tasks that are ready to start when no earlier run's time is recorded (see ``critical_path``).
 _COST_HINT = {"eda": 25, "secret": 50, "extraction": 300, "copycat": 590, "defenses": 470,
               "interactive": 20, "results": 5, "pools": 400}
