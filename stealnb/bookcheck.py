@@ -3,9 +3,12 @@
 Uses the system's Chromium (Debian package ``chromium``; nothing is downloaded) through the
 Chrome DevTools Protocol over a websocket (tornado's client, already a Jupyter dependency).
 Per page it collects console errors, uncaught exceptions and failed resource loads
-(:func:`page_errors`), waits until the page has settled -- loaded, every plotly chart drawn, no
-request pending (:func:`wait_until_settled`; a condition, not a fixed sleep) -- and counts the
-plotly charts placed and drawn. Given the number of charts each executed notebook made
+(:func:`page_errors`), waits until the page has settled -- loaded, every plotly chart drawn, every
+equation typeset by MathJax, no request pending (:func:`wait_until_settled`; a condition, not a
+fixed sleep) -- and counts the plotly charts and equations placed and drawn. The book must render
+offline, so a request for anything but a local file is an error (:func:`offsite_requests`), and
+so are TeX left unrendered in the page's text (:func:`raw_math`) and a TensorFlow log line in it
+(:func:`tf_log_lines`). Given the number of charts each executed notebook made
 (:func:`notebook_plots`), a page that shows fewer or more is an error. It can save a screenshot.
 
 The browser is ``$STEALNB_CHROMIUM`` when set (a path or a command name; when it does not
@@ -22,6 +25,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -41,12 +45,41 @@ CHROMIUM_FLAGS = (
 # A chart's placeholder is the ``plotly-graph-div`` of the figure's HTML snippet
 # (stealnb.plots); Plotly.newPlot marks it ``js-plotly-plot`` and draws its ``svg.main-svg``.
 # Counting placeholders (not only ``js-plotly-plot``) makes a chart whose script never ran visible.
+# Sphinx writes each equation as ``span.math`` / ``div.math`` holding its TeX; MathJax 3 puts an
+# ``mjx-container`` inside once it has typeset it.
 _STATE_JS = """(() => {
   const divs = Array.from(document.querySelectorAll('.plotly-graph-div, .js-plotly-plot'));
+  const math = Array.from(document.querySelectorAll('span.math, div.math'));
   return {ready: document.readyState, plots: divs.length,
           rendered: divs.filter(d => d.classList.contains('js-plotly-plot')
-                                     && d.querySelector('svg.main-svg') !== null).length};
+                                     && d.querySelector('svg.main-svg') !== null).length,
+          math: math.length,
+          math_rendered: math.filter(m => m.querySelector('mjx-container') !== null).length};
 })()"""
+# The page's text: all of it (``text``, for TensorFlow's log lines: cell outputs are <pre>), and
+# the prose only (``prose``: without code, typeset equations, scripts and styles) where TeX
+# delimiters must not be left.
+_TEXT_JS = """(() => {
+  const prose = document.body.cloneNode(true);
+  prose.querySelectorAll('pre, code, .highlight, mjx-container, mjx-assistive-mml, script, style')
+       .forEach(e => e.remove());
+  return {text: document.body.innerText, prose: prose.textContent};
+})()"""
+# URL schemes that do not leave the machine.
+LOCAL_SCHEMES = ("file:", "data:", "blob:", "about:")
+# TeX delimiters MathJax would have replaced: display $$...$$, inline \(...\) and display \[...\].
+_RAW_MATH = re.compile(r"\$\$|\\\(|\\\[")
+# TensorFlow's log lines: Abseil records (severity, MMDD hh:mm:ss.micros, thread, file:line]),
+# Abseil's notice about its set-up, and Python-side ``WARNING:tensorflow:`` / oneDNN / CUDA
+# start-up messages (stealnb._tflog keeps them out of the notebooks; a page must not show one).
+_TF_LOG = re.compile(
+    r"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^\]\s]+:\d+\] .*"
+    r"|.*All log messages before absl::InitializeLog\(\) is called.*"
+    r"|(?:WARNING|INFO|ERROR):tensorflow:.*"
+    r"|.*oneDNN custom operations are on.*"
+    r"|.*This TensorFlow binary is optimized to use available CPU instructions.*"
+    r"|.*Unable to register cu(?:DNN|FFT|BLAS) factory.*"
+    r"|.*(?:TF-TRT Warning|cuda_(?:dnn|blas|fft|executor)\.cc).*)$", re.M)
 _PLOTLY_DIV = 'class="plotly-graph-div"'
 _PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
@@ -80,6 +113,8 @@ class PageReport:
     plots: int = 0  # plotly charts placed on the page
     rendered_plots: int = 0  # of those, drawn by plotly.js
     expected_plots: int | None = None  # charts the executed notebook made (None: not a notebook page)
+    math: int = 0  # equations placed on the page
+    rendered_math: int = 0  # of those, typeset by MathJax
     seconds: float = 0.0  # from navigation until the page settled (or the timeout)
     screenshot: str | None = None
 
@@ -154,11 +189,30 @@ def page_errors(events: list[dict]) -> list[str]:
     return out
 
 
+def offsite_requests(events: list[dict]) -> list[str]:
+    """URLs of the requests the page made for anything but a local file (``file:``; ``data:``,
+    ``blob:`` and ``about:`` URLs leave nothing either): the book must render offline."""
+    return [u for u in _request_urls(events).values() if not u.startswith(LOCAL_SCHEMES)]
+
+
+def raw_math(prose: str) -> list[str]:
+    """The TeX left unrendered in a page's prose (``$$``, ``\\(``, ``\\[`` with a little
+    context), one string per place."""
+    return [" ".join(prose[max(0, m.start() - 30):m.end() + 30].split()) for m in _RAW_MATH.finditer(prose)]
+
+
+def tf_log_lines(text: str) -> list[str]:
+    """The lines of a page's text that TensorFlow's logging wrote (see :data:`_TF_LOG`)."""
+    return [m.group(0).strip() for m in _TF_LOG.finditer(text)]
+
+
 def settled(state: dict, pending: list[str], expected: int | None = None) -> bool:
-    """A page is settled when the document has loaded, every chart on it is drawn, no request is
-    pending and (when ``expected`` is given) at least that many charts have been placed."""
+    """A page is settled when the document has loaded, every chart on it is drawn, every equation
+    typeset, no request is pending and (when ``expected`` is given) at least that many charts
+    have been placed."""
     plots = int(state.get("plots", 0))
     return (state.get("ready") == "complete" and int(state.get("rendered", 0)) == plots and not pending
+            and int(state.get("math_rendered", 0)) == int(state.get("math", 0))
             and (expected is None or plots >= expected))
 
 
@@ -227,6 +281,21 @@ class _CDP:
             self.events.append(json.loads(msg))
 
 
+async def page_text(cdp) -> dict:
+    """``{"text": ..., "prose": ...}`` of the page open in ``cdp`` (see :data:`_TEXT_JS`)."""
+    res = await cdp.call("Runtime.evaluate", {"expression": _TEXT_JS, "returnByValue": True})
+    return res.get("result", {}).get("value") or {}
+
+
+def content_errors(events: list[dict], text: dict) -> list[str]:
+    """What a settled page must not have: requests that left the machine, unrendered TeX in its
+    prose, TensorFlow log lines in its text (``text`` as :func:`page_text` returns it)."""
+    out = [f"request left the machine: {u}" for u in offsite_requests(events)]
+    out += [f"raw TeX in the page: {t}" for t in raw_math(text.get("prose", ""))]
+    out += [f"TensorFlow log line in the page: {t}" for t in tf_log_lines(text.get("text", ""))]
+    return out
+
+
 def _settle_errors(state: dict, pending: list[str], expected: int | None, timeout: float) -> list[str]:
     """What kept a page from settling within ``timeout``."""
     out = []
@@ -235,6 +304,9 @@ def _settle_errors(state: dict, pending: list[str], expected: int | None, timeou
         out.append(f"document not loaded after {timeout:g} s (readyState {state.get('ready')!r})")
     if rendered != plots:
         out.append(f"plotly: {rendered} of {plots} chart(s) drawn after {timeout:g} s")
+    math, math_rendered = int(state.get("math", 0)), int(state.get("math_rendered", 0))
+    if math_rendered != math:
+        out.append(f"MathJax: {math_rendered} of {math} equation(s) typeset after {timeout:g} s")
     if pending:
         out.append(f"{len(pending)} request(s) still pending after {timeout:g} s: " + ", ".join(pending[:5]))
     return out
@@ -276,8 +348,13 @@ async def chromium_session(chromium: str, domains=("Runtime", "Log", "Page", "Ne
         shutil.rmtree(profile, ignore_errors=True)
 
 
-async def screenshot(cdp, out) -> Path:
-    """Write a PNG of the page's viewport to ``out`` (parent folders created); returns ``Path(out)``."""
+async def screenshot(cdp, out, scroll_to: str | None = None) -> Path:
+    """Write a PNG of the page's viewport to ``out`` (parent folders created); returns ``Path(out)``.
+    ``scroll_to``: a CSS selector whose first element is scrolled into view first (when present)."""
+    if scroll_to:
+        sel = json.dumps(scroll_to)
+        await cdp.call("Runtime.evaluate", {"expression": f"document.querySelector({sel})?.scrollIntoView({{block: 'center'}})",
+                                            "returnByValue": True})
     shot = await cdp.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -301,12 +378,15 @@ async def _check(pages: list[Path], screenshots: dict[Path, Path], expected: dic
             rep = PageReport(str(page), page_errors(cdp.events), expected_plots=want,
                              seconds=round(time.monotonic() - t0, 2))
             rep.plots, rep.rendered_plots = int(state.get("plots", 0)), int(state.get("rendered", 0))
+            rep.math, rep.rendered_math = int(state.get("math", 0)), int(state.get("math_rendered", 0))
             if not ok:
                 rep.errors += _settle_errors(state, pending_requests(cdp.events), want, timeout)
+            rep.errors += content_errors(cdp.events, await page_text(cdp))
             if want is not None and rep.plots != want:
                 rep.errors.append(f"plotly: the executed notebook made {want} chart(s), the page has {rep.plots}")
             if page in screenshots:
-                rep.screenshot = str(await screenshot(cdp, screenshots[page]))
+                # A page with display equations is shown at its first one.
+                rep.screenshot = str(await screenshot(cdp, screenshots[page], "div.math" if rep.math else None))
             reports.append(rep)
         return reports
 
@@ -346,9 +426,13 @@ def _cmd_check_book(args) -> int:
                       expected_plots=expected, timeout=args.timeout)
     bad = [r for r in reps if r.errors]
     for r in reps:
+        if r.screenshot:
+            print(f"screenshot: {r.screenshot}")
         flag = "ERR" if r.errors else "ok "
         want = "" if r.expected_plots is None else f" (notebook: {r.expected_plots})"
-        print(f"{flag} {os.path.relpath(r.page, args.html)}  plotly {r.rendered_plots}/{r.plots}{want}  {r.seconds:.1f} s")
+        math = f"  math {r.rendered_math}/{r.math}" if r.math else ""
+        print(f"{flag} {os.path.relpath(r.page, args.html)}  plotly {r.rendered_plots}/{r.plots}{want}{math}"
+              f"  {r.seconds:.1f} s")
         for e in r.errors:
             print(f"      {e}")
     print(f"{len(reps)} pages, {len(bad)} with errors")

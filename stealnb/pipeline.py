@@ -35,14 +35,17 @@ a local cluster of ``--jobs`` worker processes, or a running one (``--scheduler`
 another worker and resumes from the results its first attempt left (checkpoint, query ledger).
 
 Executed notebooks are build products: they go to ``results/<profile>/notebooks/`` and are
-copied into ``book/generated/`` (git-ignored) just before the book is built; the book renders
-them without executing anything (``execute_notebooks: off``).
+copied into ``book/generated/`` (git-ignored) just before the book is built, with paths relative
+to the results root and the run's parameters as one line (:func:`prepare_for_book`); the book
+renders them without executing anything (``execute_notebooks: off``).
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,7 +67,7 @@ NOTEBOOKS = {
     "pools": "08_pools.ipynb",
 }
 BOOK_GENERATED = Path("book") / "generated"
-# Rough wall seconds per notebook on the demo profile (README, Timings), used only to order the
+# Rough wall seconds per notebook on the demo profile (book/reproduce.md, Timings), used only to order the
 # tasks that are ready to start when no earlier run's time is recorded (see ``critical_path``).
 _COST_HINT = {"eda": 25, "secret": 50, "extraction": 300, "copycat": 590, "defenses": 470,
               "interactive": 20, "results": 5, "pools": 400}
@@ -182,7 +185,7 @@ def _code_hash(nb_path: Path) -> str:
 # Modules that only present results (figures, tables, the book, the CLI, the server): changing
 # them re-executes notebooks but keeps their computed results.
 PRESENTATION_MODULES = frozenset({"plots.py", "results.py", "pipeline.py", "bookcheck.py", "sphinxext.py",
-                                  "cli.py", "server.py", "layout.py", "cluster.py"})
+                                  "benchpage.py", "cli.py", "server.py", "layout.py", "cluster.py"})
 
 
 def package_hash(presentation: bool = False) -> str:
@@ -475,7 +478,8 @@ def _submit_and_follow(client, pending: list[Task], *, root: Path, run_dir: Path
 
 def assemble_book(tasks: list[Task], *, root: Path, run_dir: Path) -> Path:
     """Copy this run's executed notebooks into ``book/generated/`` (replacing any earlier run's;
-    a folder holding other files is refused: :func:`stealnb.layout.new_run_dir`)."""
+    a folder holding other files is refused: :func:`stealnb.layout.new_run_dir`), made fit to
+    read by :func:`prepare_for_book`. ``run_dir`` is ``<results root>/<profile>``."""
     gen = layout.new_run_dir(root / BOOK_GENERATED, "book")
     for t in tasks:
         src = _executed_path(run_dir, t)
@@ -483,12 +487,94 @@ def assemble_book(tasks: list[Task], *, root: Path, run_dir: Path) -> Path:
             dst = gen / t.chapter / src.name
             dst.parent.mkdir(parents=True, exist_ok=True)
             nb = json.loads(src.read_text())
-            _retitle(nb, t)
-            # Widget state (~10 MB for the interactive panel) cannot render in a static, offline
-            # page (its JavaScript would come from a CDN); the notebooks show static figures.
-            nb.get("metadata", {}).pop("widgets", None)
+            prepare_for_book(nb, t, results_root=Path(run_dir).parent)
             dst.write_text(json.dumps(nb))
     return gen
+
+
+def prepare_for_book(nb: dict, task: Task, *, results_root: Path) -> dict:
+    """Make an executed notebook (its JSON dict, changed in place and returned) read like a
+    chapter: a title naming its parameters (:func:`_retitle`), paths under the results root
+    written relative to it (:func:`relative_paths`: the page must not show the machine's
+    folders), papermill's injected-parameters cell as one "Parameters of this run" line
+    (:func:`parameters_line`), the defaults cell collapsed, and no widget state."""
+    _retitle(nb, task)
+    # Widget state (~10 MB for the interactive panel) cannot render in a static, offline
+    # page (its JavaScript would come from a CDN); the notebooks show static figures.
+    nb.get("metadata", {}).pop("widgets", None)
+    relative_paths(nb, results_root)
+    for i, cell in enumerate(nb.get("cells", [])):
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags:
+            nb["cells"][i] = parameters_line(cell)
+        elif "parameters" in tags and "hide-input" not in tags:
+            # The notebook's defaults (and what each parameter means), collapsed: this run's
+            # values are the line below it.
+            cell["metadata"]["tags"] = [*tags, "hide-input"]
+    return nb
+
+
+def _rewrite(text: str, roots: list[str]) -> str:
+    for r in roots:
+        text = text.replace(r + "/", "")
+        text = re.sub(re.escape(r) + r"(?![\w.-])", ".", text)
+    return text
+
+
+def relative_paths(nb: dict, results_root: Path) -> dict:
+    """Rewrite the results root in a notebook's outputs (streams, text and HTML results,
+    tracebacks) so paths under it read relative to it: ``/home/me/stealnb/results/ci/secrets/x``
+    becomes ``ci/secrets/x``. Both the path as given and its resolved form are rewritten."""
+    roots = sorted({str(Path(results_root)), str(Path(results_root).resolve())}, key=len, reverse=True)
+    roots = [r for r in roots if r not in ("/", ".", "")]
+
+    def fix(value):
+        if isinstance(value, str):
+            return _rewrite(value, roots)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return [_rewrite(v, roots) for v in value]
+        return value
+
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            if "text" in out:
+                out["text"] = fix(out["text"])
+            for mime, value in (out.get("data") or {}).items():
+                if mime.startswith("text/"):
+                    out["data"][mime] = fix(value)
+            if out.get("output_type") == "error":
+                out["evalue"] = fix(out.get("evalue", ""))
+                out["traceback"] = fix(out.get("traceback", []))
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            cell["source"] = fix(cell.get("source", ""))
+    return nb
+
+
+# Parameters every notebook takes whose value is the run's folders, not a setting of the experiment.
+_PLUMBING_PARAMETERS = ("results_dir",)
+
+
+def parameters_line(cell: dict) -> dict:
+    """papermill's injected-parameters code cell as a markdown cell of one line, *Parameters of
+    this run:* ``profile = 'ci'``, ``dataset = 'digits'``, ... (``results_dir``, the results
+    root every path on the page is relative to, left out)."""
+    src = "".join(cell.get("source", []))
+    shown = []
+    try:
+        body = ast.parse(src).body
+    except SyntaxError:
+        body = []
+    for node in body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name not in _PLUMBING_PARAMETERS:
+                shown.append(f"`{name} = {ast.get_source_segment(src, node.value)}`")
+    tags = cell.get("metadata", {}).get("tags", [])
+    line = "*Parameters of this run:* " + (", ".join(shown) if shown else "the notebook's defaults") + "."
+    out = {"cell_type": "markdown", "metadata": {"tags": list(tags)}, "source": line}
+    if "id" in cell:
+        out["id"] = cell["id"]
+    return out
 
 
 def _retitle(nb: dict, task: Task) -> None:

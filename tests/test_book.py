@@ -1,8 +1,10 @@
 """End to end, on the one execution of the ci grid per test run: `stealnb run --profile ci`
 executes every notebook of the grid with papermill, builds the Jupyter Book with warnings as
 errors, and every page opens in headless Chromium without console errors, showing as many
-rendered plotly charts as its executed notebook made (screenshot of the results page saved
-under the build folder).
+rendered plotly charts as its executed notebook made, with every equation typeset by the MathJax
+served from the build folder, no request leaving the machine and no TensorFlow log line in a
+page (screenshots of the results page and of the methods page's equations saved under the
+build folder).
 
 That papermill run is also the notebook test: papermill stops a notebook at the first cell that
 raises -- an error, or one of the assertions the notebooks end their sections with -- and
@@ -28,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(1800)
 TASK_IDS = [t.id for t in pipeline.plan("ci", ROOT / "results")]
 RESULTS_PAGE = "book/generated/results/results.html"
+METHODS_PAGE = "book/methods.html"
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +49,8 @@ def built_book(tmp_path_factory):
         shutil.copy2(ROOT / f, proj / f)
     shutil.copytree(ROOT / "book", proj / "book", ignore=shutil.ignore_patterns("generated"))
     shutil.copytree(ROOT / "notebooks", proj / "notebooks", ignore=shutil.ignore_patterns("results", ".ipynb_checkpoints"))
+    # The Benchmarks page is written from these at build time (stealnb.benchpage).
+    shutil.copytree(ROOT / "benchmarks" / "results", proj / "benchmarks" / "results")
     report = pipeline.run("ci", results=proj / "results", root=proj, jobs=2, progress=False)
     return proj, report
 
@@ -112,8 +117,9 @@ def test_every_page_opens_without_errors_and_shows_its_notebooks_plots(chromium,
                 for t in _tasks(proj)}
     assert all(n > 0 for n in expected.values()), expected  # every chapter plots something
     shot = html / "screenshots" / "results.png"
-    reports = bookcheck.check_book(html, screenshots={RESULTS_PAGE: shot}, expected_plots=expected,
-                                   chromium=chromium)
+    math_shot = proj / "_build" / "screenshots" / "methods.png"
+    reports = bookcheck.check_book(html, screenshots={RESULTS_PAGE: shot, METHODS_PAGE: math_shot},
+                                   expected_plots=expected, chromium=chromium)
     assert len(reports) >= 15
     bad = {r.page: r.errors for r in reports if r.errors}
     assert not bad, bad
@@ -123,8 +129,16 @@ def test_every_page_opens_without_errors_and_shows_its_notebooks_plots(chromium,
         assert (r.expected_plots, r.plots, r.rendered_plots) == (n, n, n), page
     for r in reports:  # pages that are not notebooks (text chapters) draw whatever they place
         assert r.rendered_plots == r.plots, (r.page, r.plots, r.rendered_plots)
+    # The methods page's equations are typeset (check_book already failed any page with TeX left
+    # or a request for anything but a local file, MathJax included).
+    methods = by_page[METHODS_PAGE]
+    assert methods.math >= 10 and methods.rendered_math == methods.math, (methods.math, methods.rendered_math)
+    assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
     assert shot.is_file() and shot.stat().st_size > 10_000
-    # Keep a copy where a developer finds it after the temporary folder is gone.
-    keep = ROOT / "_build" / "test-screenshots" / "results-ci.png"
-    keep.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(shot, keep)
+    assert math_shot.is_file() and math_shot.stat().st_size > 10_000
+    # Keep copies where a developer finds them after the temporary folder is gone.
+    keep = ROOT / "_build" / "test-screenshots"
+    keep.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(shot, keep / "results-ci.png")
+    shutil.copy2(math_shot, keep / "methods-ci.png")
+    print(f"screenshot of the methods page's equations: {keep / 'methods-ci.png'} (built at {math_shot})")

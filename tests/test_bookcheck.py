@@ -1,6 +1,7 @@
 """stealnb.bookcheck without a browser: how DevTools events are classified, when a page counts
-as settled, the wait for that condition, the charts an executed notebook made, and how Chromium
-is found (``STEALNB_CHROMIUM``)."""
+as settled, the wait for that condition, what a settled page must not contain (requests that left
+the machine, raw TeX, TensorFlow log lines), the charts an executed notebook made, and how
+Chromium is found (``STEALNB_CHROMIUM``)."""
 import asyncio
 import json
 import os
@@ -66,6 +67,8 @@ def test_pending_requests():
     ({"ready": "complete", "plots": 2, "rendered": 2}, [], 3, False),  # a placeholder not there yet
     ({"ready": "interactive", "plots": 3, "rendered": 3}, [], 3, False),
     ({"ready": "complete", "plots": 3, "rendered": 3}, ["file:///x.js"], 3, False),
+    ({"ready": "complete", "plots": 0, "rendered": 0, "math": 4, "math_rendered": 4}, [], None, True),
+    ({"ready": "complete", "plots": 0, "rendered": 0, "math": 4, "math_rendered": 1}, [], None, False),  # MathJax busy
 ])
 def test_settled(state, pending, expected, ok):
     assert settled(state, pending, expected) is ok
@@ -113,6 +116,48 @@ def test_wait_until_settled_gives_up_at_the_timeout():
     assert _wait(cdp, None, timeout=1) == ({"ready": "complete", "plots": 0, "rendered": 0}, False)
     assert bookcheck._settle_errors({"ready": "complete", "plots": 2, "rendered": 1}, ["file:///slow.js"], 2, 5) == [
         "plotly: 1 of 2 chart(s) drawn after 5 s", "1 request(s) still pending after 5 s: file:///slow.js"]
+
+
+def test_a_page_that_requests_anything_but_local_files_did_not_render_offline():
+    events = [ev("Network.requestWillBeSent", requestId="1", request={"url": "file:///b/_static/mathjax/tex-chtml.js"}),
+              ev("Network.requestWillBeSent", requestId="2", request={"url": "data:font/woff2;base64,AAAA"}),
+              ev("Network.requestWillBeSent", requestId="3",
+                 request={"url": "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"}),
+              ev("Network.requestWillBeSent", requestId="4", request={"url": "http://127.0.0.1:8000/x.png"}),
+              ev("Network.loadingFinished", requestId="1")]
+    assert bookcheck.offsite_requests(events) == [
+        "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js", "http://127.0.0.1:8000/x.png"]
+    assert bookcheck.offsite_requests(events[:2]) == []
+
+
+def test_raw_tex_left_in_the_prose_is_found_and_typeset_or_plain_dollars_are_not():
+    assert bookcheck.raw_math("Agreement is 0.75 and costs $5 a query.") == []
+    found = bookcheck.raw_math("the entropy $$ H(p) = -\\sum_i p_i $$ and \\(x\\) inline, \\[y\\] display")
+    assert len(found) == 4 and all(any(d in f for d in ("$$", "\\(", "\\[")) for f in found)
+
+
+def test_tensorflow_log_lines_in_a_pages_text_are_found():
+    text = "\n".join([
+        "Agreement at 1,000 queries: 0.75",
+        "I0000 00:00:1764680000.123456   4242 cpu_feature_guard.cc:210] This TensorFlow binary is optimized",
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "WARNING:tensorflow:5 out of the last 5 calls to <function f> triggered tf.function retracing.",
+        "E0000 00:00:1764680000.5   4242 cuda_executor.cc:1228] INTERNAL: CUDA Runtime error",
+        "the word tensorflow in a sentence is not a log line",
+    ])
+    found = bookcheck.tf_log_lines(text)
+    assert [f[:12] for f in found] == ["I0000 00:00:", "WARNING: All", "WARNING:tens", "E0000 00:00:"]
+    assert bookcheck.tf_log_lines("Agreement 0.75\nno logs here") == []
+
+
+def test_content_errors_name_each_problem_of_a_settled_page():
+    events = [ev("Network.requestWillBeSent", requestId="1", request={"url": "https://cdn.example/x.js"})]
+    errors = bookcheck.content_errors(events, {"text": "WARNING:tensorflow:retracing", "prose": "left $$x$$"})
+    assert errors[0] == "request left the machine: https://cdn.example/x.js"
+    assert [e.split(":")[0] for e in errors[1:]] == ["raw TeX in the page"] * 2 + ["TensorFlow log line in the page"]
+    assert bookcheck.content_errors([], {"text": "fine", "prose": "fine $x$"}) == []
+    assert bookcheck._settle_errors({"ready": "complete", "plots": 0, "rendered": 0, "math": 3, "math_rendered": 1},
+                                    [], None, 5) == ["MathJax: 1 of 3 equation(s) typeset after 5 s"]
 
 
 def _fig_html(n=1):

@@ -98,3 +98,25 @@ def test_stealnb_is_imported_before_tensorflow(path):
             if "stealnb" in tops:
                 return
             assert not tops & _TENSORFLOW, f"{path.name} imports {sorted(tops & _TENSORFLOW)} before stealnb"
+
+
+# The call that carries each chapter's method: its cell stays visible in the book.
+_METHOD_CALLS = {
+    "02_secret.ipynb": "ensure_secret(", "03_extraction.ipynb": "extraction.run_extraction(",
+    "05_copycat.ipynb": "copycat.run_copycat(", "06_defenses.ipynb": "defense_experiment.run_defenses(",
+    "08_pools.ipynb": "pools.run_pools(",
+}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_bookkeeping_cells_are_collapsed_and_the_method_stays_visible(path):
+    """``hide-input`` collapses a cell's code in the book (its outputs stay); the tags live in the
+    committed notebook's metadata, outputs stripped."""
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    hidden = [c for c in code if "hide-input" in c.get("metadata", {}).get("tags", [])]
+    assert hidden, f"{path.name}: no cell is collapsed (tag set-up and plotting cells 'hide-input')"
+    call = _METHOD_CALLS.get(path.name)
+    if call:
+        method = [c for c in code if call in "".join(c["source"])]
+        assert method and not any(c in hidden for c in method), f"{path.name}: the cell calling {call} is collapsed"

@@ -1,5 +1,7 @@
 """Packaging conventions: the licence file matches pyproject.toml, CITATION.cff cites this
-version, and no extra installs a second TensorFlow distribution over the base one."""
+version, no extra installs a second TensorFlow distribution over the base one, and the README
+stays a short guide."""
+import re
 import tomllib
 from pathlib import Path
 
@@ -33,3 +35,14 @@ def test_one_tensorflow_distribution_with_or_without_the_gpu_extra():
     assert base == {"tensorflow"}
     for extra, reqs in PYPROJECT["optional-dependencies"].items():
         assert names(reqs) & tensorflow <= base, f"the {extra!r} extra adds another TensorFlow distribution"
+
+
+def test_the_readme_is_a_short_guide_with_the_two_commands():
+    """Results, per-seed findings and timing histories live in the book (the results chapter,
+    the Benchmarks page computed from benchmarks/results/); the README guides."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 150
+    assert "make demo" in readme and "make test" in readme
+    assert "make lab" in readme and "$STEALNB_RESULTS" in readme
+    assert not re.search(r"\b(?:commit|clone of) [0-9a-f]{7,40}\b", readme), "no commit hashes in the README"
+    assert not re.search(r"\b\d+ min \d+ s\b", readme), "no session timings in the README"

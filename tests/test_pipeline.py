@@ -165,6 +165,54 @@ def test_the_books_generated_folder_is_replaced_only_when_it_holds_executed_note
     assert not (gen / "secret").exists()
 
 
+def _executed_notebook(results_root: Path) -> dict:
+    """An executed notebook as papermill leaves it: defaults cell, injected cell, outputs naming
+    folders under the results root."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# 03 · Extraction\nText."),
+        nbformat.v4.new_code_cell("profile: str = 'ci'  # the profile", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(f'# Parameters\nprofile = "ci"\nresults_dir = "{results_root}"\nseeds = [0, 1]\n',
+                                  metadata={"tags": ["injected-parameters"]}),
+        nbformat.v4.new_code_cell("run()", metadata={"tags": ["hide-input"]}, outputs=[
+            nbformat.v4.new_output("stream", name="stdout",
+                                   text=f"secret -> {results_root}/ci/secrets/digits-cnn-tiny\n{results_root}2/other\n"),
+            nbformat.v4.new_output("execute_result", data={"text/plain": f"'{results_root}/ci'",
+                                                           "text/html": f"<td>{results_root}/ci/x</td>"}),
+            nbformat.v4.new_output("error", ename="OSError", evalue=f"no file {results_root}/ci/a.json",
+                                   traceback=[f"OSError: no file {results_root}/ci/a.json"]),
+        ]),
+    ]
+    return json.loads(nbformat.writes(nb))
+
+
+def test_the_books_copy_shows_paths_relative_to_the_results_root(tmp_path):
+    root = tmp_path / "results"
+    task = pipeline.Task("extraction/digits-cnn-tiny-kcenter", "03_extraction.ipynb",
+                         {"dataset": "digits", "arch": "cnn-tiny", "strategy": "kcenter"})
+    nb = pipeline.prepare_for_book(_executed_notebook(root), task, results_root=root)
+    out = nb["cells"][3]["outputs"]
+    text = lambda v: "".join(v)  # noqa: E731 (nbformat stores multi-line text as a list of lines)
+    assert text(out[0]["text"]) == f"secret -> ci/secrets/digits-cnn-tiny\n{root}2/other\n"  # another folder: as it was
+    assert {k: text(v) for k, v in out[1]["data"].items()} == {"text/plain": "'ci'", "text/html": "<td>ci/x</td>"}
+    assert out[2]["evalue"] == "no file ci/a.json" and out[2]["traceback"] == ["OSError: no file ci/a.json"]
+    assert f"{root}/" not in json.dumps(nb)
+
+
+def test_the_books_copy_shows_the_injected_parameters_as_one_line_and_collapses_the_defaults(tmp_path):
+    root = tmp_path / "results"
+    task = pipeline.Task("extraction/digits-cnn-tiny-kcenter", "03_extraction.ipynb",
+                         {"dataset": "digits", "arch": "cnn-tiny", "strategy": "kcenter"})
+    nb = pipeline.prepare_for_book(_executed_notebook(root), task, results_root=root)
+    title, defaults, injected, run = nb["cells"]
+    assert title["source"].startswith("# 03 · Extraction: digits / cnn-tiny / kcenter\n")
+    assert injected["cell_type"] == "markdown" and "outputs" not in injected
+    assert injected["source"] == '*Parameters of this run:* `profile = "ci"`, `seeds = [0, 1]`.'
+    assert defaults["metadata"]["tags"] == ["parameters", "hide-input"]
+    assert run["metadata"]["tags"] == ["hide-input"] and len(run["outputs"]) == 3  # collapsed, outputs kept
+    nbformat.validate(nbformat.reads(json.dumps(nb), as_version=4))  # still a valid notebook for the book
+
+
 def test_key_follows_notebook_code_params_and_dependencies(tiny):
     root, run_dir, out_a, tasks = tiny
     k1 = {t.id: t.key for t in tasks()}

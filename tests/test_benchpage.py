@@ -1,0 +1,96 @@
+"""stealnb.benchpage: the book's Benchmarks page is computed from benchmarks/results/*.json; a
+missing folder, a file that is not JSON or one without the expected fields gives a note on the
+page instead of a failed build."""
+import json
+import os
+from pathlib import Path
+
+from stealnb import benchpage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+QUALITY = {
+    "setup": {"budgets": [250, 500], "seeds": [0, 1], "pool": "natural-patches (2000)", "substitute": "cnn-tiny"},
+    "secrets": {"digits-cnn-tiny": {"secret_test_accuracy": 0.95, "runs": {
+        "random": [{"seed": 0, "budgets": {"250": 0.4, "500": 0.6}}, {"seed": 1, "budgets": {"250": 0.6, "500": 0.8}}],
+        "kcenter": [{"seed": 0, "budgets": {"250": 0.5, "500": 0.7}}],
+    }}},
+}
+
+
+def _write(folder: Path, name: str, payload) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / name
+    p.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    return p
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("| ") and not line.startswith("|---")]
+
+
+def test_a_quality_file_becomes_a_table_of_agreement_mean_and_sd_per_strategy_and_budget(tmp_path):
+    section = benchpage.render_file(_write(tmp_path, "quality.json", QUALITY))
+    assert section.startswith("## `quality.json`")
+    assert "secret test accuracy 0.950" in section
+    assert _table_rows(section) == [
+        ["strategy", "250", "500"],
+        ["random", "0.500 ± 0.141", "0.700 ± 0.141"],  # sample standard deviation of two seeds
+        ["kcenter", "0.500", "0.700"],  # one seed: no spread to show
+    ]
+    assert "Highest mean agreement per budget: 250: random (0.500); 500: random (0.700)." in section
+
+
+def test_a_prada_scan_lists_when_each_attack_was_flagged(tmp_path):
+    data = {"delta": 0.9, "dataset": "digits", "arch": "cnn-small", "budget": 1000,
+            "benign": {"clients": 20, "client_size": 359, "fpr": 0.0, "min_w": 0.918},
+            "runs": [{"strategy": "uncertainty", "seed": 0, "queries": 952, "flagged_at": 292, "min_w": 0.797},
+                     {"strategy": "random", "seed": 0, "queries": 1000, "flagged_at": None, "min_w": 0.968}]}
+    section = benchpage.render_file(_write(tmp_path, "prada_demo.json", data))
+    assert "false-positive rate 0.00" in section
+    rows = _table_rows(section)
+    assert rows[1][:5] == ["uncertainty", "0", "952", "292", "0.797"]
+    assert rows[2][:4] == ["random", "0", "1,000", "never"]
+    assert "Flagged: uncertainty (seed 0 at query 292). Never flagged: random." in section
+
+
+def test_an_unknown_file_shows_its_top_level_values(tmp_path):
+    section = benchpage.render_file(_write(tmp_path, "new_bench.json", {"n": 1200, "met": True, "trace": [1, 2]}))
+    assert _table_rows(section) == [["field", "value"], ["n", "1,200"], ["met", "True"]]
+    assert "Nested fields (not shown): `trace`." in section
+
+
+def test_a_malformed_file_gives_a_note_not_a_crash(tmp_path):
+    broken = benchpage.render_file(_write(tmp_path, "server.json", '{"phases": [1, 2'))
+    assert broken.startswith("## `server.json`") and "could not be read as JSON" in broken
+    wrong = benchpage.render_file(_write(tmp_path, "quality.json", {"setup": {"budgets": [250]}}))
+    assert "does not have the fields of a quality result" in wrong and "KeyError" in wrong
+    page = benchpage.render_page(tmp_path)  # one bad file does not hide the others
+    assert page.count("## `") == 2
+
+
+def test_a_missing_or_empty_results_folder_gives_a_note(tmp_path):
+    missing = benchpage.render_page(tmp_path / "nowhere", shown_as="benchmarks/results")
+    assert missing.startswith("# Benchmarks") and "*No benchmark results: `benchmarks/results` does not exist.*" in missing
+    (tmp_path / "empty").mkdir()
+    assert "holds no result files" in benchpage.render_page(tmp_path / "empty")
+
+
+def test_the_page_is_rewritten_only_when_its_content_changes(tmp_path):
+    results = tmp_path / "results"
+    _write(results, "quality.json", QUALITY)
+    out = benchpage.write_page(results, tmp_path / "book" / "benchmarks.md")
+    # An mtime Sphinx would see as "unchanged" only if the file is left alone.
+    os.utime(out, ns=(1_000_000_000, 1_000_000_000))
+    benchpage.write_page(results, out)
+    assert out.stat().st_mtime_ns == 1_000_000_000
+    _write(results, "quality.json", {**QUALITY, "setup": {**QUALITY["setup"], "seeds": [0, 1, 2]}})
+    benchpage.write_page(results, out)
+    assert "seeds 0, 1, 2" in out.read_text()
+
+
+def test_every_committed_result_file_renders_without_a_note():
+    page = benchpage.render_page(ROOT / "benchmarks" / "results")
+    assert "Not shown" not in page and "No benchmark results" not in page
+    assert page.count("## `") == len(list((ROOT / "benchmarks" / "results").glob("*.json")))
