@@ -69,9 +69,9 @@ NOTEBOOKS = {
 BOOK_GENERATED = Path("book") / "generated"
 # Rough wall seconds per notebook on the demo profile (book/reproduce.md, Timings), used only to order the
 # tasks that are ready to start when no earlier run's time is recorded (see ``critical_path``).
-_COST_HINT = {"eda": 25, "secret": 50, "extraction": 300, "copycat": 590, "defenses": 470,
-              "interactive": 20, "results": 5, "pools": 400}
-_STRATEGY_COST_HINT = {"random": 230, "uncertainty": 300, "kcenter": 350, "dfal": 520, "dfal+kcenter": 530}
+_COST_HINT = {"eda": 40, "secret": 60, "extraction": 700, "copycat": 1840, "defenses": 1340,
+              "interactive": 60, "results": 15, "pools": 1100}
+_STRATEGY_COST_HINT = {"random": 600, "uncertainty": 710, "kcenter": 570, "dfal": 800, "dfal+kcenter": 910}
 
 
 # The project folder: stealnb.layout.project_root (kept here under its old name).
