@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     args.json.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in report["secrets"].items()}, indent=2))
     for name, entry in report["secrets"].items():
-        print(f"\n### {name} (secret test accuracy {entry['secret_test_accuracy']:.4f}), agreement mean ± std over seeds\n")
+        print(f"\n### {name} (secret test accuracy {entry['secret_test_accuracy']:.4f}), agreement mean ± 95% CI (t) over seeds\n")
         print("| method | " + " | ".join(f"{b} queries" for b in prof.budgets) + " |")
         print("|---|" + "---|" * len(prof.budgets))
         for method, row in entry["table"].items():

@@ -45,26 +45,30 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_ci(values: list[float]) -> str:
+    """Mean ± the half-width of its 95% confidence interval (Student's t, seeds as repetitions)."""
+    from .metrics import mean_ci95
+
     if not values:
         return "—"
     if len(values) == 1:
         return _num(values[0])
-    return f"{_num(statistics.mean(values))} ± {_num(statistics.stdev(values))}"
+    mean, half = mean_ci95(values)
+    return f"{_num(mean)} ± {_num(half)}"
 
 
 def quality(data: dict) -> list[str]:
-    """``bench_quality.py``: agreement per strategy and budget, mean ± standard deviation over
-    seeds, for each secret."""
+    """``bench_quality.py``: agreement per strategy and budget, mean ± 95% confidence interval
+    over seeds, for each secret."""
     budgets = [str(b) for b in data["setup"]["budgets"]]
-    out = [f"Agreement with the secret on its test set, mean ± standard deviation over seeds "
+    out = [f"Agreement with the secret on its test set, mean ± 95% confidence interval (Student's t) over seeds "
            f"{', '.join(map(str, data['setup'].get('seeds', [])))} (pool: {data['setup'].get('pool', '?')}, "
            f"substitute: {data['setup'].get('substitute', '?')}; budgets include the validation queries)."]
     for name, secret in data["secrets"].items():
         out += ["", f"**{name}** (secret test accuracy {_num(secret.get('secret_test_accuracy'))}):", ""]
         rows = []
         for strategy, runs in secret["runs"].items():
-            rows.append([strategy] + [_mean_sd([r["budgets"][b] for r in runs if b in r["budgets"]])
+            rows.append([strategy] + [_mean_ci([r["budgets"][b] for r in runs if b in r["budgets"]])
                                       for b in budgets])
         out += _table(["strategy", *budgets], rows)
         best = []

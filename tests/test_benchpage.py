@@ -30,13 +30,13 @@ def _table_rows(markdown: str) -> list[list[str]]:
             if line.startswith("| ") and not line.startswith("|---")]
 
 
-def test_a_quality_file_becomes_a_table_of_agreement_mean_and_sd_per_strategy_and_budget(tmp_path):
+def test_a_quality_file_becomes_a_table_of_agreement_mean_and_ci_per_strategy_and_budget(tmp_path):
     section = benchpage.render_file(_write(tmp_path, "quality.json", QUALITY))
     assert section.startswith("## `quality.json`")
     assert "secret test accuracy 0.950" in section
     assert _table_rows(section) == [
         ["strategy", "250", "500"],
-        ["random", "0.500 ± 0.141", "0.700 ± 0.141"],  # sample standard deviation of two seeds
+        ["random", "0.500 ± 1.271", "0.700 ± 1.271"],  # 95% CI of two seeds: t(0.975, 1) * 0.141 / sqrt(2)
         ["kcenter", "0.500", "0.700"],  # one seed: no spread to show
     ]
     assert "Highest mean agreement per budget: 250: random (0.500); 500: random (0.700)." in section
