@@ -14,7 +14,12 @@ of every queried sample (§4.3, step 2b). :class:`Oracle` plays that service in-
 Ledger format: a sequence of self-delimiting records ``b"SNL1" | uint32 length | payload |
 uint32 crc32(magic, length, payload)`` (little endian). The first payload is a JSON header
 (format, version, output, top_k, num_classes); each later one is one answered sample (32-byte
-fingerprint followed by its answer, see :func:`record_dtype`). Every ``query()`` call is
+fingerprint followed by its answer, see :func:`record_dtype`). A defended oracle also writes an
+*event* record when one of its observing defences raises an alarm: 32 zero bytes (a fingerprint
+no image has) followed by JSON ``{"event": "alarm", "client", "defense", "query", ...}``, before
+it refuses or poisons anything, so a reopened oracle blocks or poisons the same client again
+(:func:`ledger_events`; a detector's own state, e.g. PRADA's growing sets, starts empty after a
+restart, as in the server). Every ``query()`` call is
 flushed and ``fsync``-ed once. A torn last record (crash mid-write) is dropped with a warning
 and cut off the file; a bad record followed by valid ones raises :class:`LedgerCorrupted`, and
 so does an intact record whose answer this oracle could not have given (:func:`ledger_answers`).
@@ -42,6 +47,7 @@ LEDGER_FORMAT, LEDGER_VERSION = "stealnb.oracle-ledger", 1
 _MAGIC = b"SNL1"
 _HEAD = struct.Struct("<4sI")  # magic, payload length
 _CRC = struct.Struct("<I")
+_EVENT = bytes(32)  # the "fingerprint" of an event record: sha256 of no image is 32 zero bytes
 
 
 class QueryRefused(RuntimeError):
@@ -196,6 +202,27 @@ def _bad_answer(rows: np.ndarray, header: dict) -> tuple[int, str] | None:
     return min(hits) if hits else None
 
 
+def _is_event(payload: bytes) -> bool:
+    return payload[:32] == _EVENT
+
+
+def ledger_events(path, payloads: list[bytes]) -> list[dict]:
+    """The event records among the records ``payloads`` (after the header) of the ledger at
+    ``path``, in order: the alarms of a defended oracle's observing defences."""
+    events = []
+    for i, p in enumerate(payloads, 1):
+        if _is_event(p):
+            try:
+                ev = json.loads(p[32:])
+            except ValueError:
+                ev = None
+            if not isinstance(ev, dict) or ev.get("event") != "alarm" or not isinstance(ev.get("defense"), str) \
+                    or not _is_count(ev.get("query")):
+                raise LedgerCorrupted(f"ledger {path}: record {i} is an event record without a valid alarm")
+            events.append(ev)
+    return events
+
+
 def ledger_answers(path, header: dict, payloads: list[bytes]) -> np.ndarray:
     """The answer records ``payloads`` of the ledger at ``path`` as rows of :func:`record_dtype`, each
     of the right size and within the output contract of ``header`` (:func:`_bad_answer`). A crc32
@@ -203,6 +230,7 @@ def ledger_answers(path, header: dict, payloads: list[bytes]) -> np.ndarray:
     given raises :class:`LedgerCorrupted` rather than being replayed."""
     out, c = header["output"], header["num_classes"]
     dtype = record_dtype(out, header.get("top_k"), c)
+    payloads = [p for p in payloads if not _is_event(p)]  # alarms: ledger_events
     for i, p in enumerate(payloads, 1):
         if len(p) != dtype.itemsize:
             raise LedgerCorrupted(f"ledger {path}: record {i} holds {len(p)} bytes, expected "
@@ -216,6 +244,15 @@ def ledger_answers(path, header: dict, payloads: list[bytes]) -> np.ndarray:
                               f"an oracle with output={out!r} and num_classes={c}; the file was altered - "
                               "restore or inspect it")
     return rows
+
+
+def _client_key(client) -> str:
+    """How a client is named in the ledger's event records."""
+    return str(client)
+
+
+def _jsonable(v):
+    return v.item() if isinstance(v, np.generic) else str(v)
 
 
 class Oracle:
@@ -374,6 +411,9 @@ class Oracle:
             if header.get(key) != getattr(self, key):
                 raise ValueError(f"ledger {self.ledger} was written with {key}={header.get(key)!r} but this "
                                  f"Oracle has {key}={getattr(self, key)!r}; use a separate ledger per setting")
+        for ev in ledger_events(self.ledger, payloads[1:]):
+            if ev.get("client") == _client_key(self.client):
+                self.defenses.restore(self.client, ev["defense"], ev["query"])
         return ledger_answers(self.ledger, header, payloads[1:])
 
     def _index(self, answers: np.ndarray | None) -> np.ndarray:
@@ -405,7 +445,10 @@ class Oracle:
         rows["fp"] = np.frombuffer(b"".join(fps), dtype="V32")
         chain, client = self.defenses, self.client
         if chain:
-            chain.observe(client, x, logits.argmax(axis=1), start=self.spent)
+            alarms = chain.observe(client, x, logits.argmax(axis=1), start=self.spent)
+            if alarms and self.ledger is not None:  # on disk before anything is refused or poisoned
+                self._append(np.zeros(0, self._record_dtype()),
+                             [{"event": "alarm", "client": _client_key(client), **a} for a in alarms])
             if chain.refuses(client):
                 raise QueryRefused(client, chain.alarms(client))
         if chain and chain.changes_answers(client):
@@ -427,9 +470,11 @@ class Oracle:
             rows["prob"] = softmax(logits)
         return rows
 
-    def _append(self, rows: np.ndarray) -> None:
-        """Append one record per row (plus the header on a fresh file); flush and fsync once."""
+    def _append(self, rows: np.ndarray, events: list[dict] = ()) -> None:
+        """Append one record per event, then one per row (plus the header on a fresh file); flush
+        and fsync once."""
         blob = [] if self._size else [_frame(json.dumps(self._header(), sort_keys=True).encode())]
+        blob += [_frame(_EVENT + json.dumps(ev, sort_keys=True, default=_jsonable).encode()) for ev in events]
         raw, size = rows.tobytes(), rows.dtype.itemsize
         blob += [_frame(raw[i * size : (i + 1) * size]) for i in range(len(rows))]
         blob = b"".join(blob)

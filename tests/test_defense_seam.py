@@ -126,6 +126,33 @@ def test_a_defended_ledger_records_what_was_answered_and_reopens_only_with_the_s
         Oracle(tiny, ledger=led, defenses=defenses.parse_defenses("toy-swap:a=2,b=3"))
 
 
+def test_a_reopened_oracle_still_blocks_a_client_its_defence_blocked_before_the_restart(tiny, tmp_path):
+    x = images(30, 6)
+    led, spec = tmp_path / "ledger.bin", "toy-swap:alarm_at=15,action=block"
+    oracle = Oracle(tiny, ledger=led, defenses=defenses.parse_defenses(spec))
+    oracle.query(x[:10])
+    with pytest.raises(QueryRefused):
+        oracle.query(x[10:20])  # the alarm's call: refused, nothing answered, the alarm on disk
+    again = Oracle(tiny, ledger=led, defenses=defenses.parse_defenses(spec))  # a fresh detector
+    assert again.spent == 10 and again.defenses.alarms("local") == {"toy-swap": 15}
+    with pytest.raises(QueryRefused, match="toy-swap at query 15"):
+        again.query(x[20:30])
+    other = Oracle(tiny, ledger=led, defenses=defenses.parse_defenses(spec), client="bob")
+    assert other.defenses.alarms("bob") == {}  # the alarm is the client's, not the ledger's
+
+
+def test_a_reopened_oracle_keeps_poisoning_after_an_alarm_raised_before_the_restart(tiny, tmp_path):
+    x = images(30, 7)
+    led, spec = tmp_path / "ledger.bin", "toy-swap:a=0,b=0,alarm_at=10,action=poison"
+    truth = Oracle(tiny).query(x)
+    first = Oracle(tiny, ledger=led, defenses=defenses.parse_defenses(spec))
+    got = np.concatenate([first.query(x[s:s + 5]) for s in range(0, 15, 5)])
+    again = Oracle(tiny, ledger=led, defenses=defenses.parse_defenses(spec))
+    np.testing.assert_array_equal(again.query(x[:15]), got)  # replayed as answered, lies included
+    assert (again.query(x[15:]) != truth[15:]).all()  # still poisoned, though the new detector saw nothing
+    assert again.spent == 30
+
+
 def test_the_spec_syntax_is_one_parser_with_clear_errors():
     d = defenses.parse_defense("prada:delta=0.8,action=poison")
     assert (d.name, d.action, d.detector_options["delta"]) == ("prada", "poison", 0.8)
