@@ -453,7 +453,10 @@ def _submit_and_follow(client, pending: list[Task], *, root: Path, run_dir: Path
             else:
                 exc = fut.exception()
                 src = origin(exc)
-                if src is not None and src != t.id:
+                # A dependant of a failed task never started: Dask hands it its upstream's error,
+                # whatever that error was (a notebook's, a dead worker's or run_task's own).
+                upstream_failed = any(futures[d].status in ("error", "cancelled") for d in t.deps if d in futures)
+                if upstream_failed or (src is not None and src != t.id):
                     report["blocked"].append(t.id)
                 else:
                     log = _log_path(run_dir, t)

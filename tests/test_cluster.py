@@ -76,6 +76,19 @@ def test_a_task_is_tried_twice_then_reported_with_its_log_and_its_dependants_blo
     assert "FAILED two/bad twice (the last attempt: exit 1 after" in out and f"log: {log}" in out and "ran    one/flaky" in out
 
 
+def test_the_dependants_of_a_task_that_fails_before_its_notebook_runs_are_blocked_not_failed(tmp_path):
+    root = tmp_path / "proj"
+    tiny_notebook(root / "notebooks" / "ok.ipynb", "print('ok')", "x = 1")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "logs").write_text("a file where run_task puts its logs")  # an OSError, not a notebook's failure
+    ts = [pipeline.Task("one/broken", "ok.ipynb", {}),
+          pipeline.Task("two/after-broken", "ok.ipynb", {"x": 2}, deps=["one/broken"])]
+    pipeline.assign_keys(ts, profiles.PROFILES["ci"], root / "notebooks")
+    rep = pipeline.execute(ts, root=root, run_dir=run, jobs=1, progress=False)
+    assert rep["failed"] == ["one/broken"] and rep["blocked"] == ["two/after-broken"] and not rep["ran"]
+
+
 def test_training_tasks_take_a_gpu_only_when_the_profile_wants_one(tmp_path):
     paper = pipeline.plan(profiles.PROFILES["paper"], tmp_path)
     assert profiles.PROFILES["paper"].gpu and not profiles.PROFILES["demo"].gpu and not profiles.PROFILES["ci"].gpu
