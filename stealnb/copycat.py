@@ -23,8 +23,15 @@ By default the copycat is only trained at the budgets (and once on the initial s
 validation set): the Copycat attack is not iterative, so rounds in between would only add
 data-curve points (set ``round_size`` to get them).
 
+The NPDD part is the same for every variant of one seed (the random strategy draws the same
+images, and each variant's first step is that same substitute), so :func:`run_copycat_variants`
+runs it once and lets every variant continue from it: the results are those of separate
+:func:`run_copycat` runs, each variant still pays its own oracle (its own ledger, budget and
+``oracle_spent``), and two of every three NPDD trainings are saved.
+
 Resumable like the extraction: the NPDD extraction checkpoints every round under
-``out/npdd/``; the copycat records are checkpointed in ``out/checkpoint/copycat.json`` after
+``out/npdd/`` (a variant run with :func:`run_copycat_variants` records the folder of the one it
+shares in its checkpoint); the copycat records are checkpointed in ``out/checkpoint/copycat.json`` after
 every budget; labels are re-asked from the oracle, whose ledger (``out/ledger.bin``) replays
 paid samples for free.
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -172,10 +180,15 @@ class Copycat:
     problem-domain images (``None`` for ``npdd``); ``x_test``/``y_test`` the test set with original
     labels; ``secret`` the oracle's model, used for evaluation only (agreement, the oracle's F1
     for relative F1, transferability), never for training. ``info`` is copied into the summary.
+    ``npdd``: the NPDD :class:`~stealnb.extraction.Extraction` of another variant of the same seed
+    to continue from instead of running one (:func:`run_copycat_variants`; its config must be this
+    run's :meth:`CopycatConfig.extraction_config`); this run's ``oracle`` still pays for every
+    image it trains on.
     """
 
     def __init__(self, oracle, pool, x_pdd, x_test, y_test, config: CopycatConfig, *, secret,
-                 out=None, resume: bool = False, progress: bool = False, info: dict | None = None):
+                 out=None, resume: bool = False, progress: bool = False, info: dict | None = None,
+                 npdd: Extraction | None = None):
         if secret is None:
             raise ValueError("secret: the oracle's model is needed to evaluate the copycat (oracle F1, agreement)")
         self.config, self.oracle, self.pool, self.secret = config, oracle, pool, secret
@@ -212,9 +225,22 @@ class Copycat:
         if self.out is not None and not resuming:
             for p in ("rounds.jsonl", "summary.json"):
                 (self.out / p).unlink(missing_ok=True)
-        self.ex = Extraction(oracle, pool, x_test, y_test, config.extraction_config(), secret=secret,
-                             out=None if self.out is None else self.out / "npdd",
-                             resume=resuming, progress=progress)
+        saved = json.loads(state.read_text()) if resuming and state.is_file() else {}
+        if npdd is not None:
+            if npdd.config != config.extraction_config():
+                raise ValueError("npdd: the shared NPDD extraction was configured differently from this run's "
+                                 "extraction_config()")
+            if resuming and saved.get("npdd_dir") != self._rel(npdd.out):
+                raise ValueError(f"cannot resume {self.out} on the shared NPDD extraction {npdd.out}: it was run on "
+                                 f"{saved.get('npdd_dir') or 'its own npdd/ folder'}; resume it with run_copycat, "
+                                 "or start again with resume=False")
+            self.ex = npdd
+        else:
+            where = None if self.out is None else self.out / "npdd"
+            if saved.get("npdd_dir") not in (None, "npdd"):  # the extraction it shared, in another variant's folder
+                where = (self.out / saved["npdd_dir"]).resolve()
+            self.ex = Extraction(oracle, pool, x_test, y_test, config.extraction_config(), secret=secret,
+                                 out=where, resume=resuming, progress=progress)
         self.records: list[dict] = []
         self.model = None  # the latest copycat (the variant's model)
         self._npdd_model = None
@@ -222,9 +248,15 @@ class Copycat:
             self._load(state)
 
     # -- checkpoint ----------------------------------------------------------------------------
+    def _rel(self, path) -> str | None:
+        """``path`` (a folder of the NPDD extraction) relative to this run's folder."""
+        if self.out is None or path is None:
+            return None
+        return os.path.relpath(Path(path).resolve(), self.out.resolve())
+
     def _state(self) -> dict:
         return {"config": asdict(self.config), "records": self.records,
-                "pdd_sha256": None if self.x_pdd is None else _digest(self.x_pdd)}
+                "pdd_sha256": None if self.x_pdd is None else _digest(self.x_pdd), "npdd_dir": self._rel(self.ex.out)}
 
     def _checkpoint(self) -> None:
         if self.out is None:
@@ -282,23 +314,13 @@ class Copycat:
         if rec["round"] != self.ex.records[-1]["round"] or self.out is None:
             raise RuntimeError(f"round {rec['round']}: the NPDD copycat weights are not available any more")
         model = self._build(rec["round"])
-        model.load_weights(self.out / "npdd" / "checkpoint" / "substitute.weights.h5")
+        model.load_weights(self.ex.out / "checkpoint" / "substitute.weights.h5")
         return model
 
     def step(self) -> dict | None:
         """One NPDD round (query, train, evaluate, draw the next random images) and, when it hits
         a budget (every round for ``npdd``), the variant's copycat; returns its record or ``None``."""
-        if not self._pending():
-            if self.ex.done:
-                raise RuntimeError("copycat already reached its largest budget")
-            self.ex.step()
-            self._npdd_model = (self.ex.records[-1]["round"], self.ex.substitute)
-            if not self._pending():
-                self._checkpoint()  # nothing to train for this round: record that it happened
-        out = None
-        for rec in self._pending():
-            out = self._variant_round(rec)
-        return out
+        return _step_together([self])[self.config.variant]
 
     def _paid(self, rec: dict, with_pdd: bool) -> int:
         """Distinct images asked so far: ``queries`` minus repeated images (a pool can hold
@@ -380,17 +402,7 @@ class Copycat:
         """Run to the largest budget, write ``summary.json`` and return the summary."""
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(self.config.budgets), desc=f"copycat {self.config.variant}",
-                  disable=not self.progress, unit="budget") as bar:
-            while not self.done:
-                rec = self.step()
-                if rec is not None and rec["budget"] is not None:
-                    bar.update(1)
-        summary = self.summary()
-        if self.out is not None:
-            layout.atomic_write(self.out / "npdd" / "summary.json", json.dumps(self.ex.summary(), indent=2))
-            layout.atomic_write(self.out / "summary.json", json.dumps(summary, indent=2))
-        return summary
+        return _run_together([self])[self.config.variant]
 
     def summary(self) -> dict:
         """``budgets`` keyed by NPDD budget, each with ``queries`` (total, PDD included),
@@ -471,30 +483,134 @@ def run_copycat(dataset: str, arch: str, variant: str, profile="demo", *, seed: 
     With ``resume=False`` an earlier run in ``out`` (ledger included) is deleted first; a folder
     holding files stealnb did not write is refused (:func:`stealnb.layout.check_run_dir`).
     Returns the finished :class:`Copycat` (``.summary()``, ``.records``, ``.model``, ``.ex``).
+    Several variants of one seed: :func:`run_copycat_variants` (the same results, one NPDD run).
     """
-    from . import data
-    from .oracle import Oracle
     from .profiles import get_profile
-    from .extraction import prepare_run
 
     prof = get_profile(profile) if isinstance(profile, str) else profile
     config = configure(prof, variant, pool=pool, seed=seed, dataset=dataset,
                        allow_problem_domain=allow_problem_domain, **overrides)
     out = Path(out) if out is not None else layout.copycat_dir(results, prof.name, dataset, arch, variant, seed)
-    secret, ds = prepare_run(out, resume, dataset, arch, prof, results, kind="copycat", secret_dir=secret_dir,
+    secret, ds, thief = _setup(prof, dataset, arch, pool, [out], resume=resume, results=results,
+                               secret_dir=secret_dir, data_root=data_root, progress=progress, oracle=oracle)
+    cc = _copycat(prof, dataset, arch, config, out, secret, ds, thief, oracle=oracle, resume=resume, progress=progress)
+    cc.run()
+    return cc
+
+
+def run_copycat_variants(dataset: str, arch: str, variants=VARIANTS, profile="demo", *, seed: int = 0,
+                         results="results", data_root=None, resume: bool = True, progress: bool = False,
+                         secret_dir=None, pool: str | None = None, allow_problem_domain: bool = False,
+                         **overrides) -> dict[str, Copycat]:
+    """Run (or resume) several Copycat ``variants`` of one ``seed`` on one NPDD extraction: the
+    results, folders and ledgers of separate :func:`run_copycat` calls (each variant has its own
+    in-process oracle and pays for everything it trains on), one NPDD training per round instead
+    of one per variant. The extraction lives in the ``npdd`` variant's folder (else the first
+    variant's) and the other variants' checkpoints name it. ``overrides`` apply to every variant
+    (``pdd_size`` not to ``npdd``). Returns ``{variant: finished Copycat}``."""
+    from .profiles import get_profile
+
+    prof = get_profile(profile) if isinstance(profile, str) else profile
+    variants = list(dict.fromkeys(variants))
+    if not variants or any(v not in VARIANTS for v in variants):
+        raise ValueError(f"variants: expected some of {VARIANTS}, got {variants!r}")
+    variants.sort(key=lambda v: v != "npdd")  # the variant whose folder holds the shared extraction first
+    configs = {v: configure(prof, v, pool=pool, seed=seed, dataset=dataset, allow_problem_domain=allow_problem_domain,
+                            **{k: x for k, x in overrides.items() if not (v == "npdd" and k == "pdd_size")})
+               for v in variants}
+    if any(configs[v].extraction_config() != configs[variants[0]].extraction_config() for v in variants):
+        raise ValueError("overrides: the variants' NPDD extractions differ; run them with run_copycat")
+    outs = {v: layout.copycat_dir(results, prof.name, dataset, arch, v, seed) for v in variants}
+    secret, ds, thief = _setup(prof, dataset, arch, pool, list(outs.values()), resume=resume, results=results,
+                               secret_dir=secret_dir, data_root=data_root, progress=progress)
+    runs: dict[str, Copycat] = {}
+    alone = []
+    for v in variants:
+        shared = runs[variants[0]].ex if runs else None
+        cc = _copycat(prof, dataset, arch, configs[v], outs[v], secret, ds, thief, resume=resume,
+                      progress=progress, npdd=shared)
+        if shared is not None and v == "pdd-sl" and any(r["round"] != shared.records[-1]["round"] for r in cc._pending()):
+            # It would fine-tune NPDD copies of rounds the shared extraction passed before this run
+            # started (e.g. npdd was run alone first): only their last one is still on disk.
+            cc = _copycat(prof, dataset, arch, configs[v], outs[v], secret, ds, thief, resume=resume, progress=progress)
+            alone.append(cc)
+        runs[v] = cc
+    _run_together([cc for cc in runs.values() if cc not in alone])
+    for cc in alone:
+        cc.run()
+    return runs
+
+
+def _setup(prof, dataset, arch, pool, outs, *, resume, results, secret_dir, data_root, progress, oracle=None):
+    """Prepare the run folders ``outs`` and load the secret, the dataset and the NPDD pool."""
+    from . import data
+    from .extraction import prepare_run
+
+    for out in outs[1:]:
+        prepare_run(out, resume, dataset, arch, prof, results, kind="copycat", secret_dir=secret_dir,
+                    data_root=data_root, progress=progress, oracle=oracle, load=False)
+    secret, ds = prepare_run(outs[0], resume, dataset, arch, prof, results, kind="copycat", secret_dir=secret_dir,
                              data_root=data_root, progress=progress, oracle=oracle)
-    pool_name = pool or prof.pool
-    thief = data.load_pool(pool_name, root=data_root, n=prof.pool_size, seed=0, transform=prof.pool_transform)
+    thief = data.load_pool(pool or prof.pool, root=data_root, n=prof.pool_size, seed=0, transform=prof.pool_transform)
+    return secret, ds, thief
+
+
+def _copycat(prof, dataset, arch, config, out, secret, ds, thief, *, oracle=None, resume, progress, npdd=None):
+    from .oracle import Oracle
+
+    seed = config.seed
     pdd_idx = select_pdd(ds.x_train, config.pdd_size, seed) if config.pdd_size else np.zeros(0, np.int64)
     x_pdd = ds.x_train[pdd_idx] if config.pdd_size else None
     if oracle is None:
         oracle = Oracle(secret, output="label", budget=config.budgets[-1] + config.pdd_size, ledger=out / "ledger.bin")
     info = {"dataset": dataset, "arch": arch, "profile": prof.name, "pool": thief.describe(),
             "pdd_source": f"{dataset} train split (oracle labels)", "pdd_indices": pdd_idx.tolist()}
-    cc = Copycat(oracle, thief, x_pdd, ds.x_test, ds.y_test, config, secret=secret, out=out, resume=resume,
-                 progress=progress, info=info)
-    cc.run()
-    return cc
+    return Copycat(oracle, thief, x_pdd, ds.x_test, ds.y_test, config, secret=secret, out=out, resume=resume,
+                   progress=progress, info=info, npdd=npdd)
+
+
+def _step_together(runs: list[Copycat]) -> dict:
+    """One step of Copycat ``runs`` that share one NPDD extraction: the NPDD round unless a run
+    still has a round of it to catch up on, then every run's pending rounds; each run's latest
+    record (or ``None``), keyed by variant."""
+    ex = runs[0].ex
+    if not any(r._pending() for r in runs):
+        if ex.done:
+            raise RuntimeError("copycat already reached its largest budget")
+        ex.step()
+        for r in runs:
+            r._npdd_model = (ex.records[-1]["round"], ex.substitute)
+        for r in runs:
+            if not r._pending():
+                r._checkpoint()  # nothing to train for this round: record that it happened
+    out = {}
+    for r in runs:
+        out[r.config.variant] = None
+        for rec in r._pending():
+            out[r.config.variant] = r._variant_round(rec)
+    return out
+
+
+def _run_together(runs: list[Copycat]) -> dict:
+    """Run ``runs`` (sharing one NPDD extraction) to their largest budget, write their
+    ``summary.json`` files (and the extraction's) and return their summaries by variant."""
+    from tqdm.auto import tqdm
+
+    ex = runs[0].ex
+    with tqdm(total=len(ex.config.budgets), desc="copycat " + ", ".join(r.config.variant for r in runs),
+              disable=not runs[0].progress, unit="budget") as bar:
+        while not all(r.done for r in runs):
+            before = sum(1 for rec in ex.records if rec["budget"] is not None)
+            _step_together(runs)
+            bar.update(sum(1 for rec in ex.records if rec["budget"] is not None) - before)
+    if ex.out is not None:
+        layout.atomic_write(ex.out / "summary.json", json.dumps(ex.summary(), indent=2))
+    summaries = {}
+    for r in runs:
+        summaries[r.config.variant] = r.summary()
+        if r.out is not None:
+            layout.atomic_write(r.out / "summary.json", json.dumps(summaries[r.config.variant], indent=2))
+    return summaries
 
 
 # -- analyses (notebook 05) ------------------------------------------------------------------------

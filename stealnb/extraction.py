@@ -340,13 +340,13 @@ def collapse_warnings(records) -> list[str]:
 
 
 def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results, *, kind: str = "extraction",
-                secret_dir=None, data_root=None, progress: bool = False, oracle=None):
+                secret_dir=None, data_root=None, progress: bool = False, oracle=None, load: bool = True):
     """Set-up shared by :func:`run_extraction` and :func:`stealnb.copycat.run_copycat` (``kind``
     ``"copycat"``): unless resuming from a checkpoint in ``out``, make it a new run folder
     (:func:`stealnb.layout.new_run_dir`: an earlier run there is replaced, or kept when resuming;
     a folder holding files stealnb did not write is refused), then get the secret (from
     ``secret_dir``, else trained or loaded under ``results``) and load the dataset. Returns
-    ``(secret, dataset)``.
+    ``(secret, dataset)`` (``load=False``: the folder only, ``None``).
 
     An external ``oracle`` whose query ledger already exists inside ``out`` (e.g. an ``HttpOracle``
     opened on ``out / "ledger.bin"``) remembers those paid queries in memory: deleting ``out`` would
@@ -365,6 +365,8 @@ def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results,
     if not (resume and layout.checkpointed(out, kind)):
         # Resuming without a checkpoint starts afresh in place, keeping a ledger of paid queries.
         layout.new_run_dir(out, kind, replace=not resume)
+    if not load:
+        return None
     if secret_dir is not None:
         secret, _ = load_secret(secret_dir)
     else:

@@ -94,6 +94,55 @@ def test_end_to_end_all_variants(runs, tiny_prof):
     assert ccs["pdd-sl"].oracle.spent == spent
 
 
+def _comparable(summary):
+    """A summary without its timings (they differ between any two runs)."""
+    drop = ("seconds",)
+    out = {k: v for k, v in summary.items() if k not in drop}
+    out["budgets"] = {b: {k: v for k, v in r.items() if k not in drop} for b, r in summary["budgets"].items()}
+    return out
+
+
+def test_variants_run_on_one_npdd_extraction_give_the_results_of_separate_runs(runs, secret_dir, tiny_prof, tmp_path,
+                                                                               monkeypatch):
+    _, separate = runs
+    trained = []
+    monkeypatch.setattr(copycat.Extraction, "step", _counting(copycat.Extraction.step, trained))
+    shared = copycat.run_copycat_variants("digits", "cnn-tiny", copycat.VARIANTS, tiny_prof, seed=1, results=tmp_path,
+                                          secret_dir=secret_dir, resume=False, **TINY)
+    assert len(trained) == 3  # the NPDD rounds (seed set, 90, 130) once, not once per variant
+    for v in copycat.VARIANTS:
+        assert _comparable(shared[v].summary()) == _comparable(separate[v].summary()), v
+        assert shared[v].oracle.spent == separate[v].oracle.spent  # each variant paid for what it trained on
+        assert (shared[v].out / "summary.json").is_file() and (shared[v].out / "ledger.bin").is_file()
+    assert (shared["npdd"].out / "npdd" / "summary.json").is_file() and not (shared["pdd-sl"].out / "npdd").exists()
+    # resumed: read back, nothing trained again; and pdd-sl alone still finds the shared extraction
+    again = copycat.run_copycat_variants("digits", "cnn-tiny", copycat.VARIANTS, tiny_prof, seed=1, results=tmp_path,
+                                         secret_dir=secret_dir, **TINY)
+    alone = copycat.run_copycat("digits", "cnn-tiny", "pdd-sl", tiny_prof, seed=1, results=tmp_path,
+                                secret_dir=secret_dir, **TINY)
+    assert len(trained) == 3
+    assert _comparable(again["npdd+pdd"].summary()) == _comparable(separate["npdd+pdd"].summary())
+    assert _comparable(alone.summary()) == _comparable(separate["pdd-sl"].summary())
+
+
+def test_pdd_sl_added_after_npdd_ran_alone_gets_its_own_npdd_extraction(runs, secret_dir, tiny_prof, tmp_path):
+    _, separate = runs
+    copycat.run_copycat("digits", "cnn-tiny", "npdd", tiny_prof, seed=1, results=tmp_path, secret_dir=secret_dir,
+                        resume=False, **_tiny("npdd"))
+    # npdd's extraction is finished: only its last NPDD copy is on disk, pdd-sl needs the one at 90 too
+    later = copycat.run_copycat_variants("digits", "cnn-tiny", ["npdd", "pdd-sl"], tiny_prof, seed=1,
+                                         results=tmp_path, secret_dir=secret_dir, **TINY)
+    assert (later["pdd-sl"].out / "npdd" / "summary.json").is_file()
+    assert _comparable(later["pdd-sl"].summary()) == _comparable(separate["pdd-sl"].summary())
+
+
+def _counting(step, calls):
+    def counted(self, *a, **kw):
+        calls.append(self.out)
+        return step(self, *a, **kw)
+    return counted
+
+
 def test_resume_after_interrupt_matches_uninterrupted(secret_dir, tiny_prof, tmp_path):
     model, _ = train.load_secret(secret_dir)
     ds = data.load_dataset("digits")

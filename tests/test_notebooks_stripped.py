@@ -103,7 +103,7 @@ def test_stealnb_is_imported_before_tensorflow(path):
 # The call that carries each chapter's method: its cell stays visible in the book.
 _METHOD_CALLS = {
     "02_secret.ipynb": "ensure_secret(", "03_extraction.ipynb": "extraction.run_extraction(",
-    "05_copycat.ipynb": "copycat.run_copycat(", "06_defenses.ipynb": "defense_experiment.run_defenses(",
+    "05_copycat.ipynb": "copycat.run_copycat_variants(", "06_defenses.ipynb": "defense_experiment.run_defenses(",
     "08_pools.ipynb": "pools.run_pools(",
 }
 
