@@ -1,9 +1,12 @@
 """``stealnb run``: execute the notebook grid of a profile with papermill, then build the book.
 
-The grid (:func:`plan`) has one executed notebook per
+The grid (:func:`plan`) has one task per extraction seed and per Copycat seed (a ``runs/...``
+task: :data:`RUNNERS`, no notebook; on a cluster the seeds run in parallel), and one executed
+notebook per
 
 * dataset: ``01_eda``;
-* secret (dataset × architecture): ``02_secret``, ``03_extraction`` per strategy, ``05_copycat``;
+* secret (dataset × architecture): ``02_secret``, ``03_extraction`` per strategy, ``05_copycat``
+  (these two after their seeds' ``runs/`` tasks, whose finished results they read back and narrate);
 * secret: ``08_pools`` (the pool study: after the secret's extraction runs, whose best strategy it uses);
 * the profile's first secret: ``06_defenses`` and ``07_interactive``;
 * profile: ``04_results``, which gathers every run's result files (run last).
@@ -71,6 +74,9 @@ BOOK_GENERATED = Path("book") / "generated"
 # tasks that are ready to start when no earlier run's time is recorded (see ``critical_path``).
 _COST_HINT = {"eda": 40, "secret": 60, "extraction": 700, "copycat": 1840, "defenses": 1340,
               "interactive": 60, "results": 15, "pools": 1100}
+# Of an extraction (Copycat) notebook's hint, the part left to the notebook once its seeds' runs/
+# tasks have run: reading the runs back, the figures (Copycat: t-SNE and LRP too).
+_READ_BACK_HINT = {"extraction": 30, "copycat": 120}
 _STRATEGY_COST_HINT = {"random": 600, "uncertainty": 710, "kcenter": 570, "dfal": 800, "dfal+kcenter": 910}
 
 
@@ -80,15 +86,17 @@ project_root = layout.project_root
 # The notebooks that train models (secrets, substitutes, Copycat copies, the defenses' copies,
 # the pool study's substitutes): the tasks that take a GPU when the profile wants one
 # (``Profile.gpu``, :mod:`stealnb.cluster`).
-TRAINING_CHAPTERS = frozenset({"secret", "extraction", "copycat", "defenses", "pools"})
+TRAINING_CHAPTERS = frozenset({"secret", "extraction", "copycat", "defenses", "pools", "runs"})
 
 
 @dataclass
 class Task:
-    """One notebook execution: ``id`` is ``<chapter>/<name>`` (also its place in the book)."""
+    """One notebook execution: ``id`` is ``<chapter>/<name>`` (also its place in the book); or,
+    with ``run`` set, one call of :data:`RUNNERS` ``[run]`` with ``params`` (chapter ``runs``,
+    ``notebook`` empty: not in the book)."""
 
     id: str
-    notebook: str  # file name under notebooks/
+    notebook: str  # file name under notebooks/ ("" for a runs/ task)
     params: dict
     deps: list[str] = field(default_factory=list)
     # Result folders owned by this task -> what they hold (a stealnb.layout.RUN_FILES kind).
@@ -96,6 +104,11 @@ class Task:
     key: str = ""  # notebook key: rerun the notebook when it changes
     results_key: str = ""  # results key: delete the task's results when it changes
     resources: dict = field(default_factory=dict)  # Dask worker resources it takes (``{"GPU": 1}``)
+    run: str | None = None  # a RUNNERS name: this task calls it instead of executing a notebook
+
+    @property
+    def is_notebook(self) -> bool:
+        return self.run is None
 
     @property
     def chapter(self) -> str:
@@ -139,15 +152,31 @@ def plan(profile: str | Profile, results, data_root=None, optional: bool = False
         sec = f"secret/{tag}"
         tasks.append(Task(sec, NOTEBOOKS["secret"], {**common, **quiet, "dataset": ds, "arch": arch},
                           outputs={layout.secret_dir(results, prof.name, ds, arch): "secret"}))
+        # One runs/ task per seed computes (and owns) that seed's results; the chapter's notebook
+        # runs after them and reads them back.
+        run_params = {"profile": prof.name, "results_dir": common["results_dir"], "data_root": common["data_root"],
+                      "dataset": ds, "arch": arch}
         for strat in prof.strategies:
+            seeds = []
+            for seed in prof.seeds:
+                seeds.append(Task(f"runs/extraction-{tag}-{strat}-seed{seed}", "", {**run_params, "strategy": strat,
+                                                                                  "seed": seed},
+                                  deps=[sec], run="extraction",
+                                  outputs={layout.extraction_dir(results, prof.name, ds, arch, strat, seed): "extraction"}))
+            tasks += seeds
             tasks.append(Task(
                 f"extraction/{tag}-{strat}", NOTEBOOKS["extraction"],
                 {**common, **quiet, "dataset": ds, "arch": arch, "strategy": strat, "seeds": list(prof.seeds)},
-                deps=[sec],
-                outputs={layout.extraction_dir(results, prof.name, ds, arch, strat, 0).parent: "extraction seeds"}))
+                deps=[sec, *(t.id for t in seeds)]))
+        from .copycat import VARIANTS
+
+        seeds = [Task(f"runs/copycat-{tag}-seed{seed}", "", {**run_params, "seed": seed}, deps=[sec], run="copycat",
+                      outputs={layout.copycat_dir(results, prof.name, ds, arch, v, seed): "copycat" for v in VARIANTS})
+                 for seed in prof.seeds]
+        tasks += seeds
         tasks.append(Task(f"copycat/{tag}", NOTEBOOKS["copycat"],
-                          {**common, **quiet, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)}, deps=[sec],
-                          outputs={layout.profile_dir(results, prof.name) / "copycat" / tag: "copycat variants"}))
+                          {**common, **quiet, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)},
+                          deps=[sec, *(t.id for t in seeds)]))
         # The pool study reads the best strategy from this secret's extraction runs (stealnb.pools).
         best_from = [f"extraction/{tag}-{s}" for s in prof.strategies] if BEST_STRATEGY in prof.pool_study.strategies else []
         tasks.append(Task(f"pools/{tag}", NOTEBOOKS["pools"], {**common, "dataset": ds, "arch": arch},
@@ -209,7 +238,7 @@ def _sha(payload) -> str:
 
 def assign_keys(tasks: list[Task], prof: Profile, notebooks_dir: Path) -> None:
     """Set each task's ``results_key`` and ``key`` (the notebook key); see the module docstring."""
-    nb_missing = sorted({t.notebook for t in tasks if not (notebooks_dir / t.notebook).is_file()})
+    nb_missing = sorted({t.notebook for t in tasks if t.is_notebook and not (notebooks_dir / t.notebook).is_file()})
     if nb_missing:
         raise FileNotFoundError(f"notebooks missing from {notebooks_dir}: {', '.join(nb_missing)}")
     from . import data
@@ -226,14 +255,16 @@ def assign_keys(tasks: list[Task], prof: Profile, notebooks_dir: Path) -> None:
             extra["datasets"] = installed[root]
         t.results_key = _sha({
             **extra,
-            "notebook": _code_hash(notebooks_dir / t.notebook),
+            "notebook": _code_hash(notebooks_dir / t.notebook) if t.is_notebook else f"runner {t.run}",
             "params": t.params,
             "profile": prof.to_dict(),
             "photos": photos,  # the natural-patches pool is cut from whichever wallpapers are installed
             "package": compute,
             "deps": [by_id[d].results_key for d in t.deps],
         })
-        t.key = _sha({"results": t.results_key, "presentation": present, "deps": [by_id[d].key for d in t.deps]})
+        # A runs/ task presents nothing: a change of the presentation modules does not rerun it.
+        t.key = _sha({"results": t.results_key, "presentation": present, "deps": [by_id[d].key for d in t.deps]}) \
+            if t.is_notebook else _sha({"results": t.results_key})
         by_id[t.id] = t
 
 
@@ -253,8 +284,9 @@ def _stamp(run_dir: Path, task: Task) -> dict:
 
 
 def is_current(run_dir: Path, task: Task) -> bool:
-    """The task's notebook ran successfully with the same notebook key."""
-    return _executed_path(run_dir, task).is_file() and _stamp(run_dir, task).get("key") == task.key
+    """The task's notebook ran successfully with the same notebook key (a runs/ task: it finished
+    with the same key)."""
+    return (not task.is_notebook or _executed_path(run_dir, task).is_file()) and _stamp(run_dir, task).get("key") == task.key
 
 
 def results_current(run_dir: Path, task: Task) -> bool:
@@ -285,7 +317,34 @@ _DIE_WITH_WORKER = (
     "    pass\n"
     "if os.getppid() != int(sys.argv[1]):\n"
     "    os._exit(70)\n"
-    "os.execv(sys.executable, [sys.executable, '-m', 'papermill', *sys.argv[2:]])\n")
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n")
+
+
+def _run_extraction(profile, results_dir, data_root, dataset, arch, strategy, seed):
+    from .extraction import run_extraction
+
+    run_extraction(dataset, arch, strategy, get_profile(profile), seed=seed, results=results_dir, data_root=data_root)
+
+
+def _run_copycat(profile, results_dir, data_root, dataset, arch, seed):
+    from .copycat import VARIANTS, run_copycat_variants
+
+    run_copycat_variants(dataset, arch, VARIANTS, get_profile(profile), seed=seed, results=results_dir,
+                         data_root=data_root)
+
+
+#: What a ``runs/`` task calls with its params (in a subprocess, like a notebook): one extraction
+#: seed (:func:`stealnb.extraction.run_extraction`), one Copycat seed, all variants
+#: (:func:`stealnb.copycat.run_copycat_variants`). Both resume, so a retried task loses nothing.
+RUNNERS = {"extraction": _run_extraction, "copycat": _run_copycat}
+
+
+def _runner_main(argv) -> None:
+    """``python -c 'from stealnb.pipeline import _runner_main; _runner_main(sys.argv[1:])' NAME PARAMS.json``"""
+    name, params = argv
+    print(f"{name}: {params}", flush=True)
+    RUNNERS[name](**json.loads(Path(params).read_text()))
+    print("done", flush=True)
 
 
 class NotebookFailed(RuntimeError):
@@ -325,10 +384,13 @@ def run_task(task: Task, root: Path, run_dir: Path, fresh: bool, run_token: str,
     params.write_text(json.dumps(task.params, indent=2))
     log = _log_path(run_dir, task)
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-c", _DIE_WITH_WORKER, str(os.getpid()),
-           str(root / "notebooks" / task.notebook), str(out),
-           "-f", str(params), "--cwd", str(root / "notebooks"), "-k", "python3",
-           "--no-progress-bar", "--log-output"]
+    if task.is_notebook:
+        what = ["-m", "papermill", str(root / "notebooks" / task.notebook), str(out),
+                "-f", str(params), "--cwd", str(root / "notebooks"), "-k", "python3", "--no-progress-bar", "--log-output"]
+    else:
+        what = ["-c", "import sys; from stealnb.pipeline import _runner_main; _runner_main(sys.argv[1:])",
+                task.run, str(params)]
+    cmd = [sys.executable, "-c", _DIE_WITH_WORKER, str(os.getpid()), *what]
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_kernel_env(), cwd=root).returncode
@@ -349,8 +411,12 @@ def critical_path(tasks: list[Task], run_dir: Path) -> dict[str, float]:
         secs = _stamp(run_dir, t).get("seconds")
         if isinstance(secs, (int, float)):
             return float(secs)
-        if t.chapter == "extraction":
-            return _STRATEGY_COST_HINT.get(t.params.get("strategy"), _COST_HINT["extraction"])
+        if t.run is not None:  # one seed of the chapter's notebook hint, without the read-back
+            whole = _STRATEGY_COST_HINT.get(t.params.get("strategy"), _COST_HINT[t.run]) if t.run == "extraction" \
+                else _COST_HINT[t.run]
+            return max(whole - _READ_BACK_HINT[t.run], 0) / 3  # the hints are of the demo's 3 seeds
+        if t.chapter in _READ_BACK_HINT:
+            return _READ_BACK_HINT[t.chapter]
         return _COST_HINT.get(t.chapter, 60)
 
     dependants: dict[str, list[str]] = {t.id: [] for t in tasks}
@@ -396,10 +462,10 @@ def execute(tasks: list[Task], *, root: Path, run_dir: Path, jobs: int = 1, forc
         if t.id in stale:
             for o, kind in t.outputs.items():
                 layout.check_run_dir(o, kind)
-    bar = tqdm(total=len(tasks), initial=len(skipped), desc="notebooks", unit="nb",
+    bar = tqdm(total=len(tasks), initial=len(skipped), desc="tasks", unit="task",
                disable=not progress, file=sys.stdout)
     if progress and skipped:
-        bar.write(f"skipping {len(skipped)} unchanged notebook(s)")
+        bar.write(f"skipping {len(skipped)} unchanged task(s)")
     if not pending:
         bar.close()
         return report
@@ -668,7 +734,7 @@ def _cmd_run(args) -> int:
     rep = run(args.profile, results=args.results, data_root=args.data_root, jobs=args.jobs, force=args.force,
               book=not args.no_book, only=args.only, progress=not args.quiet, optional=args.with_optional,
               scheduler=args.scheduler)
-    print(f"{len(rep['ran'])} notebook(s) executed, {len(rep['skipped'])} unchanged and skipped, "
+    print(f"{len(rep['ran'])} task(s) run, {len(rep['skipped'])} unchanged and skipped, "
           f"{len(rep['failed'])} failed, {len(rep['blocked'])} blocked; {rep['seconds']['total']:.0f} s")
     if rep["failed"] or rep["blocked"]:
         for t in rep["failed"]:

@@ -305,3 +305,18 @@ def test_a_resumed_warm_start_run_ends_with_the_weights_and_records_of_an_uninte
     drop = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
     assert drop(resumed.records) == drop(full.records) and len(full.records) == 3
     assert resumed.oracle.spent == full.oracle.spent == 100
+
+
+def test_a_finished_run_is_read_back_without_training_or_querying(secret_dir, tmp_path, monkeypatch):
+    """What the extraction notebook relies on after the pipeline's runs/ task of a seed ran it."""
+    kw = dict(seed=0, results=tmp_path, secret_dir=secret_dir, budgets=(90, 130), seed_size=40, val_size=20,
+              round_size=40, epochs=2)
+    prof = profiles.get_profile("ci").with_(pool_size=500)
+    first = extraction.run_extraction("digits", "cnn-tiny", "random", prof, **kw)
+    before = comparable_run(first.out)
+    steps = []
+    real = extraction.Extraction.step
+    monkeypatch.setattr(extraction.Extraction, "step", lambda self: steps.append(1) or real(self))
+    again = extraction.run_extraction("digits", "cnn-tiny", "random", prof, **kw)
+    assert steps == [] and again.oracle.spent == first.oracle.spent and again.oracle.replayed == 0
+    assert again.out == first.out and comparable_run(again.out) == before

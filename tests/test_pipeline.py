@@ -37,10 +37,46 @@ def test_plan_covers_the_grid_in_dependency_order(tmp_path):
     ex = next(t for t in tasks if t.chapter == "extraction")
     assert ex.params["profile"] == "ci" and ex.params["results_dir"] == str(tmp_path.resolve())
     assert ex.params["seeds"] == list(prof.seeds)
-    assert ex.outputs == {layout.extraction_dir(tmp_path.resolve(), "ci", ds, arch, ex.params["strategy"], 0).parent:
-                          "extraction seeds"}
+    assert ex.outputs == {}  # the seeds' runs/ tasks own the results; the notebook reads them back
     for t in tasks:  # every notebook the plan names exists
-        assert (Path(pipeline.__file__).parents[1] / "notebooks" / t.notebook).is_file(), t.notebook
+        if t.is_notebook:
+            assert (Path(pipeline.__file__).parents[1] / "notebooks" / t.notebook).is_file(), t.notebook
+
+
+def test_every_extraction_and_copycat_seed_is_a_task_of_its_own_before_its_chapter(tmp_path):
+    prof = PROFILES["demo"]
+    tasks = {t.id: t for t in pipeline.plan(prof, tmp_path)}
+    res = tmp_path.resolve()
+    ds, arch = prof.secrets[0]
+    for strat in prof.strategies:
+        seeds = [f"runs/extraction-{ds}-{arch}-{strat}-seed{s}" for s in prof.seeds]
+        assert set(seeds) <= set(tasks[f"extraction/{ds}-{arch}-{strat}"].deps)
+        for s, tid in zip(prof.seeds, seeds):
+            t = tasks[tid]
+            assert t.run == "extraction" and not t.is_notebook and t.params["seed"] == s and t.params["strategy"] == strat
+            assert t.deps == [f"secret/{ds}-{arch}"]  # the seeds of one strategy can run side by side
+            assert t.outputs == {layout.extraction_dir(res, "demo", ds, arch, strat, s): "extraction"}
+    seeds = [tasks[f"runs/copycat-{ds}-{arch}-seed{s}"] for s in prof.seeds]
+    assert {t.id for t in seeds} <= set(tasks[f"copycat/{ds}-{arch}"].deps)
+    assert all(t.run == "copycat" and len(t.outputs) == 3 for t in seeds)
+    assert len(prof.seeds) == 3 and sum(t.run is not None for t in tasks.values()) == 3 * (len(prof.strategies) + 1)
+
+
+def test_a_presentation_change_reruns_the_notebooks_but_not_the_seeds_runs(tmp_path, monkeypatch):
+    prof = PROFILES["ci"]
+    nbs = Path(pipeline.__file__).parents[1] / "notebooks"
+
+    def keys():
+        tasks = pipeline.plan(prof, tmp_path)
+        pipeline.assign_keys(tasks, prof, nbs)
+        return {t.id: (t.key, t.results_key, t.is_notebook) for t in tasks}
+
+    before = keys()
+    real = pipeline.package_hash
+    monkeypatch.setattr(pipeline, "package_hash", lambda presentation=False: real(presentation) + ("p" if presentation else ""))
+    after = keys()
+    assert all(after[i][1] == before[i][1] for i in before)  # results keys: unchanged
+    assert all((after[i][0] != before[i][0]) == before[i][2] for i in before)  # only the notebooks rerun
 
 
 def test_the_pool_study_runs_after_the_extractions_whose_best_strategy_it_reads(tmp_path):
@@ -247,8 +283,12 @@ def test_paper_smoke_is_the_paper_grid_with_the_least_training(tmp_path):
     assert smoke.budgets[-1] < smoke.pool_size < paper.pool_size
     ids = lambda prof: [t.id for t in pipeline.plan(prof, tmp_path)]  # noqa: E731
     # every notebook of the paper grid: 3 EDA, per secret (15) one secret, 5 extraction, Copycat and
-    # pool notebooks (8 x 15 = 120), the defences, the interactive panel and the results
-    assert ids(smoke) == ids(paper) and len(ids(paper)) == 3 + 8 * 15 + 3
+    # pool notebooks (8 x 15 = 120), the defences, the interactive panel and the results; and per
+    # secret and seed one runs/ task for each strategy and one for Copycat
+    assert ids(smoke) == ids(paper)
+    tasks = pipeline.plan(paper, tmp_path)
+    assert sum(t.is_notebook for t in tasks) == 3 + 8 * 15 + 3
+    assert sum(not t.is_notebook for t in tasks) == 15 * (5 + 1) * len(paper.seeds)
 
 
 @pytest.mark.timeout(600)  # three grids of two tiny notebooks
