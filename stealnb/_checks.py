@@ -62,6 +62,24 @@ def check_positive_int(v, name: str, minimum: int = 1) -> int:
     return int(v)
 
 
+def check_indices(idx, n: int, name: str) -> np.ndarray:
+    """``idx`` as an int64 vector of unique indices in ``[0, n)`` (an empty array of any dtype is
+    accepted): pool indices, the rows of :func:`stealnb.models.predict_logits`."""
+    if not isinstance(idx, np.ndarray) or idx.ndim != 1:
+        got = f"{type(idx).__name__} {getattr(idx, 'shape', '')}"
+        raise TypeError(f"{name}: expected a 1-D numpy array of integer pool indices, got {got}")
+    if idx.size == 0:
+        return np.zeros(0, np.int64)
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"{name}: expected integer pool indices, got dtype {idx.dtype}")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"{name}: indices must lie in [0, {n}) (the pool size), got range [{lo}, {hi}]")
+    if len(np.unique(idx)) != len(idx):
+        raise ValueError(f"{name}: indices must be unique, got {len(idx) - len(np.unique(idx))} duplicate(s)")
+    return idx.astype(np.int64, copy=False)
+
+
 def check_real(v, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
     """Return ``v`` as float if it is a finite real number (bools refused: ``TypeError``) in
     ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``; ``None``: unbounded), else ``ValueError``."""

@@ -521,7 +521,7 @@ def oracle_space(model, x, space: str = "logits", batch_size: int = 512) -> np.n
     import keras
 
     if space == "logits":
-        return models.predict_logits(model, x, batch_size)
+        return models.predict_logits(model, x, batch_size=batch_size)
     if space != "penultimate":
         raise ValueError(f"space: expected 'logits' or 'penultimate', got {space!r}")
     check_images(x, "x", shape=tuple(model.input_shape[1:]))

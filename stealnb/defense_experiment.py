@@ -195,12 +195,12 @@ def admis_tradeoff(model, misinformation_model, x_test: np.ndarray, y_test: np.n
         adm.check(output="probs", num_classes=num_classes)
 
         def defended_labels(x):  # the labels of an ADMIS-defended, label-only oracle
-            return adm.answer(x, softmax(models.predict_logits(model, x, 512), dtype=np.float64)).astype(np.float32).argmax(axis=1).astype(np.int64)
+            return adm.answer(x, softmax(models.predict_logits(model, x, batch_size=512), dtype=np.float64)).astype(np.float32).argmax(axis=1).astype(np.int64)
 
         acc = metrics.accuracy(y_test, defended_labels(x_test))
         for name, (x_train, x_val) in attacks.items():
             xq = x_train if x_val is None else np.concatenate([x_val, x_train])
-            alpha = misinformation_alpha(softmax(models.predict_logits(model, xq, 512), dtype=np.float64), adm.tau, adm.nu)
+            alpha = misinformation_alpha(softmax(models.predict_logits(model, xq, batch_size=512), dtype=np.float64), adm.tau, adm.nu)
             copy = replay(defended_labels, x_train, x_val, substitute=substitute,
                           num_classes=num_classes, seed=seed, **fit_options)
             pred = models.predict_labels(copy, x_test)

@@ -387,12 +387,6 @@ def train_misinformation_model(
     return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
 
 
-def _softmax_probs(model, x, batch_size: int) -> np.ndarray:
-    from .models import predict_logits, softmax
-
-    return softmax(predict_logits(model, x, batch_size), dtype=np.float64)
-
-
 @DEFENSES.register("admis")
 class AdaptiveMisinformation(Defense):
     """Adaptive Misinformation (Kariyappa & Qureshi 2020, "Defending against model stealing attacks
@@ -436,7 +430,9 @@ class AdaptiveMisinformation(Defense):
 
     def answer(self, x: np.ndarray, probs: np.ndarray, *, client=None) -> np.ndarray:
         """The defended probabilities of ``x`` given the defended model's ``probs`` (float64 out)."""
-        p_hat = _softmax_probs(self.misinformation_model, x, self.batch_size)
+        from .models import predict_logits, softmax
+
+        p_hat = softmax(predict_logits(self.misinformation_model, x, batch_size=self.batch_size), dtype=np.float64)
         alpha = misinformation_alpha(probs, self.tau, self.nu)
         self.n_queries += len(x)
         self.n_misinformed += int((alpha > 0.5).sum())

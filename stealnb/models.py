@@ -251,14 +251,32 @@ def _logits(ref, x):
     return ref()(x, training=False)
 
 
-def softmax(logits, dtype="float32"):
-    """Row-wise softmax of ``N x C`` logits, max-shifted and computed in float64, returned as
-    ``dtype`` (float32 by default: what an oracle answers; ``"float64"`` for further arithmetic)."""
+def softmax(logits, dtype="float32", *, log_space: bool = False, chunk: int = 65536):
+    """Row-wise softmax of ``N x C`` logits, max-shifted and computed in float64 (``chunk`` rows at a
+    time, so a whole pool's logits need no N x C float64 copy), returned as ``dtype`` (float32 by
+    default: what an oracle answers; ``"float64"`` for further arithmetic).
+
+    ``log_space=False``: ``exp(z) / sum(exp(z))`` -- what the oracles and the server answer and the
+    defences use. ``log_space=True``: ``exp(log_softmax(z))`` (:func:`stealnb.metrics.log_softmax`)
+    -- what the selectors rank by (K-center, DFAL+K-center, BADGE), consistent with their entropy
+    and margin. The two agree to an ulp of float64 and can differ in the last bit of float32, so
+    each caller keeps the one its results were computed with."""
     import numpy as np
 
-    z = np.asarray(logits, dtype=np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return (e / e.sum(axis=1, keepdims=True)).astype(dtype, copy=False)
+    from .metrics import log_softmax
+
+    z = np.asarray(logits)
+    if z.ndim != 2:
+        raise ValueError(f"logits: expected an N x C array, got shape {z.shape}")
+    out = np.empty(z.shape, dtype)
+    for s in range(0, len(z), chunk):
+        zs = np.asarray(z[s:s + chunk], np.float64)
+        if log_space:
+            out[s:s + chunk] = np.exp(log_softmax(zs))
+        else:
+            e = np.exp(zs - zs.max(axis=1, keepdims=True))
+            out[s:s + chunk] = e / e.sum(axis=1, keepdims=True)
+    return out
 
 
 def load_model(path):
@@ -273,20 +291,65 @@ def load_model(path):
     return _keras()[0].models.load_model(p, compile=False)
 
 
-def predict_logits(model, x, batch_size: int = 512):
-    """Logits of ``model`` on float32 images ``x`` (N×32×32×3), in batches, as a float32 array."""
+def index_positions(size: int, idx):
+    """Lookup table index -> position in ``idx`` (-1 elsewhere), so batches may come in any order."""
     import numpy as np
 
-    from ._checks import check_images
+    where = np.full(size, -1, np.int64)
+    where[idx] = np.arange(len(idx), dtype=np.int64)
+    return where
 
-    check_images(x, "x", shape=tuple(model.input_shape[1:]))
+
+def predict_logits(model, x, idx=None, batch_size: int = 512, progress: bool = False):
+    """float32 logits ``(len(idx), C)`` of ``model`` through :func:`forward`, row i for image
+    ``idx[i]`` (every image, in order, if ``idx`` is None), ``batch_size`` images at a time.
+
+    ``x`` is an N x 32 x 32 x 3 float32 array in [0, 1] (checked against the model's input shape)
+    or a pool: anything with ``len()`` and ``batches(batch_size=, idx=)`` yielding ``(indices,
+    float32 images)`` chunks in any order (:meth:`stealnb.data.Pool.batches`), so that only one
+    batch is float32 at a time. ``idx``: unique indices into ``x``
+    (:func:`stealnb._checks.check_indices`). Logits of the wrong shape or with NaN or inf raise
+    ``ValueError``; ``progress`` shows a tqdm bar."""
+    import numpy as np
+
+    from ._checks import check_images, check_indices, check_positive_int
+
+    batch_size = check_positive_int(batch_size, "batch_size")
+    is_pool = hasattr(x, "batches")
+    if not is_pool:
+        check_images(x, "x", shape=tuple(model.input_shape[1:]))
+    n = len(x)
+    whole = idx is None
+    idx = np.arange(n, dtype=np.int64) if whole else check_indices(idx, n, "idx")
+    if is_pool:
+        batches = x.batches(batch_size=batch_size, idx=None if whole else idx)
+    else:
+        batches = ((idx[s:s + batch_size], x[s:s + batch_size] if whole else x[idx[s:s + batch_size]])
+                   for s in range(0, len(idx), batch_size))
+    from tqdm.auto import tqdm
+
+    out, filled = None, 0
+    where = index_positions(n, idx)
     f = forward(model)
-    out = [np.asarray(f(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
-    if not out:
-        return np.zeros((0, model.output_shape[-1]), np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
+    with tqdm(total=len(idx), desc="logits", disable=not progress, unit="img", leave=False) as bar:
+        for chunk, xb in batches:
+            z = np.asarray(f(xb, training=False))
+            if z.ndim != 2 or len(z) != len(chunk):
+                raise ValueError(f"model: expected logits of shape ({len(chunk)}, C), got {z.shape}")
+            if not np.isfinite(z).all():
+                raise ValueError("model: produced NaN or inf logits")
+            if out is None:
+                out = np.empty((len(idx), z.shape[1]), np.float32)
+            out[where[np.asarray(chunk)]] = z
+            filled += len(chunk)
+            bar.update(len(chunk))
+    if out is None:
+        return np.zeros((0, int(model.output_shape[-1])), np.float32)
+    if filled != len(idx):
+        raise RuntimeError(f"{type(x).__name__}.batches yielded {filled} samples, expected {len(idx)}")
+    return out
 
 
 def predict_labels(model, x, batch_size: int = 512):
     """Top-1 labels (int64) of ``model`` on ``x``."""
-    return predict_logits(model, x, batch_size).argmax(axis=1).astype("int64")
+    return predict_logits(model, x, batch_size=batch_size).argmax(axis=1).astype("int64")

@@ -19,8 +19,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ._checks import as_rng, check_positive_int
+from ._checks import as_rng, check_indices, check_positive_int
 from .metrics import log_softmax
+from .models import index_positions, predict_logits, softmax
 from .registry import Registry
 
 REGISTRY = Registry("strategy")
@@ -39,73 +40,6 @@ def _tqdm(total, desc, progress, unit="img"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not progress, unit=unit, leave=False)
-
-
-def _check_idx(idx, n: int, name: str) -> np.ndarray:
-    """``idx`` as an int64 vector of unique indices in ``[0, n)`` (an empty array of any dtype is accepted)."""
-    if not isinstance(idx, np.ndarray) or idx.ndim != 1:
-        got = f"{type(idx).__name__} {getattr(idx, 'shape', '')}"
-        raise TypeError(f"{name}: expected a 1-D numpy array of integer pool indices, got {got}")
-    if idx.size == 0:
-        return np.zeros(0, np.int64)
-    if not np.issubdtype(idx.dtype, np.integer):
-        raise TypeError(f"{name}: expected integer pool indices, got dtype {idx.dtype}")
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= n:
-        raise ValueError(f"{name}: indices must lie in [0, {n}) (the pool size), got range [{lo}, {hi}]")
-    if len(np.unique(idx)) != len(idx):
-        raise ValueError(f"{name}: indices must be unique, got {len(idx) - len(np.unique(idx))} duplicate(s)")
-    return idx.astype(np.int64, copy=False)
-
-
-def _positions(pool_size: int, idx: np.ndarray) -> np.ndarray:
-    """Lookup table pool index -> position in ``idx`` (-1 elsewhere), so batches may come in any order."""
-    where = np.full(pool_size, -1, np.int64)
-    where[idx] = np.arange(len(idx), dtype=np.int64)
-    return where
-
-
-def predict_logits(model, pool, idx=None, batch_size: int = 1024, progress: bool = False) -> np.ndarray:
-    """float32 logits ``(len(idx), C)`` of ``model`` on pool samples ``idx`` (all if None), row i for idx[i].
-
-    Images are read batch by batch through ``pool.batches``; only one batch is float32 at a time.
-    """
-    from .models import forward
-
-    batch_size = check_positive_int(batch_size, "batch_size")
-    n_pool = len(pool)
-    whole = idx is None
-    idx = np.arange(n_pool, dtype=np.int64) if whole else _check_idx(idx, n_pool, "idx")
-    out = None
-    filled = 0
-    where = _positions(n_pool, idx)
-    f = forward(model)
-    with _tqdm(len(idx), "substitute logits", progress) as bar:
-        for chunk, x in pool.batches(batch_size=batch_size, idx=None if whole else idx):
-            z = np.asarray(f(x, training=False))
-            if z.ndim != 2 or len(z) != len(chunk):
-                raise ValueError(f"substitute: expected logits of shape ({len(chunk)}, C), got {z.shape}")
-            if not np.isfinite(z).all():
-                raise ValueError("substitute: produced NaN or inf logits")
-            if out is None:
-                out = np.empty((len(idx), z.shape[1]), np.float32)
-            pos = where[np.asarray(chunk)]
-            out[pos] = z
-            filled += len(chunk)
-            bar.update(len(chunk))
-    if out is None:
-        return np.zeros((0, int(model.output_shape[-1])), np.float32)
-    if filled != len(idx):
-        raise RuntimeError(f"pool.batches yielded {filled} samples, expected {len(idx)}")
-    return out
-
-
-def softmax(logits: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """Row-wise softmax as float32 (computed in float64, in row chunks)."""
-    out = np.empty(logits.shape, np.float32)
-    for s in range(0, len(logits), chunk):
-        out[s:s + chunk] = np.exp(log_softmax(logits[s:s + chunk]))
-    return out
 
 
 def entropy(logits: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -170,7 +104,7 @@ def kcenter_greedy(features: np.ndarray, centres_idx, k: int, chunk: int = 2048,
     n, d = features.shape
     if features.size and not np.isfinite(features).all():
         raise ValueError("features: contain NaN or inf; expected finite values")
-    centres = _check_idx(np.asarray(centres_idx) if isinstance(centres_idx, list) else centres_idx,
+    centres = check_indices(np.asarray(centres_idx) if isinstance(centres_idx, list) else centres_idx,
                          n, "centres_idx")
     k = check_positive_int(k, "k")
     chunk = check_positive_int(chunk, "chunk")
@@ -280,7 +214,7 @@ class _Base:
             if not hasattr(pool, attr):
                 raise TypeError(f"pool: expected a stealnb.data.Pool-like object with .{attr}, got {type(pool).__name__}")
         n = len(pool)
-        labelled = _check_idx(labelled_idx, n, "labelled_idx")
+        labelled = check_indices(labelled_idx, n, "labelled_idx")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k: expected an integer >= 1, got {k!r}")
         if k < 1:
@@ -357,7 +291,7 @@ class KCenter(_Base):
         self.chunk = check_positive_int(chunk, "chunk")
 
     def _select(self, substitute, pool, labelled, unlabelled, k, rng, progress=False, **_):
-        feats = softmax(predict_logits(substitute, pool, None, self.batch_size, progress))
+        feats = softmax(predict_logits(substitute, pool, None, self.batch_size, progress), log_space=True)
         return kcenter_greedy(feats, labelled, k, chunk=self.chunk, progress=progress)
 
 
@@ -412,7 +346,7 @@ class _DFALBase(_Base):
             substitute = _SoftmaxOutputs(substitute)
         alpha = np.empty(len(cand), np.float64)
         conv = np.empty(len(cand), bool)
-        where = _positions(len(pool), cand)
+        where = index_positions(len(pool), cand)
         with _tqdm(len(cand), "DeepFool (DFAL)", progress) as bar:
             for chunk, x in pool.batches(batch_size=self.chunk, idx=cand):
                 res = deepfool(substitute, x, overshoot=self.overshoot, max_iter=self.max_iter,
@@ -492,7 +426,8 @@ class DFALKCenter(_DFALBase):
             keep = max(self.keep_multiple * k, int(np.ceil(keep * len(cand) / len(unlabelled))))
         kept = self._rank(substitute, pool, cand, progress)[:keep]
         both = np.concatenate([labelled, kept])
-        feats = softmax(predict_logits(substitute, pool, both, self.logits_batch_size, progress))
+        feats = softmax(predict_logits(substitute, pool, both, self.logits_batch_size, progress),
+                        log_space=True)
         centres = np.arange(len(labelled), dtype=np.int64)
         pick = kcenter_greedy(feats, centres, k, chunk=self.kcenter_chunk, progress=progress)
         return both[pick]
@@ -529,7 +464,7 @@ class Badge(_Base):
             cand = np.sort(rng.choice(unlabelled, size=self.max_candidates, replace=False))
         emb = _penultimate_model(substitute)
         hs, logits = [], []
-        where = _positions(len(pool), cand)
+        where = index_positions(len(pool), cand)
         order = np.empty(len(cand), np.int64)
         filled = 0
         with _tqdm(len(cand), "BADGE embeddings", progress) as bar:
@@ -546,6 +481,6 @@ class Badge(_Base):
         z[order] = np.concatenate(logits)
         if not (np.isfinite(h).all() and np.isfinite(z).all()):
             raise ValueError("substitute: produced NaN or inf activations")
-        a = softmax(z)
+        a = softmax(z, log_space=True)
         a[np.arange(len(a)), z.argmax(axis=1)] -= 1.0
         return cand[badge_seeding(a, h, k, rng)]

@@ -512,7 +512,7 @@ class PredictionService:
             for defense, query in state.alarms.items():
                 self.defenses.restore(state.id, defense, query)
         self._pixels = int(np.prod(self.input_shape))
-        predict_logits(self.model, np.zeros((1, *self.input_shape), np.float32), 1)  # warm up
+        predict_logits(self.model, np.zeros((1, *self.input_shape), np.float32), batch_size=1)  # warm up
 
     def close(self) -> None:
         for s in self._keys.values():
@@ -691,7 +691,7 @@ class PredictionService:
                                f"request refused: it asks for {len(new)} new sample(s) but only "
                                f"{budget - state.spent} of this key's budget of {budget} remain; nothing was "
                                "answered or charged", budget=budget, spent=state.spent, asked=len(new))
-            logits = predict_logits(self.model, x, self.batch_size)
+            logits = predict_logits(self.model, x, batch_size=self.batch_size)
             if logits.shape != (len(x), self.num_classes) or not np.isfinite(logits).all():
                 raise RuntimeError(f"model returned logits of shape {logits.shape} with non-finite values; not answering")
             top1 = logits.argmax(axis=1)

@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from stealnb import selectors
+from stealnb import models, selectors
 from stealnb.selectors import REGISTRY, kcenter_greedy
 
 N_POOL = 120
@@ -214,10 +214,10 @@ def test_margin_picks_smallest_top2_gap(pool, table):
     np.testing.assert_array_equal(out, np.argsort(m, kind="stable")[:k])
 
 
-def test_predict_logits_places_rows_by_index(table):
+def test_predict_logits_on_a_pool_places_rows_by_index(table):
     p = ArrayPool(id_images(N_POOL), scramble=True)
     idx = np.array([5, 99, 0, 42, 7], np.int64)
-    z = selectors.predict_logits(StubModel(table), p, idx, batch_size=2)
+    z = models.predict_logits(StubModel(table), p, idx, batch_size=2)
     assert z.dtype == np.float32
     np.testing.assert_array_equal(z, table[idx])
     assert max(p.calls) <= 2  # batched, never the whole pool at once
