@@ -88,10 +88,10 @@ def main(argv=None) -> int:
     else:
         written = "reused"
     t0 = time.perf_counter()
-    rep = pipeline.run("paper-smoke", results=results, data_root=data_root, jobs=args.jobs, book=False,
-                       only=args.only, progress=True)
-    wall = round(time.perf_counter() - t0, 1)
     prof = get_profile("paper-smoke")
+    rep = pipeline.run(prof, results=results, data_root=data_root, jobs=args.jobs, book=False, only=args.only,
+                       progress=True)
+    wall = round(time.perf_counter() - t0, 1)
     tasks = pipeline.plan(prof, results, data_root)
     if args.only:
         tasks = [t for t in tasks if t.id in set(rep["ran"]) | set(rep["failed"]) | set(rep["blocked"])

@@ -28,7 +28,7 @@ def _cmd_train_secret(args) -> int:
 
     layout.check_run_dir(args.out, "secret")  # before the training, not after it
     ds = data.load_dataset(args.dataset, root=args.data_root)
-    res = train_secret(ds, args.arch, args.profile, seed=args.seed, progress=not args.quiet)
+    res = train_secret(ds, args.arch, profiles.get_profile(args.profile), seed=args.seed, progress=not args.quiet)
     out = res.save(args.out)
     s = res.summary()
     print(

@@ -45,6 +45,7 @@ import numpy as np
 from . import attacks, layout, metrics, models
 from ._checks import check_images, check_labels, check_positive_int
 from .extraction import Extraction, ExtractionConfig
+from .profiles import Profile, check_profile
 from .train import fit
 
 VARIANTS = ("npdd", "pdd-sl", "npdd+pdd")
@@ -455,7 +456,7 @@ def configure(prof, variant: str, *, pool: str | None = None, seed: int = 0, dat
     return config
 
 
-def run_copycat(dataset: str, arch: str, variant: str, profile="demo", *, seed: int = 0, results="results",
+def run_copycat(dataset: str, arch: str, variant: str, profile: Profile, *, seed: int = 0, results="results",
                 out=None, data_root=None, resume: bool = True, progress: bool = False, oracle=None,
                 secret_dir=None, pool: str | None = None, allow_problem_domain: bool = False,
                 **overrides) -> Copycat:
@@ -474,10 +475,9 @@ def run_copycat(dataset: str, arch: str, variant: str, profile="demo", *, seed: 
     """
     from . import data
     from .oracle import Oracle
-    from .profiles import get_profile
     from .extraction import prepare_run
 
-    prof = get_profile(profile) if isinstance(profile, str) else profile
+    prof = check_profile(profile)
     config = configure(prof, variant, pool=pool, seed=seed, dataset=dataset,
                        allow_problem_domain=allow_problem_domain, **overrides)
     out = Path(out) if out is not None else layout.copycat_dir(results, prof.name, dataset, arch, variant, seed)

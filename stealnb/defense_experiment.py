@@ -26,7 +26,7 @@ from .jbda import jbda_queries
 from .layout import write_json
 from .models import softmax
 from .oracle import HttpOracle, OracleHTTPError, distinct
-from .profiles import Profile
+from .profiles import Profile, check_profile
 from .train import ensure_secret, fit
 
 # ----------------------------------------------------------------------------------------------
@@ -323,9 +323,7 @@ def run_defenses(dataset: str, arch: str, profile: Profile, *, seed: int = 0, re
     :func:`stealnb.layout.defenses_dir` (settings read from the objects that ran) and returns a
     :class:`DefenseRun`.
     """
-    if not isinstance(profile, Profile):
-        raise TypeError(f"profile: expected a stealnb.profiles.Profile (resolve names with get_profile), "
-                        f"got {type(profile).__name__}")
+    check_profile(profile)
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     prof, st = profile, profile.defenses.with_(**changes)
     secret, secret_meta = ensure_secret(dataset, arch, prof, results, data_root=data_root)

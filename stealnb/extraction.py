@@ -26,6 +26,7 @@ import numpy as np
 
 from . import attacks, layout, metrics, models
 from ._checks import check_images, check_labels, check_positive_int
+from .profiles import Profile, check_profile
 from .train import enable_determinism, fit
 
 ROUND_FIELDS = (
@@ -372,7 +373,7 @@ def prepare_run(out: Path, resume: bool, dataset: str, arch: str, prof, results,
     return secret, data.load_dataset(dataset, root=data_root)
 
 
-def run_extraction(dataset: str, arch: str, strategy: str, profile="demo", *, seed: int = 0,
+def run_extraction(dataset: str, arch: str, strategy: str, profile: Profile, *, seed: int = 0,
                    results="results", out=None, data_root=None, resume: bool = True,
                    progress: bool = False, oracle=None, secret_dir=None, allow_problem_domain: bool = False,
                    thief_pool=None, **overrides) -> Extraction:
@@ -393,9 +394,8 @@ def run_extraction(dataset: str, arch: str, strategy: str, profile="demo", *, se
     """
     from . import data
     from .oracle import Oracle
-    from .profiles import get_profile
 
-    prof = get_profile(profile) if isinstance(profile, str) else profile
+    prof = check_profile(profile)
     config = configure(prof, strategy, seed=seed, dataset=dataset, allow_problem_domain=allow_problem_domain,
                        **overrides)
     if thief_pool is not None:

@@ -54,7 +54,7 @@ from pathlib import Path
 
 from . import cluster, layout
 from ._checks import UsageError
-from .profiles import BEST_STRATEGY, PROFILES, Profile, get_profile
+from .profiles import BEST_STRATEGY, PROFILES, Profile, check_profile, get_profile
 
 NOTEBOOKS = {
     "eda": "01_eda.ipynb",
@@ -121,10 +121,10 @@ def secrets_of(prof: Profile, data_root=None, optional: bool = True) -> list[tup
     return out
 
 
-def plan(profile: str | Profile, results, data_root=None, optional: bool = False) -> list[Task]:
+def plan(profile: Profile, results, data_root=None, optional: bool = False) -> list[Task]:
     """The ordered task list (dependencies before dependants) for ``profile``; ``optional``
     adds the profile's optional secrets whose data is present (demo: Fashion-MNIST)."""
-    prof = get_profile(profile) if isinstance(profile, str) else profile
+    prof = check_profile(profile)
     results = Path(results).resolve()
     common = {"profile": prof.name, "results_dir": str(results),
               "data_root": None if data_root is None else str(Path(data_root).resolve())}
@@ -609,7 +609,7 @@ def build_book(root: Path, *, warnings_as_errors: bool = True, log: Path | None 
     return root / "_build" / "html" / "index.html"
 
 
-def run(profile: str = "demo", *, results=None, data_root=None, jobs: int = 1, force: bool = False,
+def run(profile: Profile, *, results=None, data_root=None, jobs: int = 1, force: bool = False,
         book: bool = True, only: str | None = None, progress: bool = True, root=None,
         optional: bool = False, scheduler: str | None = None) -> dict:
     """Execute ``profile``'s grid and build the book; returns the execution report (+ ``book``).
@@ -622,7 +622,7 @@ def run(profile: str = "demo", *, results=None, data_root=None, jobs: int = 1, f
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     root = project_root() if root is None else Path(root).resolve()
-    prof = get_profile(profile)
+    prof = check_profile(profile)
     results = layout.results_root(results)
     run_dir = layout.profile_dir(results, prof.name)
     tasks = plan(prof, results, data_root, optional)
@@ -662,7 +662,7 @@ def run(profile: str = "demo", *, results=None, data_root=None, jobs: int = 1, f
 
 
 def _cmd_run(args) -> int:
-    rep = run(args.profile, results=args.results, data_root=args.data_root, jobs=args.jobs, force=args.force,
+    rep = run(get_profile(args.profile), results=args.results, data_root=args.data_root, jobs=args.jobs, force=args.force,
               book=not args.no_book, only=args.only, progress=not args.quiet, optional=args.with_optional,
               scheduler=args.scheduler)
     print(f"{len(rep['ran'])} notebook(s) executed, {len(rep['skipped'])} unchanged and skipped, "

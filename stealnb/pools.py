@@ -27,7 +27,7 @@ import numpy as np
 
 from . import data, extraction, layout, metrics, models, train
 from ._checks import UsageError
-from .profiles import BEST_STRATEGY, Profile, get_profile
+from .profiles import BEST_STRATEGY, Profile, check_profile
 
 TRANSFORM_SEP = "+"
 
@@ -214,7 +214,7 @@ def best_pool_table(agreement):
     return pd.DataFrame(rows, columns=cols)
 
 
-def run_pools(profile: str | Profile = "demo", *, secrets=None, results="results", data_root=None,
+def run_pools(profile: Profile, *, secrets=None, results="results", data_root=None,
               secret_dir=None, progress: bool = False) -> PoolComparison:
     """Run (or read back) the pool study of ``profile`` (its :class:`~stealnb.profiles.PoolStudy`)
     for each secret (``secrets``: ``(dataset, arch)`` pairs, default the profile's): on every pool of
@@ -226,7 +226,7 @@ def run_pools(profile: str | Profile = "demo", *, secrets=None, results="results
     Returns a :class:`PoolComparison`."""
     import pandas as pd
 
-    prof = get_profile(profile) if isinstance(profile, str) else profile
+    prof = check_profile(profile)
     study = prof.pool_study
     secrets = [tuple(s) for s in (secrets if secrets is not None else prof.secrets)]
     if secret_dir is not None and len(secrets) != 1:

@@ -288,7 +288,21 @@ PROFILES["paper-smoke"] = replace(
 
 
 def get_profile(name: str) -> Profile:
+    """The profile called ``name``. Names are resolved once, where they arrive: the command line
+    (``--profile``) and the notebooks (their papermill parameter ``profile``); everything below
+    takes the :class:`Profile` itself (:func:`check_profile`)."""
     try:
         return PROFILES[name]
     except KeyError:
         raise KeyError(f"unknown profile {name!r}; expected one of: {', '.join(PROFILES)}") from None
+
+
+def check_profile(profile, name: str = "profile") -> Profile:
+    """``profile`` if it is a :class:`Profile`, else ``TypeError`` (a name says to resolve it with
+    :func:`get_profile` first)."""
+    if isinstance(profile, Profile):
+        return profile
+    if isinstance(profile, str):
+        raise TypeError(f"{name}: expected a Profile, got the name {profile!r}; resolve it once with "
+                        f"stealnb.profiles.get_profile({profile!r})")
+    raise TypeError(f"{name}: expected a Profile, got {type(profile).__name__}")

@@ -41,6 +41,7 @@ import numpy as np
 
 from . import layout, metrics
 from ._checks import check_images, check_labels, check_positive_int
+from .profiles import Profile, check_profile
 
 THESIS_BUDGETS = (2_500, 5_000, 10_000)
 THESIS_ARCHS = ("vgg16", "vgg19", "alexnet", "resnet50", "resnet101")
@@ -709,7 +710,7 @@ def scratch_dir(results, profile: str, dataset: str, arch: str, strategy: str, s
     return layout.profile_dir(results, profile) / "scratch" / key / ex.parent.name / ex.name
 
 
-def open_extraction(dataset: str, arch: str, strategy: str, profile="ci", *, seed: int = 0, results="results",
+def open_extraction(dataset: str, arch: str, strategy: str, profile: Profile, *, seed: int = 0, results="results",
                     out=None, data_root=None, resume: bool = False, progress: bool = False, **overrides):
     """A ready-to-step :class:`~stealnb.extraction.Extraction` set up exactly as
     :func:`stealnb.extraction.run_extraction` does (the profile's pool, substitute, budgets; an
@@ -720,9 +721,8 @@ def open_extraction(dataset: str, arch: str, strategy: str, profile="ci", *, see
     from . import data
     from .extraction import Extraction, configure, prepare_run
     from .oracle import Oracle
-    from .profiles import get_profile
 
-    prof = get_profile(profile) if isinstance(profile, str) else profile
+    prof = check_profile(profile)
     config = configure(prof, strategy, seed=seed, dataset=dataset, **overrides)
     out = Path(out) if out is not None else scratch_dir(results, prof.name, dataset, arch, strategy, seed)
     secret, ds = prepare_run(out, resume, dataset, arch, prof, results, data_root=data_root, progress=progress)

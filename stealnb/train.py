@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from . import layout, metrics, models
 from ._checks import check_images, check_labels, check_positive_int
-from .profiles import Profile, get_profile
+from .profiles import Profile, check_profile
 
 _DETERMINISM = False
 
@@ -250,13 +250,13 @@ class SecretResult:
         return out
 
 
-def train_secret(dataset, arch: str, profile: str | Profile = "demo", *, seed: int = 0, progress: bool = True) -> SecretResult:
+def train_secret(dataset, arch: str, profile: Profile, *, seed: int = 0, progress: bool = True) -> SecretResult:
     """Train a secret model with the thesis protocol (k-fold CV, best fold by test accuracy).
 
     ``dataset`` is a :class:`stealnb.data.Dataset`; ``profile`` sets folds, epochs, batch size
     and learning rate (``paper`` = thesis §5.2 exactly).
     """
-    prof = get_profile(profile) if isinstance(profile, str) else profile
+    prof = check_profile(profile)
     check_images(dataset.x_train, "dataset.x_train")
     check_images(dataset.x_test, "dataset.x_test")
     start = time.perf_counter()
@@ -305,14 +305,14 @@ def load_secret(path: str | Path):
     return model, json.loads((path / "metrics.json").read_text())
 
 
-def ensure_secret(dataset: str, arch: str, profile: str | Profile, results: str | Path = "results", *,
+def ensure_secret(dataset: str, arch: str, profile: Profile, results: str | Path = "results", *,
                   seed: int = 0, data_root=None, progress: bool = False):
     """The secret model for ``dataset``/``arch`` under ``results`` (see :mod:`stealnb.layout`):
     loaded when already trained with the same profile and seed, trained and saved otherwise
     (``progress``: a line saying so, then progress bars). Returns ``(model, summary)``."""
     from . import data
 
-    prof = get_profile(profile) if isinstance(profile, str) else profile
+    prof = check_profile(profile)
     out = layout.secret_dir(results, prof.name, dataset, arch)
     if (out / "metrics.json").is_file() and (out / "model.keras").is_file():
         model, summary = load_secret(out)

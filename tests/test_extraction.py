@@ -146,7 +146,7 @@ def test_fresh_run_refuses_to_delete_an_external_oracles_ledger(setup, secret_di
     out.mkdir()
     orc = oracle.Oracle(model, budget=200, ledger=out / "ledger.bin")
     orc.query(np.zeros((3, 32, 32, 3), np.float32) + np.arange(3, dtype=np.float32)[:, None, None, None] / 4)
-    kw = dict(profile="ci", out=out, secret_dir=secret_dir, oracle=orc, resume=False)
+    kw = dict(profile=profiles.PROFILES["ci"], out=out, secret_dir=secret_dir, oracle=orc, resume=False)
     run = (lambda: extraction.run_extraction("digits", "cnn-tiny", "random", **kw)) if runner == "extraction" else (
         lambda: copycat.run_copycat("digits", "cnn-tiny", "npdd", **kw))
     with pytest.raises(ValueError, match="query ledger"):
@@ -305,3 +305,19 @@ def test_a_resumed_warm_start_run_ends_with_the_weights_and_records_of_an_uninte
     drop = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
     assert drop(resumed.records) == drop(full.records) and len(full.records) == 3
     assert resumed.oracle.spent == full.oracle.spent == 100
+
+
+def test_functions_below_the_cli_take_a_profile_not_its_name(tmp_path):
+    """Names are resolved once, at the command line and in the notebooks (issue 18)."""
+    from stealnb import copycat, pipeline, pools, results
+
+    calls = [lambda: extraction.run_extraction("digits", "cnn-tiny", "random", "ci", results=tmp_path),
+             lambda: copycat.run_copycat("digits", "cnn-tiny", "npdd", "ci", results=tmp_path),
+             lambda: results.open_extraction("digits", "cnn-tiny", "random", "ci", results=tmp_path),
+             lambda: pools.run_pools("ci", results=tmp_path),
+             lambda: train.ensure_secret("digits", "cnn-tiny", "ci", tmp_path),
+             lambda: pipeline.plan("ci", tmp_path)]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"get_profile\('ci'\)"):
+            call()
+    assert not any(tmp_path.iterdir())

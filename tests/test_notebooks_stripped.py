@@ -74,8 +74,9 @@ def test_every_parameter_has_a_type_papermill_shows(path):
 def test_every_pipeline_parameter_is_a_notebook_parameter():
     """What `stealnb run` passes is declared (and typed) in the notebook it runs."""
     from stealnb import pipeline
+    from stealnb.profiles import PROFILES
 
-    for task in pipeline.plan("ci", "results"):
+    for task in pipeline.plan(PROFILES["ci"], "results"):
         declared = _defaults(_parameters_cell(NOTEBOOKS[0].parent / task.notebook))
         assert set(task.params) <= set(declared), (task.id, sorted(set(task.params) - set(declared)))
 

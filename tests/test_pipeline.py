@@ -226,7 +226,7 @@ def test_key_follows_notebook_code_params_and_dependencies(tiny):
 
 def test_only_unknown_pattern_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="matches no task"):
-        pipeline.run("ci", results=tmp_path, only="no-such-task", book=False, progress=False)
+        pipeline.run(PROFILES["ci"], results=tmp_path, only="no-such-task", book=False, progress=False)
 
 
 def test_cli_has_run_command():
