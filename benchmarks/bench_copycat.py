@@ -1,4 +1,4 @@
-"""Benchmark the Copycat attack (stealnb.copycat; thesis 002 §5.6.2-§5.6.3) on the demo setup.
+"""Benchmark the Copycat attack (stealnb.extraction.copycat; thesis 002 §5.6.2-§5.6.3) on the demo setup.
 
 Secret: the demo profile's digits / cnn-small (trained on demand under ``--results``); NPDD:
 the natural-patches pool (20k images); copycat: cnn-small; NPDD budgets 500/1000/2000; PDD
@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
 
-    from stealnb import copycat, profiles, train
+    from stealnb.core import profiles, train
+    from stealnb.extraction import copycat
 
     prof = profiles.get_profile("demo")
     budgets = tuple(int(b) for b in args.budgets.split(","))

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from stealnb import bookcheck, layout, pipeline
-from stealnb.profiles import PROFILES
+from stealnb.core import layout
+from stealnb.report import bookcheck, pipeline
+from stealnb.core.profiles import PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]
 # The module fixture builds the whole ci grid and the book (8-10 min on 2 cores) inside the first
@@ -50,7 +51,7 @@ def built_book(tmp_path_factory):
         shutil.copy2(ROOT / f, proj / f)
     shutil.copytree(ROOT / "book", proj / "book", ignore=shutil.ignore_patterns("generated"))
     shutil.copytree(ROOT / "notebooks", proj / "notebooks", ignore=shutil.ignore_patterns("results", ".ipynb_checkpoints"))
-    # The Benchmarks page is written from these at build time (stealnb.benchpage).
+    # The Benchmarks page is written from these at build time (stealnb.report.benchpage).
     shutil.copytree(ROOT / "benchmarks" / "results", proj / "benchmarks" / "results")
     report = pipeline.run(PROFILES["ci"], results=proj / "results", root=proj, jobs=2, progress=False)
     return proj, report

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stealnb import models
+from stealnb.core import models
 
 REFERENCE = Path(__file__).resolve().parents[1] / "stealnb" / "reference" / "thesis_tables.json"
 

@@ -1,4 +1,4 @@
-"""stealnb.pipeline: the grid, the keys that decide what reruns, and the Dask engine (on tiny notebooks)."""
+"""stealnb.report.pipeline: the grid, the keys that decide what reruns, and the Dask engine (on tiny notebooks)."""
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -7,8 +7,9 @@ import nbformat
 import pytest
 
 from helpers import tiny_notebook
-from stealnb import cluster, layout, pipeline
-from stealnb.profiles import PROFILES
+from stealnb.core import layout
+from stealnb.report import cluster, pipeline
+from stealnb.core.profiles import PROFILES
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_the_pool_study_runs_after_the_extractions_whose_best_strategy_it_reads(
 
 
 def test_installing_a_dataset_reruns_the_pool_chapter_and_nothing_else(tmp_path, monkeypatch):
-    # the pool chapter tries every installed cross-domain dataset (stealnb.pools.pool_specs)
+    # the pool chapter tries every installed cross-domain dataset (stealnb.experiments.pools.pool_specs)
     prof = PROFILES["demo"]
     keys = {}
     for installed in (set(), {"fashion-mnist"}):
@@ -137,7 +138,7 @@ def test_execute_runs_in_order_skips_unchanged_and_blocks_dependants_of_failures
 
 
 def test_run_refuses_to_clear_a_task_folder_holding_user_files_before_running_anything(tiny):
-    from stealnb._checks import UsageError
+    from stealnb.core._checks import UsageError
 
     root, run_dir, out_a, tasks = tiny
     out_a.mkdir(parents=True)
@@ -151,7 +152,7 @@ def test_run_refuses_to_clear_a_task_folder_holding_user_files_before_running_an
 
 
 def test_the_books_generated_folder_is_replaced_only_when_it_holds_executed_notebooks(tmp_path):
-    from stealnb._checks import UsageError
+    from stealnb.core._checks import UsageError
 
     gen = tmp_path / pipeline.BOOK_GENERATED
     (gen / "secret").mkdir(parents=True)
