@@ -8,6 +8,7 @@ from scipy import special, stats
 
 from stealnb.experiments import defense_experiment as DX
 from stealnb import defenses as D
+from stealnb.defenses.perturbation import _reverse_sigmoid_raw
 from stealnb.core import models, train
 
 # ----------------------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ def test_reverse_sigmoid_negative_values(rng):
     # beta <= 1 never goes negative
     q = _probs(rng, 500, 5, 0.2)
     for gamma in (0.1, 1.0, 10.0):
-        assert D._reverse_sigmoid_raw(q, 1.0, gamma).min() >= 0
+        assert _reverse_sigmoid_raw(q, 1.0, gamma).min() >= 0
 
 
 BAD = [
