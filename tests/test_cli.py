@@ -35,7 +35,7 @@ def no_work(monkeypatch):
             raise AssertionError(f"the command {what} before refusing")
         return call
 
-    for module in (train, extraction, copycat):
+    for module in (train, loop, copycat):
         monkeypatch.setattr(module, "fit", forbidden("trained a model"))
     monkeypatch.setattr(train, "train_secret", forbidden("trained a secret"))
     monkeypatch.setattr(data, "load_pool", forbidden("loaded a thief pool"))

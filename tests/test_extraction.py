@@ -265,8 +265,8 @@ def test_warm_start_continues_from_the_previous_rounds_weights_and_cold_start_do
 
     model, ds, pool = setup
     for warm in (True, False):
-        spy = _FitSpy(extraction.fit)
-        monkeypatch.setattr(extraction, "fit", spy)
+        spy = _FitSpy(loop.fit)
+        monkeypatch.setattr(loop, "fit", spy)
         cfg = _config(strategy="random", warm_start=warm)
         ex = loop.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test, cfg, secret=model)
         ex.step()
