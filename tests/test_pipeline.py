@@ -41,7 +41,7 @@ def test_plan_covers_the_grid_in_dependency_order(tmp_path):
     assert ex.outputs == {layout.extraction_dir(tmp_path.resolve(), "ci", ds, arch, ex.params["strategy"], 0).parent:
                           "extraction seeds"}
     for t in tasks:  # every notebook the plan names exists
-        assert (Path(pipeline.__file__).parents[1] / "notebooks" / t.notebook).is_file(), t.notebook
+        assert (layout.project_root() / "notebooks" / t.notebook).is_file(), t.notebook
 
 
 def test_the_pool_study_runs_after_the_extractions_whose_best_strategy_it_reads(tmp_path):
