@@ -20,7 +20,7 @@ setup: $(BIN)/.installed
 
 # Optional Debian packages: Chromium for the book's browser test, real Fashion-MNIST for its
 # loader test and the demo, the wallpaper photographs of the natural-patches pool
-# (stealnb.data.WALLPAPER_PHOTOS). Installed when we are root with apt-get (.ci/sysdeps.sh). If
+# (stealnb.core.data.WALLPAPER_PHOTOS). Installed when we are root with apt-get (.ci/sysdeps.sh). If
 # one is still missing, CI=true fails here (the tests would fail, not skip); locally it warns and
 # the tests that need it are skipped (natural-patches then uses the bundled photos only).
 SYSPKGS = dataset-fashion-mnist chromium lomiri-wallpapers-16.04 mate-backgrounds
@@ -35,7 +35,7 @@ test: sysdeps setup
 
 # JupyterLab on the notebooks. Its kernel is this venv's Python (jupyter_client runs the
 # "python3" kernel with the server's interpreter; PATH puts `stealnb` in its terminals too). The
-# notebooks' results_dir defaults to the project's results/ (stealnb.layout.results_root), so
+# notebooks' results_dir defaults to the project's results/ (stealnb.core.layout.results_root), so
 # they share secrets and runs with papermill and `stealnb run` although the kernel runs in notebooks/.
 LAB_PORT ?= 8888
 lab: setup

@@ -6,7 +6,7 @@
 #   CI=true (or 1, yes): an error, exit 1 -- CI must not run without them (the tests that need
 #            them would fail, not skip: tests/strict_ci.py);
 #   otherwise: a warning, exit 0 -- the tests that need them are skipped.
-# Where they are looked for: STEALNB_CHROMIUM (a path or command name, as stealnb.bookcheck uses
+# Where they are looked for: STEALNB_CHROMIUM (a path or command name, as stealnb.report.bookcheck uses
 # it; apt-get cannot provide a custom path, so it is only checked) and FASHION_DIR (default
 # /usr/share/datasets/fashion-mnist, the Debian package's folder).
 set -u

@@ -1,4 +1,4 @@
-"""Benchmark the Copycat attack (stealnb.copycat; thesis 002 §5.6.2-§5.6.3) on the demo setup.
+"""Benchmark the Copycat attack (stealnb.extraction.copycat; thesis 002 §5.6.2-§5.6.3) on the demo setup.
 
 Secret: the demo profile's digits / cnn-small (trained on demand under ``--results``); NPDD:
 the natural-patches pool (20k images); copycat: cnn-small; NPDD budgets 500/1000/2000; PDD
@@ -36,17 +36,19 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
 
-    from stealnb import copycat, train
+    from stealnb.core import profiles, train
+    from stealnb.extraction import copycat
 
+    prof = profiles.get_profile("demo")
     budgets = tuple(int(b) for b in args.budgets.split(","))
     t0 = time.perf_counter()
-    _, secret = train.ensure_secret("digits", "cnn-small", "demo", args.results)
+    _, secret = train.ensure_secret("digits", "cnn-small", prof, args.results)
     secret_seconds = time.perf_counter() - t0
     runs = []
     for variant in args.variants:
         for seed in args.seeds:
             w0, c0 = time.perf_counter(), time.process_time()
-            cc = copycat.run_copycat("digits", "cnn-small", variant, "demo", seed=seed, results=args.results,
+            cc = copycat.run_copycat("digits", "cnn-small", variant, prof, seed=seed, results=args.results,
                                      resume=False, budgets=budgets)
             s = cc.summary()
             runs.append({"variant": variant, "seed": seed, "wall_seconds": round(time.perf_counter() - w0, 1),

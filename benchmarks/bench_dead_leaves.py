@@ -1,4 +1,4 @@
-"""Time the procedural dead-leaves pool (stealnb.data.dead_leaves, Lee, Mumford & Huang 2001).
+"""Time the procedural dead-leaves pool (stealnb.core.data.dead_leaves, Lee, Mumford & Huang 2001).
 
 Generates ``--n`` 32x32 images ``--repeats`` times with seed 0 and reports wall seconds
 (``perf_counter``), CPU seconds (``process_time``; the machine may be shared, so wall time can be
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from stealnb.data import dead_leaves
+from stealnb.core.data import dead_leaves
 
 TARGET_SECONDS_PER_2000 = 15.0
 

@@ -1,7 +1,7 @@
-"""Benchmark stealnb.attacks.deepfool against ART's DeepFool on the same model and inputs.
+"""Benchmark stealnb.attacks.evasion.deepfool against ART's DeepFool on the same model and inputs.
 
 For each model (``name:n``, default cnn-tiny on 1,024 and cnn-small on 512 inputs) a seeded
-model from ``stealnb.models`` is trained for a few epochs on structured synthetic images (10
+model from ``stealnb.core.models`` is trained for a few epochs on structured synthetic images (10
 smooth colour prototypes + Gaussian noise; its held-out accuracy is reported so a degenerate
 model is visible), then both implementations attack the same held-out images with the same
 settings: max_iter, overshoot (ART ``epsilon``), candidate classes (ART ``nb_grads``), batch
@@ -21,7 +21,7 @@ steps our implementation needed ("ART short"): it cannot do less work than that 
 
 Our jacobian variants (``batch_jacobian`` via pfor, ``backward``: c-1 reverse passes on one
 persistent tape, ``replicate``: one pass on c-1 copies of each image) are timed too
-(``--jacobian-n`` images); ``backward`` is the default in stealnb.attacks.
+(``--jacobian-n`` images); ``backward`` is the default in stealnb.attacks.evasion.
 
     python benchmarks/bench_deepfool.py [--models cnn-tiny:1024 cnn-small:512] [--json out.json]
 
@@ -55,7 +55,7 @@ def timed(fn, *args, **kw):
 
 
 def flips(model, x, x_adv, batch_size=512):
-    from stealnb.models import predict_labels
+    from stealnb.core.models import predict_labels
 
     return predict_labels(model, x_adv, batch_size) != predict_labels(model, x, batch_size)
 
@@ -84,8 +84,9 @@ def run_model(name, n, args):
     import keras
     import tensorflow as tf
 
-    from stealnb import attacks, models
-    from stealnb.models import predict_labels
+    from stealnb.attacks import evasion
+    from stealnb.core import models
+    from stealnb.core.models import predict_labels
 
     model = models.build(name, seed=args.seed)
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
@@ -101,10 +102,10 @@ def run_model(name, n, args):
                 batch_size=args.batch_size)
 
     # ours: first call traces the tf.function (timed separately), then the timed runs
-    _, trace_s, _ = timed(attacks.deepfool, model, x[:8], **opts)
+    _, trace_s, _ = timed(evasion.deepfool, model, x[:8], **opts)
     best = None
     for _ in range(args.repeats):
-        res, wall, cpu = timed(attacks.deepfool, model, x, **opts)
+        res, wall, cpu = timed(evasion.deepfool, model, x, **opts)
         if best is None or wall < best[1]:
             best = (res, wall, cpu)
     res, wall, cpu = best
@@ -121,7 +122,7 @@ def run_model(name, n, args):
     jac = {}
     xj = x[: args.jacobian_n]
     for mode in args.jacobians:
-        fn = attacks._build_deepfool(model, min(args.num_candidates, 10), mode)
+        fn = evasion._build_deepfool(model, min(args.num_candidates, 10), mode)
         ov, mi = tf.constant(args.overshoot, tf.float32), tf.constant(args.max_iter, tf.int32)
         _, t_trace, _ = timed(fn, tf.constant(xj[:8]), ov, mi)
         w_best = np.inf

@@ -1,4 +1,4 @@
-"""Does stealnb.attacks.deepfool agree with ART's DeepFool? (moved here from tests/test_attacks.py)
+"""Does stealnb.attacks.evasion.deepfool agree with ART's DeepFool? (moved here from tests/test_attacks.py)
 
 ART (adversarial-robustness-toolbox) is in the ``bench`` extra, not in ``dev``: as a test it was
 always skipped. Here it runs with ``make bench`` (or ``pip install -e .[bench]`` and
@@ -44,8 +44,8 @@ def main() -> int:
     from art.attacks.evasion import DeepFool
     from art.estimators.classification import TensorFlowV2Classifier
 
-    from stealnb import models
-    from stealnb.attacks import deepfool
+    from stealnb.core import models
+    from stealnb.attacks.evasion import deepfool
 
     model = models.build("cnn-tiny", seed=0)
     model.compile(optimizer=keras.optimizers.Adam(2e-3),

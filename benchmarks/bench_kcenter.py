@@ -1,4 +1,4 @@
-"""Benchmark greedy K-center (stealnb.selectors.kcenter_greedy) on softmax-like vectors.
+"""Benchmark greedy K-center (stealnb.extraction.selectors.kcenter_greedy) on softmax-like vectors.
 
 Pools of 10k, 100k and 1M Dirichlet-distributed vectors (d=10, float32, like a 10-class
 softmax), 1,000 labelled centres, k=1,000 picks. Reports wall seconds (``perf_counter``) and
@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from stealnb.selectors import kcenter_greedy
+from stealnb.extraction.selectors import kcenter_greedy
 
 
 def naive_kcenter(x: np.ndarray, centres: np.ndarray, k: int) -> np.ndarray:

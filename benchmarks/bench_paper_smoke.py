@@ -1,6 +1,6 @@
 """Smoke-run the paper grid on a CPU: every notebook of the ``paper-smoke`` profile (issue 17).
 
-``paper-smoke`` (stealnb/profiles.py) is ``paper`` -- 15 secrets (MNIST, CIFAR-10, GTSRB x VGG16,
+``paper-smoke`` (stealnb/core/profiles.py) is ``paper`` -- 15 secrets (MNIST, CIFAR-10, GTSRB x VGG16,
 VGG19, AlexNet, ResNet50, ResNet101), the five ActiveThief strategies, Copycat, the defenses,
 a VGG16 substitute on the ImageNet 32x32 pool -- with 2 folds, 1 epoch and budgets 40/60. The data
 are small files written in the official formats (tests/fixtures_formats.py: MNIST IDX, CIFAR-10
@@ -78,8 +78,8 @@ def main(argv=None) -> int:
             ap.error("--status needs --work")
         return status(args.work, args.json, args.note)
 
-    from stealnb import pipeline
-    from stealnb.profiles import get_profile
+    from stealnb.report import pipeline
+    from stealnb.core.profiles import get_profile
 
     work = args.work or Path(tempfile.mkdtemp(prefix="stealnb-paper-smoke-"))
     data_root, results = work / "data", work / "results"
@@ -88,10 +88,10 @@ def main(argv=None) -> int:
     else:
         written = "reused"
     t0 = time.perf_counter()
-    rep = pipeline.run("paper-smoke", results=results, data_root=data_root, jobs=args.jobs, book=False,
-                       only=args.only, progress=True)
-    wall = round(time.perf_counter() - t0, 1)
     prof = get_profile("paper-smoke")
+    rep = pipeline.run(prof, results=results, data_root=data_root, jobs=args.jobs, book=False, only=args.only,
+                       progress=True)
+    wall = round(time.perf_counter() - t0, 1)
     tasks = pipeline.plan(prof, results, data_root)
     if args.only:
         tasks = [t for t in tasks if t.id in set(rep["ran"]) | set(rep["failed"]) | set(rep["blocked"])
@@ -130,8 +130,9 @@ def status(work: Path, json_path: Path, note: str = "") -> int:
     """The JSON of a run under ``work`` that has not finished: per notebook, executed (its
     stamp holds a notebook key), failed (its log records a cell exception), started with no
     outcome (still running, or the run was stopped), or not started."""
-    from stealnb import layout, pipeline
-    from stealnb.profiles import get_profile
+    from stealnb.core import layout
+    from stealnb.report import pipeline
+    from stealnb.core.profiles import get_profile
 
     prof = get_profile("paper-smoke")
     results = work / "results"

@@ -1,12 +1,12 @@
 """Peak memory (and time) of scoring a 1.28M-image ImageNet-32 sized thief pool.
 
 The pool is a synthetic stand-in with the real pool's exact storage: ``imagenet32/pool_uint8.npy``
-(uint8, 1,281,167 x 32 x 32 x 3 = 3.9 GB), the file `stealnb.data` converts the official
+(uint8, 1,281,167 x 32 x 32 x 3 = 3.9 GB), the file `stealnb.core.data` converts the official
 ``train_data_batch_*`` files into and memory-maps. Pixels are smooth random fields, not ImageNet,
 which does not matter for memory or speed.
 
 A fresh child process (so its peak RSS is the scoring's alone) loads the pool with
-``stealnb.data.load_pool("imagenet32")`` and runs, on the **whole** pool with an untrained
+``stealnb.core.data.load_pool("imagenet32")`` and runs, on the **whole** pool with an untrained
 substitute:
 
 * ``uncertainty``: substitute logits of all 1.28M images in batches, entropy, top-k=1,000;
@@ -89,7 +89,8 @@ def score(root: Path, arch: str, k: int, seed: int) -> dict:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    from stealnb import data, models, selectors
+    from stealnb.core import data, models
+    from stealnb.extraction import selectors
 
     pool = data.load_pool("imagenet32", root=root)
     model = models.build(arch, num_classes=10)

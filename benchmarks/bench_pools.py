@@ -1,7 +1,7 @@
 """Which thief pool, measured: the pool study of the demo profile over seeds at the extraction
 chapter's budgets (issue 14, targets).
 
-Setup = the ``demo`` profile (stealnb/profiles.py): secret digits / cnn-small (and Fashion-MNIST /
+Setup = the ``demo`` profile (stealnb/core/profiles.py): secret digits / cnn-small (and Fashion-MNIST /
 cnn-small when the Debian package is installed and ``--datasets`` names it), substitute cnn-small
 with the demo's recipe, seed set 100 + validation 50, k = 250, budgets 250 / 500 / 1000 (the demo's
 extraction settings, so the natural-patches rows are comparable with ``quality.json``), seeds 0 1 2.
@@ -11,11 +11,11 @@ dataset that is not the secret's own).
 
 Strategies: random and the best strategy of the extraction benchmark at its largest budget
 (``benchmarks/results/quality.json`` or ``quality_<dataset>.json``, 3+ seeds; ``--strategies`` overrides; without that file
-the study's ``best`` rule of :func:`stealnb.pools.best_strategy` applies to ``--results``).
+the study's ``best`` rule of :func:`stealnb.experiments.pools.best_strategy` applies to ``--results``).
 
-Each pool is one :func:`stealnb.pools.run_pools` call (``--jobs`` at a time, one process each);
+Each pool is one :func:`stealnb.experiments.pools.run_pools` call (``--jobs`` at a time, one process each);
 every strategy of one seed starts from the same pool positions, so comparisons with the
-uniform-noise pool are paired by seed (:func:`stealnb.metrics.paired_difference`). Runs go to
+uniform-noise pool are paired by seed (:func:`stealnb.core.metrics.paired_difference`). Runs go to
 ``--results`` (default ``results/bench-pools``) and resume. The JSON is rewritten after every
 pool, so an interrupted benchmark keeps what it measured (``finished`` says whether it ended);
 it records the load average, since the timings mean little on a shared machine.
@@ -64,7 +64,7 @@ def quality_best(dataset: str, arch: str, budget: int):
 
 
 def study_profile(args, strategies):
-    from stealnb import profiles
+    from stealnb.core import profiles
 
     prof = profiles.get_profile("demo")
     return prof.with_(pool_study=replace(prof.pool_study, budgets=tuple(prof.budgets), seeds=tuple(args.seeds),
@@ -73,7 +73,7 @@ def study_profile(args, strategies):
 
 def run_pool(ds, arch, spec, strategies, args_dict) -> dict:
     """One pool of the study (a process of its own): its per-run rows, label entropy and timings."""
-    from stealnb import pools
+    from stealnb.experiments import pools
 
     args = argparse.Namespace(**args_dict)
     prof = study_profile(args, strategies)
@@ -88,7 +88,7 @@ def run_pool(ds, arch, spec, strategies, args_dict) -> dict:
 
 
 def pool_build_seconds(n: int = 20_000) -> dict:
-    from stealnb import data
+    from stealnb.core import data
 
     t0, c0 = time.perf_counter(), time.process_time()
     pool = data.load_pool("natural-patches", n=n, seed=0)
@@ -104,7 +104,7 @@ def pool_build_seconds(n: int = 20_000) -> dict:
 def summarise_secret(ds, arch, units, baseline, budgets, best_strategy) -> dict:
     import pandas as pd
 
-    from stealnb import pools
+    from stealnb.experiments import pools
 
     per_run = pd.DataFrame([r for u in units for r in u["per_run"]], columns=pools.PER_RUN_COLUMNS)
     agr = pools.agreement_table(per_run, baseline) if len(per_run) else pd.DataFrame(columns=pools.AGREEMENT_COLUMNS)
@@ -153,7 +153,9 @@ def main(argv=None) -> int:
     ap.add_argument("--build-only", action="store_true", help="measure the 20k-patch pool build, run no extraction")
     args = ap.parse_args(argv)
 
-    from stealnb import layout, pipeline, pools, profiles, train
+    from stealnb.core import layout, profiles, train
+    from stealnb.experiments import pools
+    from stealnb.report import pipeline
 
     base = profiles.get_profile("demo")
     secrets = [(d, a) for d, a in pipeline.secrets_of(base, args.data_root) if d in args.datasets]

@@ -2,12 +2,12 @@
 several seeds, next to the random baseline and ART's ``CopycatCNN`` at the same budgets and
 substitute (issue 3, benchmark "quality").
 
-Setup = the ``demo`` profile (stealnb/profiles.py): secret digits / cnn-small (and
+Setup = the ``demo`` profile (stealnb/core/profiles.py): secret digits / cnn-small (and
 Fashion-MNIST / cnn-small when the Debian package is installed and ``--datasets`` names it);
 thief pool: 20k natural-photo patches; substitute cnn-small; budgets 250 / 500 / 1000 (the
 validation split's 50 queries count against them); seeds 0 1 2.
 
-Extraction runs go through ``stealnb.extraction.run_extraction`` into the standard results
+Extraction runs go through ``stealnb.extraction.loop.run_extraction`` into the standard results
 layout (``<results>/demo/extraction/...``) with ``resume=True``: runs that `stealnb run
 --profile demo` already finished are read back, not recomputed (``--fresh`` recomputes).
 
@@ -19,7 +19,7 @@ no validation split (ART has none) — so at equal budget ART trains on 50 more 
 
 Every strategy of one seed starts from the same seed set and validation split, so each run
 records ``seed`` and the comparison with random is paired by seed
-(:func:`stealnb.metrics.paired_difference`: mean difference, 95% CI, paired t-test). Each run
+(:func:`stealnb.core.metrics.paired_difference`: mean difference, 95% CI, paired t-test). Each run
 also records ``collapse``: budget -> ``top_class_share`` (share of the secret's test set in the
 substitute's most frequent predicted class; 1.0 = constant).
 
@@ -55,7 +55,7 @@ def art_copycat(secret, dataset: str, budgets, seed: int, prof, data_root=None) 
     from art.attacks.extraction import CopycatCNN
     from art.estimators.classification import TensorFlowV2Classifier
 
-    from stealnb import data, metrics, models, train
+    from stealnb.core import data, metrics, models, train
 
     ds = data.load_dataset(dataset, root=data_root)
     pool = data.load_pool(prof.pool, root=data_root, n=prof.pool_size, seed=0)
@@ -98,7 +98,8 @@ VARIANT_METHODS = {"dfal[activethief]": ("dfal", {"mode": "activethief"}),
 def run_one(ds: str, arch: str, method: str, seed: int, results: str, data_root, fresh: bool) -> dict:
     """One demo-profile extraction (read back when already finished under ``results``); a
     :data:`VARIANT_METHODS` entry runs into ``<results>/demo/bench/...`` with its options."""
-    from stealnb import extraction, layout, profiles
+    from stealnb.core import layout, profiles
+    from stealnb.extraction import loop
 
     prof = profiles.get_profile("demo")
     strat, extra, out = method, None, None
@@ -107,7 +108,7 @@ def run_one(ds: str, arch: str, method: str, seed: int, results: str, data_root,
         extra = {"strategy_options": {**prof.strategy_options.get(strat, {}), **options}}
         out = layout.profile_dir(results, prof.name) / "bench" / f"{ds}-{arch}" / method / f"seed{seed}"
     w0 = time.perf_counter()
-    ex = extraction.run_extraction(ds, arch, strat, prof, seed=seed, results=results, out=out,
+    ex = loop.run_extraction(ds, arch, strat, prof, seed=seed, results=results, out=out,
                                    data_root=data_root, resume=not fresh, **(extra or {}))
     s = ex.summary()
     row = {"seed": seed, "budgets": {b: r["agreement"] for b, r in s["budgets"].items()},
@@ -118,7 +119,7 @@ def run_one(ds: str, arch: str, method: str, seed: int, results: str, data_root,
 
 
 def summarise(values):
-    from stealnb import metrics
+    from stealnb.core import metrics
 
     v = np.asarray([x for x in values if x is not None], float)
     if not len(v):
@@ -130,7 +131,7 @@ def summarise(values):
 
 def paired_to_random(runs: dict, budgets) -> dict:
     """strategy -> budget -> paired difference to random over the seeds both have."""
-    from stealnb import metrics
+    from stealnb.core import metrics
 
     if "random" not in runs:
         return {}
@@ -190,7 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="extraction runs in parallel (one process each)")
     args = ap.parse_args(argv)
 
-    from stealnb import pipeline, profiles, train
+    from stealnb.core import profiles, train
+    from stealnb.report import pipeline
 
     prof = profiles.get_profile("demo")
     present = pipeline.secrets_of(prof, args.data_root)

@@ -42,7 +42,7 @@ VARIANTS = {
 
 
 def run_one(variant: str, seed: int, size: int, results: str) -> dict:
-    from stealnb import data, metrics, models, profiles, train
+    from stealnb.core import data, metrics, models, profiles, train
 
     prof = profiles.get_profile("demo")
     train.enable_determinism(seed)
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--json", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    from stealnb import metrics, profiles, train
+    from stealnb.core import metrics, profiles, train
 
     train.ensure_secret("digits", "cnn-small", profiles.get_profile("demo"), args.results)  # once, before workers
     jobs = [(v, s, n) for s in args.seeds for n in args.sizes for v in args.variants]

@@ -1,5 +1,5 @@
 """Load test of ``stealnb serve`` on localhost: sustained queries/s, latency percentiles and the
-server's memory over the run (stealnb.server; issue 6).
+server's memory over the run (stealnb.serve.server; issue 6).
 
 The server runs as a subprocess (``python -m stealnb.cli serve``, one uvicorn worker, per-request
 fsync of the query log -- the default) with the demo secret's architecture (``cnn-small``,
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     if not 1 <= args.duration <= 120:
         raise SystemExit("--duration: expected 1..120 seconds per phase (the load test is bounded)")
 
-    from stealnb import models
+    from stealnb.core import models
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
     model_path = args.model

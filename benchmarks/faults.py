@@ -157,7 +157,7 @@ def stall(model_path: Path, tmp: Path, baseline: float, duration: float, connect
 def disk_full(model_path: Path, tmp: Path) -> dict:
     import httpx
 
-    from stealnb.server import key_id
+    from stealnb.serve.server import key_id
 
     log_dir = tmp / "full" / "logs"
     log = log_dir / "keys" / f"{key_id(FULL)}.jsonl"
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     if not os.path.exists("/dev/full"):
         raise SystemExit("needs /dev/full for the disk-full case")
 
-    from stealnb import models
+    from stealnb.core import models
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-faults-"))
     model_path = tmp / "model.keras"

@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from stealnb import data, defense_experiment, extraction, layout, models, profiles
-from stealnb.train import load_secret
+from stealnb.core import data, layout, models, profiles
+from stealnb.experiments import defense_experiment
+from stealnb.extraction import loop
+from stealnb.core.train import load_secret
 
 
 def run(profile: str, dataset: str, arch: str, results: str, delta: float, clients: int, seed: int) -> dict:
@@ -45,7 +47,7 @@ def run(profile: str, dataset: str, arch: str, results: str, delta: float, clien
             run_dir = layout.extraction_dir(results, prof.name, dataset, arch, strategy, s)
             if not (run_dir / "summary.json").exists():
                 continue
-            ex = extraction.run_extraction(dataset, arch, strategy, prof, seed=s, results=results)  # read back
+            ex = loop.run_extraction(dataset, arch, strategy, prof, seed=s, results=results)  # read back
             if not ex.done:
                 raise RuntimeError(f"{run_dir}: the run is not finished; finish it first (make demo)")
             x = ex.query_stream()

@@ -9,7 +9,7 @@ Conventions used everywhere in the package:
 """
 import os as _os
 
-from . import _tflog
+from .core import _tflog
 
 # TensorFlow's C++ log lines below ERROR (its start-up chatter) stay out of notebooks, the CLI and
 # the server; an explicit TF_CPP_MIN_LOG_LEVEL wins. TensorFlow ignores the level for the lines it

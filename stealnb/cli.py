@@ -18,17 +18,18 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from . import data, models, profiles, selectors
-from ._checks import UsageError
+from .core import data, models, profiles
+from .extraction import selectors
+from .core._checks import UsageError
 
 
 def _cmd_train_secret(args) -> int:
-    from . import layout
-    from .train import train_secret
+    from .core import layout
+    from .core.train import train_secret
 
     layout.check_run_dir(args.out, "secret")  # before the training, not after it
     ds = data.load_dataset(args.dataset, root=args.data_root)
-    res = train_secret(ds, args.arch, args.profile, seed=args.seed, progress=not args.quiet)
+    res = train_secret(ds, args.arch, profiles.get_profile(args.profile), seed=args.seed, progress=not args.quiet)
     out = res.save(args.out)
     s = res.summary()
     print(
@@ -74,8 +75,8 @@ def _budgets(text: str) -> tuple[int, ...]:
 
 def check_out(out, kind: str, resume: bool) -> None:
     """Before any work: refuse an ``out`` that a ``kind`` run may not use
-    (:func:`stealnb.layout.check_run_dir`), and say so when ``--resume`` finds no checkpoint there."""
-    from . import layout
+    (:func:`stealnb.core.layout.check_run_dir`), and say so when ``--resume`` finds no checkpoint there."""
+    from .core import layout
 
     if resume and layout.checkpointed(out, kind):
         return
@@ -86,11 +87,11 @@ def check_out(out, kind: str, resume: bool) -> None:
 
 def http_oracle(args, out, budget: int, kind: str):
     """The ``--oracle-url`` client shared by ``stealnb extract`` and ``stealnb copycat`` (``kind``):
-    a fresh run (no ``--resume``) replaces ``out`` first (:func:`stealnb.layout.new_run_dir`), then
-    the :class:`~stealnb.oracle.HttpOracle` opens its ledger in ``out`` -- so a resumed run, or a
+    a fresh run (no ``--resume``) replaces ``out`` first (:func:`stealnb.core.layout.new_run_dir`), then
+    the :class:`~stealnb.extraction.oracle.HttpOracle` opens its ledger in ``out`` -- so a resumed run, or a
     restarted server, never pays for a query twice."""
-    from . import layout
-    from .oracle import HttpOracle
+    from .core import layout
+    from .extraction.oracle import HttpOracle
 
     out = Path(out)
     if args.resume:
@@ -102,7 +103,8 @@ def http_oracle(args, out, budget: int, kind: str):
 
 
 def _cmd_extract(args) -> int:
-    from . import extraction, train
+    from .core import train
+    from .extraction import loop
 
     prof = profiles.get_profile(args.profile)
     overrides = {}
@@ -125,14 +127,14 @@ def _cmd_extract(args) -> int:
     if args.secret is not None:
         _, summary = train.load_secret(args.secret)
         dataset, arch = summary["dataset"], summary["arch"]
-    config = extraction.configure(prof, args.strategy, seed=args.seed, dataset=dataset,
+    config = loop.configure(prof, args.strategy, seed=args.seed, dataset=dataset,
                                   allow_problem_domain=args.allow_problem_domain_pool, **overrides)
     check_out(args.out, "extraction", args.resume)
     oracle, resume = None, args.resume
     if args.oracle_url:
         oracle = http_oracle(args, args.out, budget=config.budgets[-1], kind="extraction")
         resume = True  # cleared or resumed above; keeps run_extraction from deleting the new ledger
-    ex = extraction.run_extraction(
+    ex = loop.run_extraction(
         dataset, arch, args.strategy, prof, seed=args.seed, results=args.results,
         out=args.out, data_root=args.data_root, resume=resume, progress=not args.quiet,
         oracle=oracle, secret_dir=args.secret, allow_problem_domain=args.allow_problem_domain_pool, **overrides,
@@ -147,13 +149,14 @@ def _cmd_extract(args) -> int:
         print(f"  budget {b:>6}: agreement {r['agreement']:.4f}  accuracy {r['accuracy']:.4f}  "
               f"adv_agreement {rate(r.get('adv_agreement'))}  transfer_rate {rate(r['transfer_rate'])}  "
               f"secret_error_under_transfer {r['secret_error_under_transfer']:.3f}")
-    for line in extraction.collapse_warnings(ex.records):
+    for line in loop.collapse_warnings(ex.records):
         print(line, file=sys.stderr)
     return 0
 
 
 def _cmd_copycat(args) -> int:
-    from . import copycat, extraction, layout, train
+    from .core import layout, train
+    from .extraction import copycat, loop
 
     prof = profiles.get_profile(args.profile)
     if args.pool_size is not None:
@@ -187,14 +190,14 @@ def _cmd_copycat(args) -> int:
         extra = f"  (before fine-tuning {r['npdd']['relative_f1']:.4f})" if "npdd" in r else ""
         print(f"  budget {b:>6} ({r['queries']} queries): agreement {r['agreement']:.4f}  macro-F1 {r['macro_f1']:.4f}  "
               f"relative F1 {r['relative_f1']:.4f}{extra}")
-    for line in extraction.collapse_warnings(cc.records):
+    for line in loop.collapse_warnings(cc.records):
         print(line, file=sys.stderr)
     return 0
 
 
 # Modules that add their own subcommands through register_cli(subparsers), when present. Their
 # top-level imports must stay light: every one is imported to build the parser.
-_PLUGINS = ("stealnb.pipeline", "stealnb.server", "stealnb.bookcheck")
+_PLUGINS = ("stealnb.report.pipeline", "stealnb.serve.server", "stealnb.report.bookcheck")
 
 
 class _Version(argparse.Action):
@@ -295,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_extract)
 
     # The flags shared with `stealnb extract` are _attack_options. --variant is checked by
-    # stealnb.copycat.configure (one line, exit 2, before any work): the names live with the
+    # stealnb.extraction.copycat.configure (one line, exit 2, before any work): the names live with the
     # Copycat protocol, which loads Keras.
     c = sub.add_parser("copycat", help="Copycat CNN attack: hard labels on random natural images (resumable)")
     c.add_argument("--variant", required=True,
@@ -335,10 +338,10 @@ def _unexpected(e: Exception, argv, debug: bool) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The parsed command line; a ``--results`` left out is the results root of
-    :func:`stealnb.layout.results_root` (the one folder the notebooks use too, wherever run)."""
+    :func:`stealnb.core.layout.results_root` (the one folder the notebooks use too, wherever run)."""
     args = build_parser().parse_args(argv)
     if "results" in vars(args) and args.results is None:
-        from .layout import results_root
+        from .core.layout import results_root
 
         args.results = results_root()
     return args

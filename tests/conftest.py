@@ -16,7 +16,7 @@ def rng():
 @pytest.fixture(scope="session")
 def tiny_model():
     """An untrained-but-seeded cnn-tiny (logits out) shared by tests that only need *a* model."""
-    from stealnb import models
+    from stealnb.core import models
 
     return models.build("cnn-tiny", seed=0)
 
@@ -25,7 +25,7 @@ def tiny_model():
 def secret_dir(tmp_path_factory):
     """A quickly trained cnn-tiny digits secret (ci profile, 2 epochs), saved like
     `stealnb train-secret` does; shared by the extraction, Copycat and server tests."""
-    from stealnb import data, profiles, train
+    from stealnb.core import data, profiles, train
 
     prof = profiles.get_profile("ci").with_(epochs=2)
     res = train.train_secret(data.load_dataset("digits"), "cnn-tiny", prof, seed=0, progress=False)

@@ -1,10 +1,11 @@
-"""Tests for stealnb.attacks: FGSM (cleverhans wrapper) and the batched DeepFool."""
+"""Tests for stealnb.attacks.evasion: FGSM (cleverhans wrapper) and the batched DeepFool."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from stealnb import attacks, jbda, models
-from stealnb.attacks import deepfool, fgsm
+from stealnb.attacks import evasion, jbda
+from stealnb.core import models
+from stealnb.attacks.evasion import deepfool, fgsm
 
 OVERSHOOT = 0.02
 
@@ -209,7 +210,7 @@ def test_deepfool_max_iter_and_overshoot(trained_tiny, probe):
 
 def test_deepfool_compiles_once_per_model(trained_tiny, probe):
     deepfool(trained_tiny, probe[:3])
-    fn = attacks._DEEPFOOL_FNS[trained_tiny][10]
+    fn = evasion._DEEPFOOL_FNS[trained_tiny][10]
     before = fn.experimental_get_tracing_count()
     for bs in (1, 5, 20):
         deepfool(trained_tiny, probe, batch_size=bs, overshoot=0.1, max_iter=7)

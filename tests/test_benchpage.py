@@ -1,11 +1,11 @@
-"""stealnb.benchpage: the book's Benchmarks page is computed from benchmarks/results/*.json; a
+"""stealnb.report.benchpage: the book's Benchmarks page is computed from benchmarks/results/*.json; a
 missing folder, a file that is not JSON or one without the expected fields gives a note on the
 page instead of a failed build."""
 import json
 import os
 from pathlib import Path
 
-from stealnb import benchpage
+from stealnb.report import benchpage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from stealnb import bookcheck, layout, pipeline
+from stealnb.core import layout
+from stealnb.report import bookcheck, pipeline
+from stealnb.core.profiles import PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]
 # The module fixture builds the whole ci grid and the book (8-10 min on 2 cores) inside the first
 # test's set-up, which pytest-timeout counts: far above the default for unit tests (pyproject.toml).
 pytestmark = pytest.mark.timeout(1800)
-TASK_IDS = [t.id for t in pipeline.plan("ci", ROOT / "results")]
+TASK_IDS = [t.id for t in pipeline.plan(PROFILES["ci"], ROOT / "results")]
 RESULTS_PAGE = "book/generated/results/results.html"
 METHODS_PAGE = "book/methods.html"
 
@@ -49,14 +51,14 @@ def built_book(tmp_path_factory):
         shutil.copy2(ROOT / f, proj / f)
     shutil.copytree(ROOT / "book", proj / "book", ignore=shutil.ignore_patterns("generated"))
     shutil.copytree(ROOT / "notebooks", proj / "notebooks", ignore=shutil.ignore_patterns("results", ".ipynb_checkpoints"))
-    # The Benchmarks page is written from these at build time (stealnb.benchpage).
+    # The Benchmarks page is written from these at build time (stealnb.report.benchpage).
     shutil.copytree(ROOT / "benchmarks" / "results", proj / "benchmarks" / "results")
-    report = pipeline.run("ci", results=proj / "results", root=proj, jobs=2, progress=False)
+    report = pipeline.run(PROFILES["ci"], results=proj / "results", root=proj, jobs=2, progress=False)
     return proj, report
 
 
 def _tasks(proj):
-    return pipeline.plan("ci", proj / "results")
+    return pipeline.plan(PROFILES["ci"], proj / "results")
 
 
 def _executed(proj, task) -> Path:
@@ -103,7 +105,7 @@ def test_pipeline_builds_the_book(built_book):
 
 def test_second_run_skips_everything_unchanged(built_book):
     proj, _ = built_book
-    rep = pipeline.run("ci", results=proj / "results", root=proj, book=False, progress=False)
+    rep = pipeline.run(PROFILES["ci"], results=proj / "results", root=proj, book=False, progress=False)
     assert rep["ran"] == [] and len(rep["skipped"]) == len(_tasks(proj))
 
 

@@ -1,4 +1,4 @@
-"""stealnb.bookcheck without a browser: how DevTools events are classified, when a page counts
+"""stealnb.report.bookcheck without a browser: how DevTools events are classified, when a page counts
 as settled, the wait for that condition, what a settled page must not contain (requests that left
 the machine, raw TeX, TensorFlow log lines), the charts an executed notebook made, and how
 Chromium is found (``STEALNB_CHROMIUM``)."""
@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from stealnb import bookcheck
-from stealnb.bookcheck import notebook_plots, page_errors, pending_requests, settled
+from stealnb.report import bookcheck
+from stealnb.report.bookcheck import notebook_plots, page_errors, pending_requests, settled
 
 
 def ev(method, **params):

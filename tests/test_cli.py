@@ -5,7 +5,8 @@ import tempfile
 
 import pytest
 
-from stealnb import cli, data
+from stealnb import cli
+from stealnb.core import data
 
 TINY = ["--profile", "ci", "--pool-size", "100", "--budgets", "60", "--seed-size", "40", "--val-size", "20",
         "--epochs", "1", "--quiet"]
@@ -26,14 +27,15 @@ def _argv(command, secret_dir):
 def no_work(monkeypatch):
     """Fails a command that trains a model, loads a thief pool or asks an oracle: refusing "up front"
     means before any of these (shown by what the command did not call, not by how fast it was)."""
-    from stealnb import copycat, extraction, oracle, train
+    from stealnb.core import train
+    from stealnb.extraction import copycat, loop, oracle
 
     def forbidden(what):
         def call(*args, **kwargs):
             raise AssertionError(f"the command {what} before refusing")
         return call
 
-    for module in (train, extraction, copycat):
+    for module in (train, loop, copycat):
         monkeypatch.setattr(module, "fit", forbidden("trained a model"))
     monkeypatch.setattr(train, "train_secret", forbidden("trained a secret"))
     monkeypatch.setattr(data, "load_pool", forbidden("loaded a thief pool"))
@@ -121,7 +123,7 @@ def test_resume_without_a_checkpoint_says_it_starts_a_fresh_run(secret_dir, tmp_
 
 
 def _notes(err: str) -> list[str]:
-    """stderr lines other than the collapse warnings of :func:`stealnb.extraction.collapse_warnings`
+    """stderr lines other than the collapse warnings of :func:`stealnb.extraction.loop.collapse_warnings`
     (whether a one-epoch substitute on 40 images collapses depends on which pool images it drew)."""
     return [line for line in err.splitlines() if not line.startswith("stealnb: warning: round ")]
 

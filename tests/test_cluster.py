@@ -1,4 +1,4 @@
-"""stealnb run on Dask (stealnb/cluster.py, pipeline.execute): scheduler addresses, GPU resources,
+"""stealnb run on Dask (stealnb/report/cluster.py, pipeline.execute): scheduler addresses, GPU resources,
 a grid on two workers equal to the in-process run, and a worker killed mid-extraction."""
 import os
 import signal
@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_notebook, comparable_run
-from stealnb import cluster, extraction, oracle, pipeline, profiles
-from stealnb._checks import UsageError
+from stealnb.core import profiles
+from stealnb.extraction import loop, oracle
+from stealnb.report import cluster, pipeline
+from stealnb.core._checks import UsageError
 from stealnb.cli import main
 
 
@@ -103,9 +105,10 @@ def test_training_tasks_take_a_gpu_only_when_the_profile_wants_one(tmp_path):
 ROUND_SIZE = {"kcenter": 10, "random": 20}
 _EXTRACT = """\
 import os
-from stealnb import extraction, profiles
+from stealnb.core import profiles
+from stealnb.extraction import loop
 prof = profiles.get_profile("ci").with_(pool_size=500)
-ex = extraction.run_extraction("digits", "cnn-tiny", strategy, prof, seed=3, out=out, secret_dir=secret_dir,
+ex = loop.run_extraction("digits", "cnn-tiny", strategy, prof, seed=3, out=out, secret_dir=secret_dir,
                                resume=True, budgets=(90, 130), round_size=round_size, seed_size=40, val_size=20)
 print("pid", os.getpid(), "spent", ex.oracle.spent)
 """
@@ -137,7 +140,7 @@ def in_process(secret_dir, tmp_path_factory):
     prof = profiles.get_profile("ci").with_(pool_size=500)
     out = {}
     for s in ("kcenter", "random"):
-        extraction.run_extraction("digits", "cnn-tiny", s, prof, seed=3, out=base / s, secret_dir=secret_dir,
+        loop.run_extraction("digits", "cnn-tiny", s, prof, seed=3, out=base / s, secret_dir=secret_dir,
                                   resume=True, budgets=(90, 130), round_size=ROUND_SIZE[s], seed_size=40, val_size=20)
         out[s] = comparable_run(base / s)
     return out

@@ -1,10 +1,11 @@
-"""Copycat CNN (stealnb.copycat): end to end on tiny data, metrics, resume, analyses, comparison."""
+"""Copycat CNN (stealnb.extraction.copycat): end to end on tiny data, metrics, resume, analyses, comparison."""
 import json
 
 import numpy as np
 import pytest
 
-from stealnb import copycat, data, models, oracle, profiles, train
+from stealnb.core import data, models, profiles, train
+from stealnb.extraction import copycat, oracle
 
 BUDGETS = (90, 130)
 TINY = dict(budgets=BUDGETS, seed_size=40, val_size=20, epochs=2, patience=None, pdd_size=20, finetune_epochs=2)
@@ -241,7 +242,7 @@ def test_comparison_table(runs, tmp_path):
 
 
 class _FitSpy:
-    """Wraps :func:`stealnb.train.fit` as the copycat module calls it, keeping each call's
+    """Wraps :func:`stealnb.core.train.fit` as the copycat module calls it, keeping each call's
     arguments, its model's starting weights and, at that moment, the NPDD extraction's copy."""
 
     def __init__(self, fit):

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stealnb import cli, data
-from stealnb._checks import UsageError, check_images
+from stealnb import cli
+from stealnb.core import data
+from stealnb.core._checks import UsageError, check_images
 from fixtures_formats import (IDX_NAMES, cifar_batch, idx_bytes, write_cifar, write_gtsrb,
                               write_idx, write_imagenet32, write_mnist_like, write_photos)
 

@@ -1,4 +1,4 @@
-"""The defence seam at the oracle (stealnb/defense_seam.py): one Defense contract, one registry and
+"""The defence seam at the oracle (stealnb/core/defense_seam.py): one Defense contract, one registry and
 one spec syntax, applied identically by the in-process Oracle and the HTTP server; a defence added
 in one file (tests/toy_defense.py) works everywhere without touching another file."""
 import base64
@@ -9,9 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 import toy_defense
-from stealnb import cli, defenses, models, server
-from stealnb.defense_seam import DefenseChain
-from stealnb.oracle import BudgetExceeded, Oracle, QueryRefused, read_ledger
+from stealnb import cli, defenses
+from stealnb.core import models
+from stealnb.serve import server
+from stealnb.core.defense_seam import DefenseChain
+from stealnb.extraction.oracle import BudgetExceeded, Oracle, QueryRefused, read_ledger
 
 ALICE = "alice-key-0001"
 PRED = "/v1/models/secret:predict"

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from stealnb import defense_experiment as DX
+from stealnb.experiments import defense_experiment as DX
 from stealnb import defenses as D
-from stealnb import models, train
+from stealnb.defenses.perturbation import _reverse_sigmoid_raw
+from stealnb.core import models, train
 
 # ----------------------------------------------------------------------------------------------
 # PRADA streams
@@ -208,7 +209,7 @@ def test_misinformation_loss_and_training():
 
 
 def test_adaptive_misinformation_is_one_defense_mixing_in_the_misinformation_model(tiny_model, rng):
-    from stealnb.oracle import Oracle
+    from stealnb.extraction.oracle import Oracle
 
     mis = models.build("cnn-tiny", seed=1)
     x = rng.random((20, 32, 32, 3), dtype=np.float32)
@@ -318,7 +319,7 @@ def test_reverse_sigmoid_negative_values(rng):
     # beta <= 1 never goes negative
     q = _probs(rng, 500, 5, 0.2)
     for gamma in (0.1, 1.0, 10.0):
-        assert D._reverse_sigmoid_raw(q, 1.0, gamma).min() >= 0
+        assert _reverse_sigmoid_raw(q, 1.0, gamma).min() >= 0
 
 
 BAD = [
@@ -623,7 +624,7 @@ def test_admis_at_tau_0_misinforms_nothing_and_its_copy_agrees_like_the_undefend
     """At tau = 0 no query's top probability is below tau: ADMIS answers what the secret answers,
     so the copy trained on its labels is the copy trained on the secret's own labels, with the
     same test agreement with the secret (computed here from a copy stolen without any defence)."""
-    from stealnb import metrics
+    from stealnb.core import metrics
 
     secret, _ = train.load_secret(secret_dir)
     x, y = _digits32()

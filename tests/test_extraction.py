@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from helpers import comparable_run
-from stealnb import data, extraction, oracle, profiles, train
-from stealnb._checks import UsageError
+from stealnb.core import data, profiles, train
+from stealnb.extraction import loop, oracle
+from stealnb.core._checks import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def _config(**kw):
     base = dict(strategy="kcenter", substitute="cnn-tiny", budgets=(90, 130), seed_size=40, val_size=20,
                 round_size=20, epochs=2, patience=None, seed=3)
     base.update(kw)
-    return extraction.ExtractionConfig(**base)
+    return loop.ExtractionConfig(**base)
 
 
 def test_config_rejects_bad_budgets():
@@ -40,7 +41,7 @@ def test_config_rejects_bad_budgets():
 def test_run_spends_exactly_the_budget_and_records_every_round(setup, tmp_path):
     model, ds, pool = setup
     orc = oracle.Oracle(model, budget=130, ledger=tmp_path / "ledger.bin")
-    ex = extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
+    ex = loop.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
     summary = ex.run()
     assert orc.spent == 130
     queries = [r["queries"] for r in ex.records]
@@ -64,41 +65,41 @@ def test_oracle_budget_below_largest_budget_is_refused(setup, tmp_path):
     model, ds, pool = setup
     orc = oracle.Oracle(model, budget=100, ledger=tmp_path / "l.bin")
     with pytest.raises(ValueError, match="below the largest requested budget"):
-        extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
+        loop.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
 
 
 def test_resume_with_other_settings_is_refused(setup, tmp_path):
     model, ds, pool = setup
     orc = oracle.Oracle(model, budget=130, ledger=tmp_path / "ledger.bin")
-    ex = extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
+    ex = loop.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
     ex.step()
     with pytest.raises(ValueError, match="other settings.*seed"):
-        extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(seed=4), secret=model, out=tmp_path, resume=True)
+        loop.Extraction(orc, pool, ds.x_test, ds.y_test, _config(seed=4), secret=model, out=tmp_path, resume=True)
 
 
 def test_a_gray_pool_is_what_the_oracle_sees_and_the_summary_records_the_pool(setup, tmp_path):
     model, ds, pool = setup
     gray = data.Pool(pool.name, pool.storage, pool.indices, pool.info, transform="gray")
     orc = oracle.Oracle(model, budget=60, ledger=tmp_path / "ledger.bin")
-    ex = extraction.Extraction(orc, gray, ds.x_test, ds.y_test, _config(budgets=(60,)), secret=model, out=tmp_path)
+    ex = loop.Extraction(orc, gray, ds.x_test, ds.y_test, _config(budgets=(60,)), secret=model, out=tmp_path)
     summary = ex.run()
     asked = ex.query_stream()
     assert len(asked) == 60 and (asked[..., 0] == asked[..., 1]).all() and (asked[..., 1] == asked[..., 2]).all()
     assert summary["pool"] == gray.describe() == json.loads((tmp_path / "summary.json").read_text())["pool"]
     assert summary["pool"]["transform"] == "gray" and summary["pool"]["sources"] == pool.info["sources"]
     with pytest.raises(ValueError, match="another thief pool .*transform gray.*this one: .*transform None"):
-        extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(budgets=(60,)), secret=model, out=tmp_path,
+        loop.Extraction(orc, pool, ds.x_test, ds.y_test, _config(budgets=(60,)), secret=model, out=tmp_path,
                               resume=True)
 
 
 def test_configure_refuses_the_secrets_own_dataset_as_its_pool():
     prof = profiles.get_profile("ci").with_(pool="digits", pool_size=1000)
     with pytest.raises(UsageError, match="pool 'digits' holds the images of the secret's own dataset 'digits'"):
-        extraction.configure(prof, "random", dataset="digits")
-    assert extraction.configure(prof, "random", dataset="digits", allow_problem_domain=True).strategy == "random"
-    extraction.configure(prof, "random", dataset="fashion-mnist")
+        loop.configure(prof, "random", dataset="digits")
+    assert loop.configure(prof, "random", dataset="digits", allow_problem_domain=True).strategy == "random"
+    loop.configure(prof, "random", dataset="fashion-mnist")
     with pytest.raises(UsageError, match="pool transform"):
-        extraction.configure(prof.with_(pool_transform="sepia"), "random", dataset="fashion-mnist")
+        loop.configure(prof.with_(pool_transform="sepia"), "random", dataset="fashion-mnist")
 
 
 def _extract_cmd(secret_dir, out, *extra):
@@ -139,15 +140,15 @@ def test_resume_after_kill_equals_uninterrupted_run(secret_dir, tmp_path):
 
 @pytest.mark.parametrize("runner", ["extraction", "copycat"])
 def test_fresh_run_refuses_to_delete_an_external_oracles_ledger(setup, secret_dir, tmp_path, runner):
-    from stealnb import copycat
+    from stealnb.extraction import copycat
 
     model, _, _ = setup
     out = tmp_path / "run"
     out.mkdir()
     orc = oracle.Oracle(model, budget=200, ledger=out / "ledger.bin")
     orc.query(np.zeros((3, 32, 32, 3), np.float32) + np.arange(3, dtype=np.float32)[:, None, None, None] / 4)
-    kw = dict(profile="ci", out=out, secret_dir=secret_dir, oracle=orc, resume=False)
-    run = (lambda: extraction.run_extraction("digits", "cnn-tiny", "random", **kw)) if runner == "extraction" else (
+    kw = dict(profile=profiles.PROFILES["ci"], out=out, secret_dir=secret_dir, oracle=orc, resume=False)
+    run = (lambda: loop.run_extraction("digits", "cnn-tiny", "random", **kw)) if runner == "extraction" else (
         lambda: copycat.run_copycat("digits", "cnn-tiny", "npdd", **kw))
     with pytest.raises(ValueError, match="query ledger"):
         run()
@@ -164,7 +165,7 @@ def test_fresh_run_refuses_to_delete_an_external_oracles_ledger(setup, secret_di
 def test_query_stream_is_what_the_oracle_was_paid_for_in_order(setup, tmp_path):
     model, ds, pool = setup
     orc = oracle.Oracle(model, budget=130, ledger=tmp_path / "ledger.bin")
-    ex = extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
+    ex = loop.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path)
     ex.run()
     stream = ex.query_stream()
     asked = ex.pool.get(np.concatenate([ex.val_idx, ex.labelled_idx]))
@@ -185,7 +186,7 @@ def test_the_substitute_depends_on_the_labelled_set_not_its_order(setup, tmp_pat
     runs = []
     for name, permute in (("a", False), ("b", True)):
         orc = oracle.Oracle(model, budget=130)
-        ex = extraction.Extraction(orc, pool, ds.x_test, ds.y_test, cfg, secret=model)
+        ex = loop.Extraction(orc, pool, ds.x_test, ds.y_test, cfg, secret=model)
         if permute:
             ex.labelled_idx = ex.labelled_idx[np.random.default_rng(1).permutation(len(ex.labelled_idx))]
         runs.append((ex.step(), ex.substitute))
@@ -196,31 +197,31 @@ def test_the_substitute_depends_on_the_labelled_set_not_its_order(setup, tmp_pat
 
 
 def test_profile_recipe_reaches_the_substitute(setup):
-    from stealnb import profiles
+    from stealnb.core import profiles
 
     model, ds, pool = setup
     prof = profiles.get_profile("ci").with_(substitute_batch_size=8, substitute_min_steps=25, substitute_epochs=1,
                                             patience=1, substitute_learning_rate=3e-4, substitute_class_weight=True)
-    cfg = extraction.ExtractionConfig.from_profile(prof, "random", budgets=(90, 130), seed_size=40, val_size=20,
+    cfg = loop.ExtractionConfig.from_profile(prof, "random", budgets=(90, 130), seed_size=40, val_size=20,
                                                    round_size=20, seed=3)
     assert (cfg.batch_size, cfg.min_steps, cfg.epochs, cfg.patience, cfg.learning_rate, cfg.class_weight,
             cfg.monitor) == (8, 25, 1, 1, 3e-4, True, "macro_f1")
-    ex = extraction.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test, cfg, secret=model)
+    ex = loop.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test, cfg, secret=model)
     rec = ex.step()
     assert rec["steps"] == rec["epochs_trained"] * 5 and rec["steps"] >= 25  # 40 images at batch 8
     assert ex.summary()["config"]["batch_size"] == 8  # recorded in summary.json
 
 
 def test_round_records_say_how_near_the_substitute_is_to_constant(setup):
-    from stealnb import metrics
+    from stealnb.core import metrics
 
     model, ds, pool = setup
-    ex = extraction.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test, _config(), secret=model)
+    ex = loop.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test, _config(), secret=model)
     rec = ex.step()
     pred = ex.substitute.predict(ds.x_test, verbose=0).argmax(1)
     assert rec["top_class_share"] == pytest.approx(np.bincount(pred).max() / len(pred))
     assert rec["classes_predicted"] == len(np.unique(pred))
-    lines = extraction.collapse_warnings([{**rec, "top_class_share": metrics.COLLAPSE_SHARE + 0.01},
+    lines = loop.collapse_warnings([{**rec, "top_class_share": metrics.COLLAPSE_SHARE + 0.01},
                                           {**rec, "top_class_share": 0.5}])
     assert len(lines) == 1 and f"round {rec['round']}" in lines[0] and "collapsed" in lines[0]
 
@@ -231,7 +232,7 @@ def test_each_budget_reports_the_transferability_of_its_own_substitute(setup):
     import reference
 
     model, ds, pool = setup
-    ex = extraction.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test,
+    ex = loop.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test,
                                _config(strategy="random", fgsm_eps=0.1, budgets=(80, 100)), secret=model)
     budgets = []
     while not ex.done:
@@ -246,7 +247,7 @@ def test_each_budget_reports_the_transferability_of_its_own_substitute(setup):
 
 
 class _FitSpy:
-    """Wraps :func:`stealnb.train.fit`, keeping each call's model and its weights before and after."""
+    """Wraps :func:`stealnb.core.train.fit`, keeping each call's model and its weights before and after."""
 
     def __init__(self, fit):
         self.fit, self.calls = fit, []
@@ -260,14 +261,14 @@ class _FitSpy:
 
 
 def test_warm_start_continues_from_the_previous_rounds_weights_and_cold_start_does_not(setup, monkeypatch):
-    from stealnb import models
+    from stealnb.core import models
 
     model, ds, pool = setup
     for warm in (True, False):
-        spy = _FitSpy(extraction.fit)
-        monkeypatch.setattr(extraction, "fit", spy)
+        spy = _FitSpy(loop.fit)
+        monkeypatch.setattr(loop, "fit", spy)
         cfg = _config(strategy="random", warm_start=warm)
-        ex = extraction.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test, cfg, secret=model)
+        ex = loop.Extraction(oracle.Oracle(model, budget=130), pool, ds.x_test, ds.y_test, cfg, secret=model)
         ex.step()
         ex.step()
         first, second = spy.calls
@@ -290,7 +291,7 @@ def test_a_resumed_warm_start_run_ends_with_the_weights_and_records_of_an_uninte
 
     def make(out, resume=False):
         orc = oracle.Oracle(model, budget=100, ledger=out / "ledger.bin")
-        return extraction.Extraction(orc, pool, ds.x_test, ds.y_test, cfg, secret=model, out=out, resume=resume)
+        return loop.Extraction(orc, pool, ds.x_test, ds.y_test, cfg, secret=model, out=out, resume=resume)
 
     full = make(tmp_path / "full")
     full.run()
@@ -312,11 +313,29 @@ def test_a_finished_run_is_read_back_without_training_or_querying(secret_dir, tm
     kw = dict(seed=0, results=tmp_path, secret_dir=secret_dir, budgets=(90, 130), seed_size=40, val_size=20,
               round_size=40, epochs=2)
     prof = profiles.get_profile("ci").with_(pool_size=500)
-    first = extraction.run_extraction("digits", "cnn-tiny", "random", prof, **kw)
+    first = loop.run_extraction("digits", "cnn-tiny", "random", prof, **kw)
     before = comparable_run(first.out)
     steps = []
-    real = extraction.Extraction.step
-    monkeypatch.setattr(extraction.Extraction, "step", lambda self: steps.append(1) or real(self))
-    again = extraction.run_extraction("digits", "cnn-tiny", "random", prof, **kw)
+    real = loop.Extraction.step
+    monkeypatch.setattr(loop.Extraction, "step", lambda self: steps.append(1) or real(self))
+    again = loop.run_extraction("digits", "cnn-tiny", "random", prof, **kw)
     assert steps == [] and again.oracle.spent == first.oracle.spent and again.oracle.replayed == 0
     assert again.out == first.out and comparable_run(again.out) == before
+
+
+def test_functions_below_the_cli_take_a_profile_not_its_name(tmp_path):
+    """Names are resolved once, at the command line and in the notebooks (issue 18)."""
+    from stealnb.experiments import pools
+    from stealnb.extraction import copycat
+    from stealnb.report import pipeline, results
+
+    calls = [lambda: loop.run_extraction("digits", "cnn-tiny", "random", "ci", results=tmp_path),
+             lambda: copycat.run_copycat("digits", "cnn-tiny", "npdd", "ci", results=tmp_path),
+             lambda: results.open_extraction("digits", "cnn-tiny", "random", "ci", results=tmp_path),
+             lambda: pools.run_pools("ci", results=tmp_path),
+             lambda: train.ensure_secret("digits", "cnn-tiny", "ci", tmp_path),
+             lambda: pipeline.plan("ci", tmp_path)]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"get_profile\('ci'\)"):
+            call()
+    assert not any(tmp_path.iterdir())

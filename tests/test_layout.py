@@ -1,10 +1,10 @@
-"""stealnb.layout: which folders a new run may replace (marker + the names stealnb writes)."""
+"""stealnb.core.layout: which folders a new run may replace (marker + the names stealnb writes)."""
 import json
 
 import pytest
 
-from stealnb import layout
-from stealnb._checks import UsageError
+from stealnb.core import layout
+from stealnb.core._checks import UsageError
 
 
 def _earlier_extraction(out):
@@ -49,7 +49,7 @@ def test_a_new_run_refuses_another_kind_of_run_a_symlink_and_nested_strangers(tm
 
 
 def test_a_defenses_folder_with_the_servers_key_logs_and_headers_can_be_replaced(tmp_path):
-    # what run_defenses leaves: stealnb.server writes <key id>.jsonl and <key id>.head per key
+    # what run_defenses leaves: stealnb.serve.server writes <key id>.jsonl and <key id>.head per key
     out = tmp_path / "defenses"
     keys = out / "server-logs" / "keys"
     keys.mkdir(parents=True)

@@ -1,5 +1,5 @@
 """Notebook 07's live panel in a real JupyterLab, driven by headless Chromium (the book check's
-browser session, stealnb.bookcheck.chromium_session).
+browser session, stealnb.report.bookcheck.chromium_session).
 
 JupyterLab runs on a free localhost port with a token and no browser of its own, on a copy of
 notebook 07 in a temporary folder (its ci defaults; ``$STEALNB_RESULTS`` points the kernel at a
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from stealnb import bookcheck, layout
+from stealnb.core import layout
+from stealnb.report import bookcheck
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "07_interactive.ipynb"
@@ -271,7 +272,7 @@ async def _drive(chromium, base, token):
 # Chromium) the panel's FigureWidget views are first drawn empty (a FigureWidget displayed unchanged
 # draws an empty chart even outside stealnb), and after the reload the panel stays at "Loading
 # widget..." -- the test fails at those asserts before it can judge the reload fix
-# (stealnb.plots.sync_figure_state). Remove the mark once both are understood.
+# (stealnb.report.plots.sync_figure_state). Remove the mark once both are understood.
 @pytest.mark.xfail(run=False, reason="FigureWidget views draw empty at first and stay 'Loading widget...' after a "
                                      "reload in this JupyterLab/anywidget stack; see the comment above")
 @pytest.mark.timeout(1200)
@@ -279,6 +280,6 @@ def test_the_live_panel_keeps_the_kernels_state_across_a_page_reload(chromium, l
     base, token, tmp = lab
     first, one, back, two, before, after = asyncio.run(_drive(chromium, base, token))
     assert before.is_file() and after.is_file()
-    # The kernel worked in the results root $STEALNB_RESULTS named (stealnb.layout.results_root).
+    # The kernel worked in the results root $STEALNB_RESULTS named (stealnb.core.layout.results_root).
     assert (layout.profile_dir(tmp / "results", "ci") / "scratch").is_dir()
     assert not (tmp / "notebooks" / "results").exists()

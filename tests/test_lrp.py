@@ -1,11 +1,11 @@
-"""Tests for stealnb.lrp: conservation, closed forms, BN folding, topology checks, correlation."""
+"""Tests for stealnb.core.lrp: conservation, closed forms, BN folding, topology checks, correlation."""
 import keras
 import numpy as np
 import pytest
 from keras import layers
 
-from stealnb import models
-from stealnb.lrp import heatmap_correlation, layer_rules, lrp
+from stealnb.core import models
+from stealnb.core.lrp import heatmap_correlation, layer_rules, lrp
 
 SHAPE = (8, 8, 3)
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 import reference
-from stealnb import attacks, metrics
+from stealnb.attacks import evasion
+from stealnb.core import metrics
 
 
 def test_agreement_is_eq_4_3_2():
@@ -116,7 +117,7 @@ def linear_pair():
 @pytest.mark.parametrize("eps", [0.001, 0.002])
 def test_transferability_is_fgsm_crafted_on_the_substitute_with_true_labels_and_measured_on_the_secret(linear_pair, eps):
     secret, substitute, x, y = linear_pair
-    got = attacks.transferability(secret, substitute, x, y, eps=eps)
+    got = evasion.transferability(secret, substitute, x, y, eps=eps)
     want = reference.transferability(secret, substitute, x, y, eps)
     assert got == want
     # the case is not degenerate: the models, the labels and eps each change the answer

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stealnb import models
+from stealnb.core import models
 
 REFERENCE = Path(__file__).resolve().parents[1] / "stealnb" / "reference" / "thesis_tables.json"
 
@@ -99,6 +99,28 @@ def test_forward_traces_once_per_model_whatever_the_batch_sizes_and_never_warns_
             models.predict_logits(m, x, batch_size=batch_size)
         assert _tracing_count(m) == 1
     assert [r.getMessage() for r in tf_warnings if "retracing" in r.getMessage()] == []
+
+
+def test_predict_logits_rows_by_index_match_the_whole_array():
+    m = models.build("cnn-tiny", seed=0)
+    x = np.random.default_rng(0).random((20, 32, 32, 3), dtype=np.float32)
+    idx = np.array([19, 3, 0, 7], np.int64)
+    whole = models.predict_logits(m, x, batch_size=8)
+    np.testing.assert_allclose(models.predict_logits(m, x, idx, batch_size=3), whole[idx], rtol=1e-5, atol=1e-6)
+    assert models.predict_logits(m, x, np.zeros(0, np.int64)).shape == (0, 10)
+    with pytest.raises(ValueError, match="unique"):
+        models.predict_logits(m, x, np.array([1, 1]))
+
+
+def test_softmax_both_routes_are_probabilities_and_chunks_change_nothing():
+    z = np.random.default_rng(0).normal(0, 30, (1000, 10)).astype(np.float32)
+    for log_space in (False, True):
+        p = models.softmax(z, log_space=log_space)
+        assert p.dtype == np.float32 and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+        np.testing.assert_array_equal(models.softmax(z, log_space=log_space, chunk=7), p)
+        assert models.softmax(z, "float64", log_space=log_space).dtype == np.float64
+    np.testing.assert_allclose(models.softmax(z, "float64"), models.softmax(z, "float64", log_space=True), rtol=1e-12,
+                               atol=1e-300)
 
 
 def test_clone_copies_architecture_and_weights_and_shares_nothing():

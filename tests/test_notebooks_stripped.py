@@ -33,7 +33,7 @@ def test_one_parameters_cell_with_ci_defaults(path):
     values = _defaults(params[0])
     assert values.get("profile") == "ci", f"{path.name}: parameters must default to profile = 'ci'"
     assert "results_dir" in values and "data_root" in values, path.name
-    # None: the results root of stealnb.layout.results_root, wherever the kernel runs.
+    # None: the results root of stealnb.core.layout.results_root, wherever the kernel runs.
     assert values["results_dir"] is None, f"{path.name}: results_dir must default to None"
 
 
@@ -56,10 +56,10 @@ def _defaults(cell) -> dict:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_every_parameter_has_a_type_papermill_shows(path):
     """`papermill --help-notebook` reads the types from the annotations (no "Unknown type"), and
-    stealnb.params.coerce applies them to what `-p` passed."""
+    stealnb.core.params.coerce applies them to what `-p` passed."""
     from papermill.translators import PythonTranslator
 
-    from stealnb import params
+    from stealnb.core import params
 
     cell = _parameters_cell(path)
     shown = {p.name: p.inferred_type_name for p in PythonTranslator.inspect({"source": "".join(cell["source"])})}
@@ -73,11 +73,12 @@ def test_every_parameter_has_a_type_papermill_shows(path):
 
 def test_every_pipeline_parameter_is_a_notebook_parameter():
     """What `stealnb run` passes is declared (and typed) in the notebook it runs."""
-    from stealnb import pipeline
+    from stealnb.report import pipeline
+    from stealnb.core.profiles import PROFILES
 
     import inspect
 
-    for task in pipeline.plan("ci", "results"):
+    for task in pipeline.plan(PROFILES["ci"], "results"):
         if not task.is_notebook:  # a runs/ task: what it passes, its runner takes
             declared = inspect.signature(pipeline.RUNNERS[task.run]).parameters
             assert set(task.params) == set(declared), task.id
@@ -92,7 +93,7 @@ _TENSORFLOW = {"tensorflow", "keras", "cleverhans"}
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_stealnb_is_imported_before_tensorflow(path):
     """Importing stealnb first is what keeps TensorFlow's start-up log lines out of the page
-    (stealnb._tflog)."""
+    (stealnb.core._tflog)."""
     nb = json.loads(path.read_text())
     for cell in nb["cells"]:
         if cell["cell_type"] != "code":
@@ -108,7 +109,7 @@ def test_stealnb_is_imported_before_tensorflow(path):
 
 # The call that carries each chapter's method: its cell stays visible in the book.
 _METHOD_CALLS = {
-    "02_secret.ipynb": "ensure_secret(", "03_extraction.ipynb": "extraction.run_extraction(",
+    "02_secret.ipynb": "ensure_secret(", "03_extraction.ipynb": "loop.run_extraction(",
     "05_copycat.ipynb": "copycat.run_copycat_variants(", "06_defenses.ipynb": "defense_experiment.run_defenses(",
     "08_pools.ipynb": "pools.run_pools(",
 }

@@ -1,4 +1,4 @@
-"""The black-box oracle: answers, budget, query ledger and crash safety (stealnb/oracle.py)."""
+"""The black-box oracle: answers, budget, query ledger and crash safety (stealnb/extraction/oracle.py)."""
 import hashlib
 import json
 import os
@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from stealnb import results
-from stealnb.oracle import (BudgetExceeded, HttpOracle, LedgerCorrupted, Oracle, OracleHTTPError, fingerprint,
+from stealnb.report import results
+from stealnb.extraction.oracle import (BudgetExceeded, HttpOracle, LedgerCorrupted, Oracle, OracleHTTPError, fingerprint,
                             read_ledger, record_dtype, softmax)
 
 W = np.random.default_rng(0).standard_normal((32 * 32 * 3, 10)).astype(np.float32)
@@ -279,7 +279,7 @@ def test_http_oracle_records_only_answers_its_ledger_can_replay(tmp_path):
 CHILD = """
 import sys
 import numpy as np
-from stealnb.oracle import Oracle
+from stealnb.extraction.oracle import Oracle
 W = np.random.default_rng(0).standard_normal((3072, 10)).astype(np.float32)
 o = Oracle(lambda x: x.reshape(len(x), -1) @ W, ledger=sys.argv[1], num_classes=10)
 for i in range(100000):

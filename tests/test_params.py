@@ -1,10 +1,10 @@
-"""stealnb.params: a notebook's typed parameters applied to what papermill's -p passed."""
+"""stealnb.core.params: a notebook's typed parameters applied to what papermill's -p passed."""
 from typing import Optional
 
 import pytest
 
-from stealnb import params
-from stealnb._checks import UsageError
+from stealnb.core import params
+from stealnb.core._checks import UsageError
 
 
 def _ns(src: str, **injected) -> dict:

@@ -1,4 +1,4 @@
-"""stealnb.pipeline: the grid, the keys that decide what reruns, and the Dask engine (on tiny notebooks)."""
+"""stealnb.report.pipeline: the grid, the keys that decide what reruns, and the Dask engine (on tiny notebooks)."""
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -7,8 +7,9 @@ import nbformat
 import pytest
 
 from helpers import tiny_notebook
-from stealnb import cluster, layout, pipeline
-from stealnb.profiles import PROFILES
+from stealnb.core import layout
+from stealnb.report import cluster, pipeline
+from stealnb.core.profiles import PROFILES
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_plan_covers_the_grid_in_dependency_order(tmp_path):
     assert ex.outputs == {}  # the seeds' runs/ tasks own the results; the notebook reads them back
     for t in tasks:  # every notebook the plan names exists
         if t.is_notebook:
-            assert (Path(pipeline.__file__).parents[1] / "notebooks" / t.notebook).is_file(), t.notebook
+            assert (layout.project_root() / "notebooks" / t.notebook).is_file(), t.notebook
 
 
 def test_every_extraction_and_copycat_seed_is_a_task_of_its_own_before_its_chapter(tmp_path):
@@ -64,7 +65,7 @@ def test_every_extraction_and_copycat_seed_is_a_task_of_its_own_before_its_chapt
 
 def test_a_presentation_change_reruns_the_notebooks_but_not_the_seeds_runs(tmp_path, monkeypatch):
     prof = PROFILES["ci"]
-    nbs = Path(pipeline.__file__).parents[1] / "notebooks"
+    nbs = layout.project_root() / "notebooks"
 
     def keys():
         tasks = pipeline.plan(prof, tmp_path)
@@ -93,7 +94,7 @@ def test_the_pool_study_runs_after_the_extractions_whose_best_strategy_it_reads(
 
 
 def test_installing_a_dataset_reruns_the_pool_chapter_and_nothing_else(tmp_path, monkeypatch):
-    # the pool chapter tries every installed cross-domain dataset (stealnb.pools.pool_specs)
+    # the pool chapter tries every installed cross-domain dataset (stealnb.experiments.pools.pool_specs)
     prof = PROFILES["demo"]
     keys = {}
     for installed in (set(), {"fashion-mnist"}):
@@ -173,7 +174,7 @@ def test_execute_runs_in_order_skips_unchanged_and_blocks_dependants_of_failures
 
 
 def test_run_refuses_to_clear_a_task_folder_holding_user_files_before_running_anything(tiny):
-    from stealnb._checks import UsageError
+    from stealnb.core._checks import UsageError
 
     root, run_dir, out_a, tasks = tiny
     out_a.mkdir(parents=True)
@@ -187,7 +188,7 @@ def test_run_refuses_to_clear_a_task_folder_holding_user_files_before_running_an
 
 
 def test_the_books_generated_folder_is_replaced_only_when_it_holds_executed_notebooks(tmp_path):
-    from stealnb._checks import UsageError
+    from stealnb.core._checks import UsageError
 
     gen = tmp_path / pipeline.BOOK_GENERATED
     (gen / "secret").mkdir(parents=True)
@@ -262,7 +263,7 @@ def test_key_follows_notebook_code_params_and_dependencies(tiny):
 
 def test_only_unknown_pattern_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="matches no task"):
-        pipeline.run("ci", results=tmp_path, only="no-such-task", book=False, progress=False)
+        pipeline.run(PROFILES["ci"], results=tmp_path, only="no-such-task", book=False, progress=False)
 
 
 def test_cli_has_run_command():

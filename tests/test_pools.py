@@ -1,12 +1,14 @@
-"""stealnb.pools: the "Which thief pool?" study (issue 14, item 5)."""
+"""stealnb.experiments.pools: the "Which thief pool?" study (issue 14, item 5)."""
 import json
 
 import numpy as np
 import pytest
 
-from stealnb import data, extraction, layout, pools
-from stealnb._checks import UsageError
-from stealnb.profiles import PROFILES, PoolStudy
+from stealnb.core import data, layout
+from stealnb.experiments import pools
+from stealnb.extraction import loop
+from stealnb.core._checks import UsageError
+from stealnb.core.profiles import PROFILES, PoolStudy
 
 
 def _tiny(**study):
@@ -122,7 +124,7 @@ def test_agreement_table_ratio_and_paired_gain_on_hand_made_runs():
 def test_run_extraction_refuses_a_built_pool_that_is_not_the_profiles(tmp_path):
     pool = data.load_pool("uniform-noise", n=300, seed=0)
     with pytest.raises(ValueError, match="thief_pool: expected the profile's pool 'natural-patches'"):
-        extraction.run_extraction("digits", "cnn-tiny", "random", PROFILES["ci"].with_(pool_size=300),
+        loop.run_extraction("digits", "cnn-tiny", "random", PROFILES["ci"].with_(pool_size=300),
                                   results=tmp_path, thief_pool=pool, budgets=(150, 200))
     assert not (tmp_path / "ci").exists()  # refused before the secret was trained
 

@@ -1,11 +1,13 @@
-"""stealnb.results: result files -> thesis-style tables, on small hand-written result trees."""
+"""stealnb.report.results: result files -> thesis-style tables, on small hand-written result trees."""
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from stealnb import layout, oracle, plots, profiles, results
+from stealnb.core import layout, profiles
+from stealnb.extraction import oracle
+from stealnb.report import plots, results
 
 
 # -- hand-written result files ------------------------------------------------------------------

@@ -5,8 +5,9 @@ import types
 import numpy as np
 import pytest
 
-from stealnb import selectors
-from stealnb.selectors import REGISTRY, kcenter_greedy
+from stealnb.core import models
+from stealnb.extraction import selectors
+from stealnb.extraction.selectors import REGISTRY, kcenter_greedy
 
 N_POOL = 120
 NUM_CLASSES = 5
@@ -30,7 +31,7 @@ def decode_ids(x):
 
 
 class ArrayPool:
-    """Minimal stand-in for stealnb.data.Pool backed by a uint8 array.
+    """Minimal stand-in for stealnb.core.data.Pool backed by a uint8 array.
 
     ``scramble=True`` yields the batches in reverse order, to check that callers place results by
     the yielded indices rather than assuming order. ``calls`` records every batch read.
@@ -79,7 +80,7 @@ def fake_deepfool_module(norms, converged, calls=None):
         return types.SimpleNamespace(x_adv=x, norms=norms[ids].astype(np.float32),
                                      converged=converged[ids].copy(), iterations=np.ones(len(x), np.int64))
 
-    mod = types.ModuleType("stealnb.attacks")
+    mod = types.ModuleType("stealnb.attacks.evasion")
     mod.deepfool = deepfool
     return mod
 
@@ -96,13 +97,13 @@ def table():
 
 @pytest.fixture
 def fake_attacks(monkeypatch):
-    """Install a fake stealnb.attacks.deepfool with known norms; returns (norms, converged, calls)."""
+    """Install a fake stealnb.attacks.evasion.deepfool with known norms; returns (norms, converged, calls)."""
     r = np.random.default_rng(11)
     norms = r.uniform(0.1, 3.0, N_POOL)
     converged = r.random(N_POOL) > 0.25
     norms[np.flatnonzero(~converged)[:3]] = 1e-4  # tiny but failed: must still rank after converged ones
     calls = []
-    monkeypatch.setitem(sys.modules, "stealnb.attacks", fake_deepfool_module(norms, converged, calls))
+    monkeypatch.setitem(sys.modules, "stealnb.attacks.evasion", fake_deepfool_module(norms, converged, calls))
     return norms, converged, calls
 
 
@@ -214,10 +215,10 @@ def test_margin_picks_smallest_top2_gap(pool, table):
     np.testing.assert_array_equal(out, np.argsort(m, kind="stable")[:k])
 
 
-def test_predict_logits_places_rows_by_index(table):
+def test_predict_logits_on_a_pool_places_rows_by_index(table):
     p = ArrayPool(id_images(N_POOL), scramble=True)
     idx = np.array([5, 99, 0, 42, 7], np.int64)
-    z = selectors.predict_logits(StubModel(table), p, idx, batch_size=2)
+    z = models.predict_logits(StubModel(table), p, idx, batch_size=2)
     assert z.dtype == np.float32
     np.testing.assert_array_equal(z, table[idx])
     assert max(p.calls) <= 2  # batched, never the whole pool at once
@@ -324,7 +325,7 @@ def test_dfal_kcenter_rejects_budget_below_k(pool, table, fake_attacks):
 
 
 def test_dfal_with_real_deepfool(tiny_model):
-    from stealnb.attacks import deepfool  # an import failure is an error, not a skip
+    from stealnb.attacks.evasion import deepfool  # an import failure is an error, not a skip
     p = ArrayPool(id_images(24))
     lab = np.array([0, 1, 2, 3], np.int64)
     opts = dict(overshoot=0.02, max_iter=5, num_candidates=3, batch_size=8)

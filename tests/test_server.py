@@ -1,5 +1,5 @@
 """`stealnb serve` and HttpOracle: the TF Serving REST API, keys, budgets, limits, persistence,
-retries, and an extraction over HTTP that survives a server kill (stealnb/server.py, oracle.py)."""
+retries, and an extraction over HTTP that survives a server kill (stealnb/serve/server.py, oracle.py)."""
 import base64
 import json
 import os
@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from stealnb import data, extraction, models, oracle, server, train
-from stealnb.oracle import BudgetExceeded, HttpOracle, Oracle, OracleHTTPError
+from stealnb.core import data, models, train
+from stealnb.extraction import loop, oracle
+from stealnb.serve import server
+from stealnb.extraction.oracle import BudgetExceeded, HttpOracle, Oracle, OracleHTTPError
 
 ALICE, BOB = "alice-key-0001", "bob-key-00002"
 PRED = "/v1/models/secret:predict"
@@ -602,7 +604,7 @@ def test_http_oracle_gives_up_and_reports_4xx_at_once(tiny):
 
 # -- an extraction over real HTTP, with the server killed mid-attack ------------------------------
 def _config():
-    return extraction.ExtractionConfig(strategy="kcenter", substitute="cnn-tiny", budgets=(80, 100), seed_size=40,
+    return loop.ExtractionConfig(strategy="kcenter", substitute="cnn-tiny", budgets=(80, 100), seed_size=40,
                                        val_size=20, round_size=20, epochs=2, patience=None, seed=3)
 
 
@@ -638,7 +640,7 @@ def test_extraction_over_http_matches_in_process_and_survives_a_server_kill(secr
     model, _ = train.load_secret(secret_dir)
     ds = data.load_dataset("digits")
     pool = data.load_pool("natural-patches", n=500, seed=0)
-    ref = extraction.Extraction(Oracle(model, budget=100), pool, ds.x_test, ds.y_test, _config(), secret=model)
+    ref = loop.Extraction(Oracle(model, budget=100), pool, ds.x_test, ds.y_test, _config(), secret=model)
     ref.run()
 
     listener = server.listen_socket("127.0.0.1", 0)  # port 0: the kernel picks it, we read it back
@@ -665,7 +667,7 @@ def test_extraction_over_http_matches_in_process_and_survives_a_server_kill(secr
     try:
         orc = HttpOracle(f"http://127.0.0.1:{port}", api_key=ALICE, budget=100, ledger=tmp_path / "ledger.bin",
                          backoff=0.25, max_backoff=4.0, retries=12)
-        ex = extraction.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path / "run")
+        ex = loop.Extraction(orc, pool, ds.x_test, ds.y_test, _config(), secret=model, out=tmp_path / "run")
         ex.run()
         t.join(timeout=60)
         # the server died mid-attack: the restarted one answered the rest (while it was down, the

@@ -1,5 +1,5 @@
 """TensorFlow's C++ start-up lines stay out of every command, server and notebook that imports
-stealnb first (stealnb._tflog), while warnings and errors at or above TF_CPP_MIN_LOG_LEVEL, and
+stealnb first (stealnb.core._tflog), while warnings and errors at or above TF_CPP_MIN_LOG_LEVEL, and
 anything else written to stderr, still show."""
 import os
 import subprocess

@@ -5,8 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from stealnb import train
-from stealnb.profiles import PROFILES
+from stealnb.core import train
+from stealnb.core.profiles import PROFILES
 
 
 @dataclass
@@ -156,7 +156,7 @@ def test_patience_stops_that_many_epochs_after_the_best_one_and_restores_its_wei
     """Validation labels that have nothing to do with the images: the validation score peaks early,
     then the training goes on for exactly ``patience`` epochs without a new best and stops; the
     model ends with the best epoch's weights, so its validation score is that epoch's, not the last's."""
-    from stealnb import metrics, models
+    from stealnb.core import metrics, models
 
     ds = _colour_dataset(n_train=40, n_test=30)
     noise = (ds.x_test, np.random.default_rng(1).integers(0, 3, len(ds.x_test)))

@@ -2,7 +2,7 @@
 tests/test_defense_seam.py uses it in-process, over HTTP and from a `stealnb serve --defense` spec."""
 import numpy as np
 
-from stealnb.defense_seam import Defense
+from stealnb.core.defense_seam import Defense
 from stealnb.defenses import DEFENSES
 
 

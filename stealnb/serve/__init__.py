@@ -1,0 +1,1 @@
+"""The secret model behind an HTTP API (``server``), with per-key budgets, logs and defences."""
