@@ -87,7 +87,8 @@ project_root = layout.project_root
 # The notebooks that train models (secrets, substitutes, Copycat copies, the defenses' copies,
 # the pool study's substitutes): the tasks that take a GPU when the profile wants one
 # (``Profile.gpu``, :mod:`stealnb.report.cluster`).
-TRAINING_CHAPTERS = frozenset({"secret", "extraction", "copycat", "defenses", "pools", "runs"})
+# The extraction and Copycat notebooks read back what their seeds' runs/ tasks trained.
+TRAINING_CHAPTERS = frozenset({"secret", "runs", "defenses", "pools"})
 
 
 @dataclass
