@@ -86,10 +86,11 @@ def test_notebook_runs_without_error(built_book, task_id):
     task = next(t for t in _tasks(proj) if t.id == task_id)
     if task_id in report["failed"]:
         log = layout.profile_dir(proj / "results", "ci") / "logs" / (task_id.replace("/", "__") + ".log")
-        pytest.fail(f"{task_id} ({task.notebook}) failed: {cell_error(_executed(proj, task))}\nlog: {log}",
-                    pytrace=False)
-    assert task_id not in report["blocked"], f"{task_id} did not run: a notebook it depends on failed"
-    assert task_id in report["ran"] and _executed(proj, task).is_file(), report
+        why = cell_error(_executed(proj, task)) if task.is_notebook else f"pipeline.RUNNERS[{task.run!r}] failed"
+        pytest.fail(f"{task_id} ({task.notebook or task.run}) failed: {why}\nlog: {log}", pytrace=False)
+    assert task_id not in report["blocked"], f"{task_id} did not run: a task it depends on failed"
+    # a runs/ task (one seed's extraction or Copycat) executes no notebook of its own
+    assert task_id in report["ran"] and _executed(proj, task).is_file() == task.is_notebook, report
 
 
 def test_pipeline_builds_the_book(built_book):
@@ -99,8 +100,8 @@ def test_pipeline_builds_the_book(built_book):
     assert sorted(report["ran"]) == sorted(t.id for t in tasks)
     html = proj / "_build" / "html"
     assert Path(report["book"]) == html / "index.html"
-    for t in tasks:  # one rendered page per executed notebook
-        assert (html / "book" / "generated" / t.chapter / f"{t.name}.html").is_file(), t.id
+    for t in tasks:  # one rendered page per executed notebook, none for a runs/ task
+        assert (html / "book" / "generated" / t.chapter / f"{t.name}.html").is_file() == t.is_notebook, t.id
 
 
 def test_second_run_skips_everything_unchanged(built_book):
@@ -116,7 +117,7 @@ def test_every_page_opens_without_errors_and_shows_its_notebooks_plots(chromium,
     # The charts each executed notebook made (papermill's copy, not the book's): every page of
     # an executed notebook must show exactly these, all drawn.
     expected = {f"book/generated/{t.chapter}/{t.name}.html": bookcheck.notebook_plots(_executed(proj, t))
-                for t in _tasks(proj)}
+                for t in _tasks(proj) if t.is_notebook}
     assert all(n > 0 for n in expected.values()), expected  # every chapter plots something
     shot = html / "screenshots" / "results.png"
     math_shot = proj / "_build" / "screenshots" / "methods.png"
