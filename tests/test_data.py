@@ -818,3 +818,15 @@ def test_safe_extract_unpacks_plain_files_and_folders(tmp_path):
     data.safe_extract(archive, dest)
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["data", "data/ok.txt", "data/sub"]
     assert (dest / "data" / "ok.txt").read_text() == "fine"
+
+
+def test_a_download_with_the_wrong_md5_saves_nothing_and_the_right_one_saves_the_file(tmp_path):
+    src = tmp_path / "src" / "batch.bin"
+    src.parent.mkdir()
+    src.write_bytes(b"\x01\x02" * 1000)
+    dest = tmp_path / "data" / "batch.bin"
+    with pytest.raises(data.DatasetCorrupt, match="nothing was saved"):
+        data._download(src.as_uri(), dest, "0" * 32, progress=False)
+    assert list(dest.parent.iterdir()) == []  # neither the file nor a temporary
+    data._download(src.as_uri(), dest, hashlib.md5(src.read_bytes()).hexdigest(), progress=False)
+    assert dest.read_bytes() == src.read_bytes() and list(dest.parent.iterdir()) == [dest]

@@ -100,3 +100,16 @@ def test_the_cli_default_results_folder_is_the_results_root(no_results_env, monk
     assert cli.parse_args([*argv, "--results", "r"]).results.name == "r"
     ex = cli.parse_args(["extract", "--dataset", "digits", "--arch", "cnn-tiny", "--strategy", "random", "--out", "o"])
     assert ex.results == tmp_path
+
+
+def test_an_atomic_write_that_raises_leaves_the_old_file_and_no_temporary(tmp_path):
+    f = tmp_path / "cache.bin"
+    f.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with layout.atomic_open(f, "wb", shared=True) as out:
+            out.write(b"half of the new")
+            raise RuntimeError("interrupted")
+    assert f.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["cache.bin"]
+    with layout.atomic_open(f, "wb") as out:
+        out.write(b"new")
+    assert f.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["cache.bin"]

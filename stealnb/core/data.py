@@ -454,15 +454,11 @@ def _gtsrb_uint8(name: str, root: Path, progress: bool):
         if y.min() < 0 or y.max() >= len(GTSRB_CLASSES):
             raise DatasetCorrupt(f"{d}: GTSRB {part} ClassId outside 0..42 (got {y.min()}..{y.max()})")
         arrays[f"x_{part}"], arrays[f"y_{part}"] = x, y
-    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     try:  # best effort: a read-only data folder just means no cache
-        with open(tmp, "wb") as f:
+        with layout.atomic_open(cache, "wb", shared=True) as f:
             np.savez(f, signature=np.array(sig), **arrays)
-        os.replace(tmp, cache)
     except OSError:
         pass
-    finally:
-        tmp.unlink(missing_ok=True)
     return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
 
 
@@ -687,24 +683,18 @@ def convert_imagenet32(d: Path, progress: bool = False) -> Path:
     """Stream ``train_data_batch_*`` (pickle or .npz, N x 3072 channel-first) into ``pool_uint8.npy`` (NHWC),
     one batch in memory at a time; written to a temp file and renamed, with a sidecar listing its sources."""
     sources = _imagenet32_batches(d)
-    out, tmp = d / "pool_uint8.npy", d / f"pool_uint8.npy.tmp-{os.getpid()}"
+    out = d / "pool_uint8.npy"
     total = 0
-    try:
-        with open(tmp, "wb") as f:
-            f.write(b"\0" * _NPY_HEADER)
-            for p in tqdm(sources, desc="ImageNet32 -> pool_uint8.npy", disable=not progress):
-                data = _read_imagenet32_batch(p)
-                for s in range(0, len(data), 8192):
-                    np.ascontiguousarray(_rows_to_nhwc(data[s:s + 8192])).tofile(f)
-                total += len(data)
-                del data
-            f.seek(0)
-            f.write(_npy_header((total, *IMAGE_SHAPE)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with layout.atomic_open(out, "wb", shared=True) as f:
+        f.write(b"\0" * _NPY_HEADER)
+        for p in tqdm(sources, desc="ImageNet32 -> pool_uint8.npy", disable=not progress):
+            data = _read_imagenet32_batch(p)
+            for s in range(0, len(data), 8192):
+                np.ascontiguousarray(_rows_to_nhwc(data[s:s + 8192])).tofile(f)
+            total += len(data)
+            del data
+        f.seek(0)
+        f.write(_npy_header((total, *IMAGE_SHAPE)))
     layout.atomic_write(d / "pool_uint8.json", json.dumps(_source_signature(sources)), shared=True)
     return out
 
@@ -1148,16 +1138,12 @@ def _md5(path: Path) -> str:
 def _download(url: str, dest: Path, md5: str, progress: bool) -> Path:
     """Download to a temp file beside ``dest``, verify its md5, then rename; nothing is left on failure."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _http_get(url, f, progress=progress)
-        got = _md5(Path(tmp))
-        if got != md5:
+    with layout.atomic_open(dest, "wb", shared=True) as f:
+        _http_get(url, f, progress=progress)
+        f.flush()
+        got = _md5(Path(f.name))
+        if got != md5:  # raised inside the block: dest is left as it was
             raise DatasetCorrupt(f"{url}: downloaded file has md5 {got}, expected {md5}; nothing was saved")
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return dest
 
 

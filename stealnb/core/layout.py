@@ -20,6 +20,7 @@ holds anything else is refused with one line, and nothing in it is touched (:fun
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -208,20 +209,30 @@ def new_run_dir(out, kind, *, replace: bool = True) -> Path:
     return out
 
 
-def atomic_write(path, text: str, *, shared: bool = False) -> None:
-    """Write ``text`` to ``path`` so that a reader (or a crash) sees the old file or the new one, never
-    a part: a temporary file ``<name>.tmp`` beside it (``<name>.tmp-<pid>`` when ``shared``: a cache
-    that several processes may write at once), flushed and fsync-ed, then renamed into place."""
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb", *, shared: bool = False):
+    """Open ``path`` for writing so that a reader (or a crash) sees the old file or the new one,
+    never a part: the file handle yielded writes a temporary file ``<name>.tmp`` beside it
+    (``<name>.tmp-<pid>`` when ``shared``: a cache that several processes may write at once,
+    or a download), which is flushed, fsync-ed and renamed into place when the block ends. If the
+    block raises (a failed check, an interrupted download), ``path`` is untouched and the temporary
+    file removed. The one place the package writes a file atomically; :func:`atomic_write` is text."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}" if shared else f"{path.name}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path, text: str, *, shared: bool = False) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_open`)."""
+    with atomic_open(path, "w", shared=shared) as f:
+        f.write(text)
 
 
 def write_json(path, obj) -> None:
