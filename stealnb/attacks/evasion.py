@@ -27,6 +27,7 @@ import tensorflow as tf
 from ..core._checks import check_images, check_labels, check_positive_int, check_real
 from ..core.metrics import transfer_metrics
 from ..core.models import predict_labels, weak_logits
+from ..core.progress import progress_bar
 
 __all__ = ["fgsm", "deepfool", "DeepFoolResult", "transferability"]
 
@@ -248,9 +249,7 @@ def deepfool(model, x, *, overshoot=0.02, max_iter=50, num_candidates=10, batch_
     ov, mi = tf.constant(overshoot, tf.float32), tf.constant(max_iter, tf.int32)
     starts = range(0, n, batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="DeepFool", unit="batch")
+        starts = progress_bar(starts, desc="DeepFool", unit="batch")
     for i in starts:
         xa, flip, it = fn(tf.constant(x[i : i + batch_size]), ov, mi)
         x_adv[i : i + batch_size] = xa.numpy()

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ._checks import IMAGE_SHAPE, UsageError, as_rng, check_images, check_labels, check_positive_int
 from . import layout
 from .registry import Registry
+from .progress import progress_bar
 
 DATASETS = Registry("dataset")
 POOLS = Registry("pool")
@@ -446,7 +446,7 @@ def _gtsrb_uint8(name: str, root: Path, progress: bool):
     arrays = {}
     for part, rows in items.items():
         x = np.empty((len(rows), 32, 32, 3), np.uint8)
-        for i, (path, r) in enumerate(tqdm(rows, desc=f"GTSRB {part}", disable=not progress)):
+        for i, (path, r) in enumerate(progress_bar(rows, desc=f"GTSRB {part}", disable=not progress)):
             if not path.is_file():
                 raise DatasetCorrupt(f"{path}: listed in the GTSRB csv but not found")
             x[i] = _read_sign(path, *r[1:7])
@@ -687,7 +687,7 @@ def convert_imagenet32(d: Path, progress: bool = False) -> Path:
     total = 0
     with layout.atomic_open(out, "wb", shared=True) as f:
         f.write(b"\0" * _NPY_HEADER)
-        for p in tqdm(sources, desc="ImageNet32 -> pool_uint8.npy", disable=not progress):
+        for p in progress_bar(sources, desc="ImageNet32 -> pool_uint8.npy", disable=not progress):
             data = _read_imagenet32_batch(p)
             for s in range(0, len(data), 8192):
                 np.ascontiguousarray(_rows_to_nhwc(data[s:s + 8192])).tofile(f)
@@ -897,7 +897,7 @@ def natural_patches(photos, n: int, seed, *, progress: bool = False) -> tuple[np
     hw = np.array([im.shape[:2] for _, im in photos])
     out, thumbs = np.empty((n, *IMAGE_SHAPE), np.uint8), np.empty((n, 64))
     kept = dropped = drawn = 0
-    with tqdm(total=n, desc="natural patches", disable=not progress) as bar:
+    with progress_bar(total=n, desc="natural patches", disable=not progress) as bar:
         while kept < n:
             if drawn >= MAX_PATCH_DRAWS * n + _PATCH_CHUNK:
                 raise UsageError(f"natural patches: {len(photos)} photos gave only {kept:,} distinct patches in "
@@ -1117,7 +1117,7 @@ def _http_get(url: str, f, progress: bool = True) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
                       disable=not progress) as bar:
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)

@@ -22,6 +22,7 @@ import tensorflow as tf
 from keras import layers as L
 
 from ._checks import check_images, check_labels, check_positive_int
+from .progress import progress_bar
 
 RULES = ("0", "epsilon", "gamma", "composite")
 _TINY = 1e-9  # zero-division stabiliser of LRP-0, LRP-gamma, z^B and pooling (Montavon et al. 2019)
@@ -200,8 +201,6 @@ def lrp(model, x, *, target=None, rule="composite", epsilon=0.25, gamma=0.25, bi
     ``bias=False`` drops biases from the propagation (not from the forward pass): LRP-0 then
     conserves relevance exactly, the input relevance summing to the target logit.
     """
-    from tqdm.auto import tqdm
-
     check_images(x, "x", shape=tuple(model.input_shape[1:]))
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
@@ -227,7 +226,7 @@ def lrp(model, x, *, target=None, rule="composite", epsilon=0.25, gamma=0.25, bi
             target = np.full(len(x), int(target), np.int64)
         check_labels(target, "target", n=len(x), num_classes=n_classes)
     out = []
-    for i in tqdm(range(0, len(x), batch_size), desc="LRP", disable=not progress):
+    for i in progress_bar(range(0, len(x), batch_size), desc="LRP", disable=not progress):
         tb = None if target is None else tf.constant(target[i : i + batch_size])
         R = _propagate(steps, rules, tf.constant(x[i : i + batch_size]), tb, float(epsilon), float(gamma), bias)
         out.append(R if keep_channels else R.sum(axis=-1))

@@ -17,6 +17,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from .registry import Registry
+from .progress import progress_bar
 
 if TYPE_CHECKING:
     import keras
@@ -326,12 +327,10 @@ def predict_logits(model, x, idx=None, batch_size: int = 512, progress: bool = F
     else:
         batches = ((idx[s:s + batch_size], x[s:s + batch_size] if whole else x[idx[s:s + batch_size]])
                    for s in range(0, len(idx), batch_size))
-    from tqdm.auto import tqdm
-
     out, filled = None, 0
     where = index_positions(n, idx)
     f = forward(model)
-    with tqdm(total=len(idx), desc="logits", disable=not progress, unit="img", leave=False) as bar:
+    with progress_bar(total=len(idx), desc="logits", disable=not progress, unit="img", leave=False) as bar:
         for chunk, xb in batches:
             z = np.asarray(f(xb, training=False))
             if z.ndim != 2 or len(z) != len(chunk):

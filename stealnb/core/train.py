@@ -19,6 +19,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from . import layout, metrics, models
 from ._checks import check_images, check_labels, check_positive_int
+from .progress import progress_bar
 from .profiles import Profile, check_profile
 
 _DETERMINISM = False
@@ -38,10 +39,8 @@ def enable_determinism(seed: int) -> None:
 
 class _EpochBar(keras.callbacks.Callback):
     def __init__(self, epochs: int, desc: str):
-        from tqdm.auto import tqdm
-
         super().__init__()
-        self.bar = tqdm(total=epochs, desc=desc, leave=False)
+        self.bar = progress_bar(total=epochs, desc=desc, leave=False)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -265,10 +264,8 @@ def train_secret(dataset, arch: str, profile: Profile, *, seed: int = 0, progres
     if prof.folds < 2:
         raise ValueError(f"profile {prof.name}: folds must be >= 2 for cross-validation, got {prof.folds}")
     accs, hists, best_model, best_acc, best_fold, best_pred = [], [], None, -1.0, 0, None
-    from tqdm.auto import tqdm
-
     splits = list(folds.split(np.zeros(len(dataset.y_train)), dataset.y_train))
-    for fold, (tr, va) in enumerate(tqdm(splits, desc=f"{dataset.name}/{arch} folds", disable=not progress)):
+    for fold, (tr, va) in enumerate(progress_bar(splits, desc=f"{dataset.name}/{arch} folds", disable=not progress)):
         model = models.build(arch, num_classes=dataset.num_classes, seed=seed * 100 + fold)
         hist = fit(
             model, dataset.x_train[tr], dataset.y_train[tr], epochs=prof.epochs, batch_size=prof.batch_size,

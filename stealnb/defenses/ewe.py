@@ -9,6 +9,7 @@ import numpy as np
 from scipy import stats
 
 from ..core._checks import as_rng, check_images, check_labels, check_positive_int, check_real
+from ..core.progress import progress_bar
 from .base import _images_any_shape
 
 
@@ -211,9 +212,7 @@ def train_ewe(
             idx = perm[b : b + batch_size]
             yield clean_step(x_train[idx], y_train[idx])
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=pretrain_epochs + epochs, desc="ewe", leave=False, disable=not progress)
+    bar = progress_bar(total=pretrain_epochs + epochs, desc="ewe", leave=False, disable=not progress)
     for _ in range(pretrain_epochs):
         for _ in clean_epoch():
             pass

@@ -53,6 +53,7 @@ import numpy as np
 from ..attacks import evasion
 from ..core import layout, metrics, models
 from ..core._checks import check_images, check_labels, check_positive_int
+from ..core.progress import progress_bar
 from .loop import Extraction, ExtractionConfig
 from ..core.profiles import Profile, check_profile
 from ..core.train import fit
@@ -402,8 +403,6 @@ class Copycat:
 
     def run(self) -> dict:
         """Run to the largest budget, write ``summary.json`` and return the summary."""
-        from tqdm.auto import tqdm
-
         return _run_together([self])[self.config.variant]
 
     def summary(self) -> dict:
@@ -593,10 +592,8 @@ def _step_together(runs: list[Copycat]) -> dict:
 def _run_together(runs: list[Copycat]) -> dict:
     """Run ``runs`` (sharing one NPDD extraction) to their largest budget, write their
     ``summary.json`` files (and the extraction's) and return their summaries by variant."""
-    from tqdm.auto import tqdm
-
     ex = runs[0].ex
-    with tqdm(total=len(ex.config.budgets), desc="copycat " + ", ".join(r.config.variant for r in runs),
+    with progress_bar(total=len(ex.config.budgets), desc="copycat " + ", ".join(r.config.variant for r in runs),
               disable=not runs[0].progress, unit="budget") as bar:
         while not all(r.done for r in runs):
             before = sum(1 for rec in ex.records if rec["budget"] is not None)

@@ -27,6 +27,7 @@ import numpy as np
 from ..attacks import evasion
 from ..core import layout, metrics, models
 from ..core._checks import check_images, check_labels, check_positive_int
+from ..core.progress import progress_bar
 from ..core.profiles import Profile, check_profile
 from ..core.train import enable_determinism, fit
 
@@ -275,9 +276,7 @@ class Extraction:
 
     def run(self) -> dict:
         """Run rounds until the largest budget; write ``summary.json``; return the summary."""
-        from tqdm.auto import tqdm
-
-        with tqdm(total=self.config.budgets[-1], initial=min(self.spent, self.config.budgets[-1]),
+        with progress_bar(total=self.config.budgets[-1], initial=min(self.spent, self.config.budgets[-1]),
                   desc=f"extract {self.config.strategy}", disable=not self.progress, unit="q") as bar:
             while not self.done:
                 before = self.spent

@@ -22,6 +22,7 @@ import numpy as np
 from ..core._checks import as_rng, check_indices, check_positive_int
 from ..core.metrics import log_softmax
 from ..core.models import index_positions, predict_logits, softmax
+from ..core.progress import progress_bar
 from ..core.registry import Registry
 
 REGISTRY = Registry("strategy")
@@ -36,10 +37,8 @@ class Strategy(Protocol):
 
 # -- helpers ---------------------------------------------------------------------------------
 
-def _tqdm(total, desc, progress, unit="img"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not progress, unit=unit, leave=False)
+def _bar(total, desc, progress, unit="img"):
+    return progress_bar(total=total, desc=desc, disable=not progress, unit=unit, leave=False)
 
 
 def entropy(logits: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -136,7 +135,7 @@ def kcenter_greedy(features: np.ndarray, centres_idx, k: int, chunk: int = 2048,
     qv = np.empty(d + 2, dt)
     # The per-pick matrix-vector product is memory-bound: a second BLAS thread does not speed it
     # up, and on shared cores its spin-waiting made picks 1.5-3x slower (benchmarks/bench_kcenter.py).
-    with _tqdm(k, "k-center", progress, unit="pick") as bar, _blas_threads(1):
+    with _bar(k, "k-center", progress, unit="pick") as bar, _blas_threads(1):
         for i in range(k):
             j = int(np.argmax(mind))
             picked[i] = j
@@ -347,7 +346,7 @@ class _DFALBase(_Base):
         alpha = np.empty(len(cand), np.float64)
         conv = np.empty(len(cand), bool)
         where = index_positions(len(pool), cand)
-        with _tqdm(len(cand), "DeepFool (DFAL)", progress) as bar:
+        with _bar(len(cand), "DeepFool (DFAL)", progress) as bar:
             for chunk, x in pool.batches(batch_size=self.chunk, idx=cand):
                 res = deepfool(substitute, x, overshoot=self.overshoot, max_iter=self.max_iter,
                                num_candidates=self.num_candidates, batch_size=self.batch_size,
@@ -467,7 +466,7 @@ class Badge(_Base):
         where = index_positions(len(pool), cand)
         order = np.empty(len(cand), np.int64)
         filled = 0
-        with _tqdm(len(cand), "BADGE embeddings", progress) as bar:
+        with _bar(len(cand), "BADGE embeddings", progress) as bar:
             for chunk, x in pool.batches(batch_size=self.batch_size, idx=cand):
                 h, z = emb(x, training=False)
                 hs.append(np.asarray(h, np.float32).reshape(len(chunk), -1))

@@ -59,6 +59,7 @@ from ..core import layout
 from . import cluster
 from ..core._checks import UsageError
 from ..core.profiles import BEST_STRATEGY, PROFILES, Profile, check_profile, get_profile
+from ..core.progress import progress_bar
 
 NOTEBOOKS = {
     "eda": "01_eda.ipynb",
@@ -454,8 +455,6 @@ def execute(tasks: list[Task], *, root: Path, run_dir: Path, jobs: int = 1, forc
     Before any starts, a result folder to be cleared that holds files stealnb did not write is
     refused (:func:`stealnb.core.layout.check_run_dir`).
     """
-    from tqdm.auto import tqdm
-
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     report = {"ran": [], "skipped": [], "failed": [], "blocked": [], "seconds": {}, "logs": {}}
@@ -471,7 +470,7 @@ def execute(tasks: list[Task], *, root: Path, run_dir: Path, jobs: int = 1, forc
         if t.id in stale:
             for o, kind in t.outputs.items():
                 layout.check_run_dir(o, kind)
-    bar = tqdm(total=len(tasks), initial=len(skipped), desc="tasks", unit="task",
+    bar = progress_bar(total=len(tasks), initial=len(skipped), desc="tasks", unit="task",
                disable=not progress, file=sys.stdout)
     if progress and skipped:
         bar.write(f"skipping {len(skipped)} unchanged task(s)")
