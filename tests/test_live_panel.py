@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "07_interactive.ipynb"
 SHOTS = ROOT / "_build" / "test-screenshots"
 
-# The panel: the widget box holding the two FigureWidgets; plotly keeps a chart's figure on its div.
+# The panel: the widget box holding the two figure Outputs (stealnb.report.plots.figure_output); plotly
+# keeps a chart's figure on its div.
 _PANEL_JS = """(() => {
   const box = Array.from(document.querySelectorAll('.widget-vbox')).find(b => b.querySelectorAll('.js-plotly-plot').length >= 2);
   if (!box) return null;
@@ -182,24 +183,36 @@ async def _kernel_idle(base, token, timeout=600):
         await asyncio.sleep(1)
 
 
-def _saved_widget_outputs(base, token) -> int:
+def _saved_notebook(base, token) -> dict:
     import httpx
 
-    nb = httpx.get(f"{base}/api/contents/{NOTEBOOK}", params={"token": token, "content": 1}, timeout=30).json()["content"]
+    return httpx.get(f"{base}/api/contents/{NOTEBOOK}", params={"token": token, "content": 1}, timeout=30).json()
+
+
+def _saved_widget_outputs(base, token) -> int:
+    nb = _saved_notebook(base, token)["content"]
     return sum("application/vnd.jupyter.widget-view+json" in (o.get("data") or {})
                for c in nb["cells"] for o in c.get("outputs", []))
 
 
+def _saved_outputs_summary(base, token) -> str:
+    """What the saved file holds, for a failure message: its time and each cell's output types."""
+    model = _saved_notebook(base, token)
+    cells = [[o.get("output_type") + (":" + ",".join(sorted(o.get("data", {}))) if o.get("data") else "")
+              for o in c.get("outputs", [])] for c in model["content"]["cells"] if c["cell_type"] == "code"]
+    return f"saved {model.get('last_modified')}; outputs per code cell: {cells}"
+
+
 async def _save(cdp, base, token):
-    """Ctrl+S, as a user saves before reloading (JupyterLab restores outputs from the saved file)."""
-    await _click_at(cdp, "document.querySelector('.jp-Notebook .jp-Cell .jp-InputPrompt')", "a cell prompt")
-    for kind in ("rawKeyDown", "keyUp"):
-        await cdp.call("Input.dispatchKeyEvent", {"type": kind, "modifiers": 2, "key": "s", "code": "KeyS",
-                                                  "windowsVirtualKeyCode": 83})
+    """File > Save Notebook, as a user saves before reloading (JupyterLab reloads the notebook and
+    its outputs from the saved file)."""
+    await _click_at(cdp, _by_text(".lm-MenuBar-itemLabel", "File"), "the File menu")
+    await _click_at(cdp, _by_text(".lm-Menu-itemLabel", "Save Notebook"), "Save Notebook")
     deadline = time.monotonic() + 30
     while _saved_widget_outputs(base, token) == 0:
         if time.monotonic() > deadline:
-            raise AssertionError("the notebook was not saved with the panel's output (Ctrl+S)")
+            raise AssertionError("the notebook was not saved with the panel's output (File > Save Notebook): "
+                                 + _saved_outputs_summary(base, token))
         await asyncio.sleep(0.5)
 
 
@@ -268,13 +281,6 @@ async def _drive(chromium, base, token):
         return first, one, back, two, before, after
 
 
-# Not run yet: on this machine (JupyterLab 4.6, plotly 7.1 FigureWidget on anywidget 0.11, headless
-# Chromium) the panel's FigureWidget views are first drawn empty (a FigureWidget displayed unchanged
-# draws an empty chart even outside stealnb), and after the reload the panel stays at "Loading
-# widget..." -- the test fails at those asserts before it can judge the reload fix
-# (stealnb.report.plots.sync_figure_state). Remove the mark once both are understood.
-@pytest.mark.xfail(run=False, reason="FigureWidget views draw empty at first and stay 'Loading widget...' after a "
-                                     "reload in this JupyterLab/anywidget stack; see the comment above")
 @pytest.mark.timeout(1200)
 def test_the_live_panel_keeps_the_kernels_state_across_a_page_reload(chromium, lab):
     base, token, tmp = lab

@@ -397,27 +397,36 @@ def test_display_helpers_and_caption(tree):
     assert r["thesis best"] == "dfal+kcenter" and r["thesis budget"] == "10,000"
 
 
-def test_replace_figure_updates_a_widget_in_place():
-    import plotly.graph_objects as go  # FigureWidget needs the anywidget package (notebook 07 too)
-
-    x = np.random.default_rng(0).random((6, 32, 32, 3), dtype=np.float32)
-    w = go.FigureWidget(plots.image_gallery(x[:2], ["a", "b"], cols=2))
-    new = plots.image_gallery(x, list("cdefgh"), cols=3, title="round 1")
-    plots.replace_figure(w, new)
-    assert w.data[0].source == new.data[0].source and len(w.data[1].x) == 6
-    assert w.layout.title.text == "round 1" and len(w.layout.annotations) == 6
-    plots.replace_figure(w, go.Figure(go.Bar(y=[1, 2])))
-    assert [t.type for t in w.data] == ["bar"] and not w.layout.annotations
-
-
-def test_replace_figure_leaves_the_new_figure_in_the_state_a_reloaded_page_draws():
-    """A view created later (a browser reload with the kernel running) starts from the widget's
-    synced ``_widget_data``/``_widget_layout``: they hold the replaced figure, not the first one."""
+def test_show_figure_replaces_what_a_live_output_shows():
     import plotly.graph_objects as go
 
-    w = go.FigureWidget(go.Figure(go.Scatter(x=[1], y=[0.5]), layout=dict(title="round 0")))
-    plots.replace_figure(w, go.Figure(go.Scatter(x=[1, 2], y=[0.5, 0.7]), layout=dict(title="round 1")))
-    assert list(w._widget_data[0]["x"]) == [1, 2] and w._widget_layout["title"]["text"] == "round 1"
-    assert w._widget_data[0]["uid"] == w.data[0].uid  # the trace the page's later updates address
-    plots.replace_figure(w, go.Figure([go.Bar(y=[1]), go.Bar(y=[2])], layout=dict(title="bars")))
-    assert [t["type"] for t in w._widget_data] == ["bar", "bar"] and w._widget_layout["title"]["text"] == "bars"
+    x = np.random.default_rng(0).random((6, 32, 32, 3), dtype=np.float32)
+    out = plots.figure_output(plots.image_gallery(x[:2], ["a", "b"], cols=2, title="round 0"))
+    new = plots.image_gallery(x, list("cdefgh"), cols=3, title="round 1")
+    plots.show_figure(out, new)
+    assert len(out.outputs) == 1  # replaced, not appended
+    shown = plots.shown_figure(out)
+    assert shown.data[0].source == new.data[0].source and len(shown.data[1].x) == 6
+    assert shown.layout.title.text == "round 1" and len(shown.layout.annotations) == 6
+    plots.show_figure(out, go.Figure(go.Bar(y=np.array([1, 2]))))
+    assert [t.type for t in plots.shown_figure(out).data] == ["bar"] and not plots.shown_figure(out).layout.annotations
+
+
+def test_a_live_outputs_synced_state_holds_the_current_figure_for_a_reloaded_page():
+    """A page reloaded with the kernel running draws the widget's state from the kernel: its one
+    output is the latest figure, as JSON (numpy arrays included), in plotly's mimetype."""
+    import base64
+    import json
+
+    import plotly.graph_objects as go
+
+    out = plots.figure_output(go.Figure(go.Scatter(x=[1], y=[0.5]), layout=dict(title="round 0")))
+    plots.show_figure(out, go.Figure(go.Scatter(x=np.arange(1, 3), y=np.array([0.5, 0.7], np.float32)),
+                                     layout=dict(title="round 1")))
+    state = json.loads(json.dumps(out.get_state()["outputs"]))
+    (o,) = state
+    fig = o["data"]["application/vnd.plotly.v1+json"]
+    x = fig["data"][0]["x"]  # plotly's typed-array encoding of a numpy array, which plotly.js reads
+    assert o["output_type"] == "display_data" and np.frombuffer(base64.b64decode(x["bdata"]), x["dtype"]).tolist() == [1, 2]
+    assert fig["layout"]["title"]["text"] == "round 1" and "round 1" in o["data"]["text/plain"]
+    assert plots.shown_figure(plots.figure_output()) is None

@@ -200,39 +200,48 @@ def fold_box(fold_accuracies: dict, *, title: str | None = None, y_title: str = 
     return fig
 
 
-def replace_figure(widget, fig) -> None:
-    """Show ``fig`` in an existing ``go.FigureWidget`` in one update (live notebooks): traces are
-    updated in place when their number and types match, replaced otherwise; the layout is replaced.
+def figure_output(fig=None):
+    """An ``ipywidgets.Output`` showing a plotly figure, for live panels (notebook 07); update it
+    with :func:`show_figure`.
 
-    The widget's synced state then holds the new figure too (:func:`sync_figure_state`), so a
-    page reloaded while the kernel runs shows it, not the figure the widget was created with."""
-    same = len(widget.data) == len(fig.data) and all(a.type == b.type for a, b in zip(widget.data, fig.data))
-    with widget.batch_update():
-        if same:
-            for w, f in zip(widget.data, fig.data):
-                w.update(f.to_plotly_json(), overwrite=True)
-        else:
-            widget.data = []
-            widget.add_traces(list(fig.data))
-        widget.layout = fig.layout
-    sync_figure_state(widget)
+    The figure is the Output's one ``display_data`` (plotly's ``application/vnd.plotly.v1+json``,
+    drawn by JupyterLab's plotly extension), held in the widget's synced ``outputs`` state. So a
+    page reloaded while the kernel runs draws the kernel's current figure, and the widget does not
+    depend on a front-end extension of its own. (plotly's ``go.FigureWidget`` did not survive here:
+    under JupyterLab 4.6 with plotly 7.1 on anywidget its views were drawn empty and, after a
+    reload, stayed at "Loading widget...".)"""
+    import ipywidgets as W
+
+    out = W.Output()
+    if fig is not None:
+        show_figure(out, fig)
+    return out
 
 
-def sync_figure_state(widget) -> None:
-    """Send a ``go.FigureWidget``'s current figure as the widget-model state a view is drawn from.
+def show_figure(out, fig) -> None:
+    """Replace what the Output ``out`` (:func:`figure_output`) shows by ``fig``, in one state update
+    (it works from a button callback, where ``with out:`` capture would not)."""
+    import json
 
-    A view of a plotly FigureWidget draws the model's ``_widget_data``/``_widget_layout`` when it
-    is created -- in the first output, and again after a browser page reload while the kernel
-    runs -- and then applies the change messages plotly sends to the views already on the page.
-    plotly sets those two traits once, in the constructor, so a reloaded page drew the figure the
-    widget was created with and its later change messages no longer matched what it showed (and
-    under JupyterLab 4 with anywidget the constructor's values did not reach the front end at all:
-    a FigureWidget displayed unchanged drew an empty chart). Both are sent here, also when they did
-    not change (the views on the page already show the figure: the front end only stores it)."""
-    from copy import deepcopy
+    import plotly.io as pio
 
-    for name, value in (("_widget_data", widget._data), ("_widget_layout", widget._layout_obj._props)):
-        if getattr(widget, name) == value:
-            widget.send_state(name)
-        else:
-            setattr(widget, name, deepcopy(value))
+    fig_json = json.loads(pio.to_json(fig, validate=False))  # numpy arrays become JSON lists
+    out.outputs = ({"output_type": "display_data", "metadata": {},
+                    "data": {"application/vnd.plotly.v1+json": fig_json,
+                             "text/plain": f"<plotly figure: {_title(fig_json) or 'untitled'}>"}},)
+
+
+def shown_figure(out):
+    """The plotly figure an Output of :func:`figure_output` shows now (``go.Figure``), or None."""
+    import plotly.graph_objects as go
+
+    for o in out.outputs:
+        fig_json = o.get("data", {}).get("application/vnd.plotly.v1+json")
+        if fig_json is not None:
+            return go.Figure(fig_json)
+    return None
+
+
+def _title(fig_json: dict):
+    t = fig_json.get("layout", {}).get("title")
+    return t.get("text") if isinstance(t, dict) else t
