@@ -104,6 +104,17 @@ def test_pipeline_builds_the_book(built_book):
         assert (html / "book" / "generated" / t.chapter / f"{t.name}.html").is_file() == t.is_notebook, t.id
 
 
+def test_no_published_page_shows_the_machine_paths_of_its_results(built_book):
+    """Outputs name paths relative to the results root (pipeline.prepare_for_book and the
+    notebooks): the folder of the machine that built the book appears on no page."""
+    proj, _ = built_book
+    html = proj / "_build" / "html"
+    roots = {str(proj), str(proj.resolve())}
+    hits = sorted({p.relative_to(html).as_posix() for p in (html / "book").rglob("*.html")
+                   if any(r in p.read_text(errors="replace") for r in roots)})
+    assert not hits, f"{len(hits)} page(s) show {proj}: {hits}"
+
+
 def test_second_run_skips_everything_unchanged(built_book):
     proj, _ = built_book
     rep = pipeline.run(PROFILES["ci"], results=proj / "results", root=proj, book=False, progress=False)
