@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy import special
 
 from ..core._checks import check_images, check_labels, check_positive_int, check_real
 from ..core.defense_seam import Defense
@@ -26,6 +25,7 @@ def misinformation_alpha(probs: np.ndarray, tau: float = 0.5, nu: float = 1000.0
     check_probs(probs, "probs")
     tau = check_real(tau, "tau", 0.0, 1.0)
     nu = check_real(nu, "nu", 0.0, lo_open=True)
+    from scipy import special  # imported here: ~1 s, and `stealnb --help` lists the defences
     return special.expit(nu * (tau - probs.max(axis=1).astype(np.float64)))
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import stats
 
 from ..core._checks import as_rng, check_images, check_labels, check_positive_int, check_real
 from ..core.progress import progress_bar
@@ -273,6 +272,7 @@ def ownership_test(
     if p0 >= 1.0:
         raise ValueError(f"base_rate: expected a value in (0, 1), got {p0}")
     k = int(np.sum(predict_labels(model, x_wm) == int(target_class)))
+    from scipy import stats  # imported here: ~1 s, and `stealnb --help` lists the defences
     res = stats.binomtest(k, len(x_wm), p0, alternative="greater")
     return {
         "p_value": float(res.pvalue),
