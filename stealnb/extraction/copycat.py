@@ -229,6 +229,8 @@ class Copycat:
             for p in ("rounds.jsonl", "summary.json"):
                 (self.out / p).unlink(missing_ok=True)
         saved = json.loads(state.read_text()) if resuming and state.is_file() else {}
+        if saved:  # checked before the extraction is opened
+            self._check_resumable(saved)
         if npdd is not None:
             if npdd.config != config.extraction_config():
                 raise ValueError("npdd: the shared NPDD extraction was configured differently from this run's "
@@ -247,8 +249,8 @@ class Copycat:
         self.records: list[dict] = []
         self.model = None  # the latest copycat (the variant's model)
         self._npdd_model = None
-        if resuming:
-            self._load(state)
+        if saved:
+            self._restore(saved)
 
     # -- checkpoint ----------------------------------------------------------------------------
     def _rel(self, path) -> str | None:
@@ -273,16 +275,17 @@ class Copycat:
         layout.atomic_write(ck / "copycat.json", json.dumps(self._state()))
         layout.atomic_write(self.out / "rounds.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
 
-    def _load(self, path: Path) -> None:
-        if not path.exists():
-            return
-        state = json.loads(path.read_text())
+    def _check_resumable(self, state: dict) -> None:
+        """Refuse a checkpoint (``copycat.json``) written with other settings or other PDD images."""
         mine = json.loads(json.dumps(asdict(self.config)))
         if state["config"] != mine:
             diff = sorted(k for k in mine if state["config"].get(k) != mine[k])
             raise ValueError(f"cannot resume: the checkpoint was written with other settings ({', '.join(diff)})")
         if state["pdd_sha256"] != (None if self.x_pdd is None else _digest(self.x_pdd)):
             raise ValueError("cannot resume: the problem-domain images differ from the checkpoint's")
+
+    def _restore(self, state: dict) -> None:
+        """The records and latest model of a checked checkpoint, once the NPDD extraction is open."""
         self.records = state["records"]
         missing = sorted({r["round"] for r in self.records} - {r["round"] for r in self.ex.records})
         if missing:
