@@ -84,6 +84,8 @@ class FakeCDP:
         assert method == "Runtime.evaluate" and params["returnByValue"]
         self.calls += 1
         state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        if isinstance(state, Exception):
+            raise state
         return {"result": {"value": state}}
 
     async def drain(self, seconds):
@@ -104,6 +106,15 @@ def test_wait_until_settled_returns_once_every_chart_is_drawn():
     cdp = FakeCDP([loading, placed, placed, done, done])
     state, ok = _wait(cdp, 2, timeout=30)
     assert ok and state == done and cdp.calls == 4 and cdp.now == 1.5
+
+
+def test_wait_until_settled_waits_through_a_document_being_replaced():
+    gone = RuntimeError("Runtime.evaluate: {'code': -32000, 'message': 'Inspected target navigated or closed'}")
+    done = {"ready": "complete", "plots": 1, "rendered": 1}
+    cdp = FakeCDP([gone, done])
+    assert _wait(cdp, 1, timeout=30) == (done, True) and cdp.calls == 2
+    with pytest.raises(RuntimeError, match="Chromium closed"):  # any other failure is not waited for
+        _wait(FakeCDP([RuntimeError("Chromium closed the DevTools connection")]), 1, timeout=30)
 
 
 def test_wait_until_settled_gives_up_at_the_timeout():

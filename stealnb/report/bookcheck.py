@@ -220,10 +220,17 @@ async def wait_until_settled(cdp, expected: int | None = None, timeout: float = 
                              clock=time.monotonic) -> tuple[dict, bool]:
     """Poll the page (``cdp``: an object with ``call(method, params)`` and the ``events`` seen so
     far) until :func:`settled` or ``timeout`` seconds on ``clock``; returns (last state, settled).
-    Events that arrive meanwhile are collected, so late console errors are seen too."""
+    Events that arrive meanwhile are collected, so late console errors are seen too. A query
+    that meets a document being replaced (Chromium's "Inspected target navigated or closed", seen
+    on a loaded machine when a load event arrives for the page before) counts as not settled yet."""
     deadline = clock() + timeout
     while True:
-        res = await cdp.call("Runtime.evaluate", {"expression": _STATE_JS, "returnByValue": True})
+        try:
+            res = await cdp.call("Runtime.evaluate", {"expression": _STATE_JS, "returnByValue": True})
+        except RuntimeError as e:
+            if "navigated or closed" not in str(e):
+                raise
+            res = {}
         state = res.get("result", {}).get("value") or {}
         if settled(state, pending_requests(cdp.events), expected):
             return state, True
