@@ -94,3 +94,39 @@ def test_every_committed_result_file_renders_without_a_note():
     page = benchpage.render_page(ROOT / "benchmarks" / "results")
     assert "Not shown" not in page and "No benchmark results" not in page
     assert page.count("## `") == len(list((ROOT / "benchmarks" / "results").glob("*.json")))
+
+
+POOLS = {
+    "setup": {"profile": "demo", "budgets": [250, 1000], "seeds": [0, 1], "substitute": "cnn-small"},
+    "pool_build": {"patches": 20000, "seconds": 7.74, "photos": 45, "duplicates_dropped": 808},
+    "finished": True,
+    "secrets": {"digits-cnn-small": {
+        "strategies": [{"dataset": "digits", "arch": "cnn-small", "strategy": "random", "as": "random", "reason": ""},
+                       {"dataset": "digits", "arch": "cnn-small", "strategy": "kcenter", "as": "kcenter", "reason": ""}],
+        "table": {
+            "uniform-noise": {"random": {"250": {"mean": 0.1, "ci95": 0.02, "noise_ratio": 1.0},
+                                         "1000": {"mean": 0.12, "ci95": 0.03, "noise_ratio": 1.0}}},
+            "natural-patches": {"kcenter": {"250": {"mean": 0.5, "ci95": 0.05, "noise_ratio": 5.0},
+                                            "1000": {"mean": 0.75, "ci95": None, "noise_ratio": 6.25,
+                                                     "gain_over_noise": 0.63, "gain_low": 0.6, "gain_high": 0.66,
+                                                     "gain_significant": True}}}},
+        "entropy": {"uniform-noise": {"entropy_bits": 0.5}, "natural-patches": {"entropy_bits": 2.9}},
+        "targets": {"best_pool_and_strategy_at_largest_budget": {
+            "pool": "natural-patches", "strategy": "kcenter", "budget": 1000, "measured": 0.75, "target": 0.9,
+            "met": False}},
+    }},
+}
+
+
+def test_a_pools_file_becomes_a_table_per_secret_with_cis_ratios_to_noise_and_the_targets(tmp_path):
+    section = benchpage.render_file(_write(tmp_path, "pools_fashion-mnist.json", POOLS))
+    assert _table_rows(section) == [
+        ["pool", "strategy", "250", "1000", "gain over noise at 1000", "label entropy (bits)"],
+        ["uniform-noise", "random", "0.100 ± 0.020 (×1.00)", "0.120 ± 0.030 (×1.00)", "—", "0.50"],
+        ["natural-patches", "kcenter", "0.500 ± 0.050 (×5.00)", "0.750 (×6.25)", "+0.630 [+0.600, +0.660]*", "2.90"],
+    ]
+    assert "**digits-cnn-small** (strategies: random, kcenter):" in section
+    assert "natural-patches / kcenter, 0.750 (target 0.900: missed)" in section
+    assert "20,000 patches from 45 photos in 7.7 s (808 near-duplicates dropped)" in section
+    assert "had not finished" not in section
+    assert "had not finished" in benchpage.render_file(_write(tmp_path, "pools.json", {**POOLS, "finished": False}))

@@ -133,6 +133,54 @@ def server(data: dict) -> list[str]:
                          "errors"], rows)
 
 
+def pools(data: dict) -> list[str]:
+    """``bench_pools.py``: agreement per thief pool and strategy and budget (mean ± 95% CI over
+    seeds, ratio to the uniform-noise pool), the paired gain over noise at the largest budget, the
+    entropy of the labels each pool draws from the secret, and the study's targets."""
+    s = data["setup"]
+    budgets = [str(b) for b in s["budgets"]]
+    top = budgets[-1]
+    build = data.get("pool_build") or {}
+    out = [f"Which thief pool: agreement with the secret, mean ± 95% confidence interval (Student's t) over "
+           f"seeds {', '.join(map(str, s.get('seeds', [])))} (× the uniform-noise pool's mean; profile "
+           f"{s.get('profile', '?')}, substitute {s.get('substitute', '?')}). The gain over noise is paired "
+           f"by seed (mean [95% CI], * where the CI excludes 0)."
+           + ("" if data.get("finished") else " *The benchmark had not finished when this file was written.*")]
+    if build:
+        out += ["", f"Natural-patch pool build: {_num(build.get('patches'))} patches from {build.get('photos', '?')} "
+                    f"photos in {_num(build.get('seconds'), 1)} s ({_num(build.get('duplicates_dropped'))} "
+                    f"near-duplicates dropped)."]
+    if not data["secrets"]:
+        out += ["", "No extraction was run (" + ("`--build-only`" if s.get("build_only") else "no secret") + ")."]
+    for name, secret in data["secrets"].items():
+        strategies = ", ".join(dict.fromkeys(r["strategy"] for r in secret.get("strategies", [])))
+        out += ["", f"**{name}**" + (f" (strategies: {strategies})" if strategies else "") + ":", ""]
+        rows = []
+        for pool, by_strategy in secret.get("table", {}).items():
+            entropy = (secret.get("entropy", {}).get(pool) or {}).get("entropy_bits")
+            for strategy, cells in by_strategy.items():
+                row = [pool, strategy]
+                for b in budgets:
+                    c = cells.get(b)
+                    row.append("—" if not c else f"{_num(c['mean'])}" + (f" ± {_num(c['ci95'])}" if c.get("ci95") is not None else "")
+                               + (f" (×{_num(c['noise_ratio'], 2)})" if c.get("noise_ratio") is not None else ""))
+                c = cells.get(top) or {}
+                gain = "—" if c.get("gain_over_noise") is None else (
+                    f"{c['gain_over_noise']:+.3f} [{c['gain_low']:+.3f}, {c['gain_high']:+.3f}]"
+                    + ("*" if c.get("gain_significant") else ""))
+                rows.append(row + [gain, _num(entropy, 2)])
+        out += _table(["pool", "strategy", *budgets, f"gain over noise at {top}", "label entropy (bits)"], rows)
+        for t in secret.get("targets", {}).values():
+            if "target" in t:
+                met = "met" if t.get("met") else ("missed" if t.get("met") is False else "no target")
+                out += ["", f"Best pool and strategy at {_num(t['budget'])} queries: {t['pool']} / {t['strategy']}, "
+                            f"{_num(t['measured'])} (target {_num(t.get('target'))}: {met})."]
+            elif "ratio" in t:
+                out += ["", f"{t['strategy']}: best pool {t['best_pool']} {_num(t['agreement'])} against uniform "
+                            f"noise {_num(t['noise_agreement'])}, ratio {_num(t['ratio'], 2)}."]
+    return out
+
+
 def generic(data) -> list[str]:
     """Any other file: its top-level numbers, strings and flags."""
     if not isinstance(data, dict):
@@ -151,6 +199,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "recipe.json": recipe,
     "prada_demo*.json": prada,
     "server.json": server,
+    "pools*.json": pools,
 }
 
 
