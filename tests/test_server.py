@@ -566,6 +566,24 @@ def test_malformed_query_logs_stop_serve_with_one_line_naming_the_file(tiny, tmp
     assert capsys.readouterr().err.startswith(f"stealnb: error: --keys {keys_dir}: cannot be read")
 
 
+def test_serve_refuses_a_defence_that_cannot_serve_the_model_before_loading_it(tiny, tmp_path, capsys, monkeypatch):
+    from stealnb import cli
+
+    def loaded(*a, **kw):
+        raise AssertionError("the model was loaded before the defences were checked")
+
+    monkeypatch.setattr(server, "load_model", loaded)
+    model = tmp_path / "m.keras"
+    tiny.save(model)
+    assert models.saved_num_classes(model) == 10 and models.saved_num_classes(tmp_path / "none.keras") is None
+    base = ["serve", "--model", str(model), "--log-dir", str(tmp_path / "serve"), "--key", ALICE]
+    for extra, message in [(["--defense", "top_k:k=11", "--output", "probs"], "k: expected at most 10 (the number of classes), got 11"),
+                           (["--defense", "round:decimals=2"], "defense round: applies to output 'topk' or 'probs', not output='label'")]:
+        assert cli.main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
 # -- HttpOracle: retries, errors, ledger ---------------------------------------------------------
 def test_http_oracle_retries_with_backoff_then_succeeds(tiny, tmp_path):
     _, client = app_client(tiny)

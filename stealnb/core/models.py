@@ -292,6 +292,33 @@ def load_model(path):
     return _keras()[0].models.load_model(p, compile=False)
 
 
+def saved_num_classes(path) -> int | None:
+    """The number of classes (units of the output layer) of the model saved at ``path`` (a ``.keras``
+    file or a secret folder holding ``model.keras``), read from the archive's ``config.json``
+    without TensorFlow, so that settings which depend on it are checked before the model loads;
+    ``None`` when the file or its config cannot tell."""
+    import json
+    import zipfile
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.keras"
+    try:
+        with zipfile.ZipFile(p) as z:
+            cfg = json.loads(z.read("config.json"))["config"]
+        layers = {layer["config"]["name"]: layer for layer in cfg["layers"]}
+        out = cfg.get("output_layers")
+        if out is None:  # Sequential: the last layer
+            last = cfg["layers"][-1]
+        else:
+            last = layers[(out[0] if isinstance(out[0], list) else out)[0]]
+        units = last["config"]["units"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError, zipfile.BadZipFile):
+        return None
+    return units if isinstance(units, int) and units >= 2 else None
+
+
 def index_positions(size: int, idx):
     """Lookup table index -> position in ``idx`` (-1 elsewhere), so batches may come in any order."""
     import numpy as np

@@ -89,7 +89,7 @@ import numpy as np
 from ..core._checks import UsageError, check_positive_int
 from ..core.defense_seam import DefenseChain
 from ..defenses import DEFENSES, parse_defenses
-from ..core.models import load_model, predict_logits, softmax
+from ..core.models import load_model, predict_logits, saved_num_classes, softmax
 from ..extraction.oracle import OUTPUTS, _digests
 
 log = logging.getLogger("stealnb.serve.server")
@@ -965,6 +965,9 @@ def app_from_args(args):
         keys[key] = spec
     if not keys:
         raise ValueError("serve: give at least one API key with --keys FILE (JSON {key: {budget, rate}}) or --key KEY[:BUDGET[:RATE]]")
+    n = saved_num_classes(args.model)
+    if defenses and n is not None:  # the defences' class and output checks, before TensorFlow loads the model
+        DefenseChain(defenses, output=args.output, num_classes=n)
     return create_app(args.model, name=args.name, output=args.output, top_k=args.top_k, keys=keys,
                       max_batch=args.max_batch, max_body_bytes=int(args.max_body_mb * 2**20), log_dir=args.log_dir,
                       defenses=defenses, fsync=not args.no_fsync, max_pending=args.max_pending,
