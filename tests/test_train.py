@@ -183,3 +183,27 @@ def test_no_early_stop_while_the_training_loss_is_above_stop_loss():
     assert len(held["loss"]) == 12 and held["val_loss"][held["best_epoch"]] == min(held["val_loss"])
     loose = train.fit(_linear3(), ds.x_train, ds.y_train, stop_loss=100.0, **kw)  # always reached
     assert len(loose["loss"]) == len(stopped["loss"])
+
+
+def test_the_substitute_recipe_is_one_set_of_fit_arguments_shared_by_extraction_and_copycat():
+    import inspect
+    from dataclasses import asdict, fields
+
+    from stealnb.core import profiles
+    from stealnb.extraction.copycat import CopycatConfig
+    from stealnb.extraction.loop import ExtractionConfig
+
+    recipe = [f.name for f in fields(train.Recipe)]
+    fit_kw = [n for n, p in inspect.signature(train.fit).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    assert set(recipe) <= set(fit_kw), set(recipe) - set(fit_kw)
+    prof = profiles.get_profile("demo")
+    ex = ExtractionConfig.from_profile(prof, "random")
+    cc = CopycatConfig.from_profile(prof, "npdd")
+    assert ex.fit_options() == cc.fit_options() == prof.substitute_fit() == cc.extraction_config().fit_options()
+    # the keys written into checkpoints and summaries are the ones earlier runs wrote (resume compares them)
+    assert set(asdict(ex)) == {"strategy", "substitute", "budgets", "seed_size", "val_size", "round_size", *recipe,
+                               "warm_start", "fgsm_eps", "seed", "strategy_options"}
+    with pytest.raises(ValueError, match=r"learning_rate: expected a positive finite number, got 0"):
+        ExtractionConfig.from_profile(prof, "random", learning_rate=0)
+    with pytest.raises(ValueError, match=r"batch_size"):
+        CopycatConfig.from_profile(prof, "npdd", batch_size=0)

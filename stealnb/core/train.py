@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import keras
@@ -23,6 +24,40 @@ from .progress import progress_bar
 from .profiles import Profile, check_profile
 
 _DETERMINISM = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """How a substitute is trained in each round: the keyword arguments of :func:`fit`
+    (:meth:`fit_options`). One place for the recipe fields of
+    :class:`stealnb.extraction.loop.ExtractionConfig` and :class:`stealnb.extraction.copycat.CopycatConfig`,
+    which inherit them (keyword-only); a profile's ``substitute_*`` settings fill them
+    (:meth:`stealnb.core.profiles.Profile.substitute_fit`). Defaults: ActiveThief's substitute
+    recipe as the thesis trains it (Adam, batch 50, early stopping on validation macro-F1 with
+    patience 4; Pal et al. 2020, §4.2 and Table 4 of the thesis)."""
+
+    epochs: int
+    patience: int | None = 4
+    batch_size: int = 50
+    learning_rate: float = 1e-3
+    min_steps: int = 0
+    stop_loss: float | None = None
+    monitor: str = "macro_f1"
+    class_weight: bool = False
+    augment: bool = False
+
+    def check_recipe(self) -> None:
+        """Raise ``ValueError`` for a recipe :func:`fit` cannot run (called by the subclasses' checks)."""
+        check_positive_int(self.epochs, "epochs")
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive_int(self.min_steps, "min_steps", minimum=0)
+        v = self.learning_rate
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"learning_rate: expected a positive finite number, got {v!r}")
+
+    def fit_options(self) -> dict:
+        """The recipe as keyword arguments of :func:`fit`."""
+        return {f.name: getattr(self, f.name) for f in fields(Recipe)}
 
 
 def enable_determinism(seed: int) -> None:

@@ -56,23 +56,23 @@ from ..core._checks import check_images, check_labels, check_positive_int
 from ..core.progress import progress_bar
 from .loop import Extraction, ExtractionConfig
 from ..core.profiles import Profile, check_profile
-from ..core.train import fit
+from ..core.train import Recipe, fit
 
 VARIANTS = ("npdd", "pdd-sl", "npdd+pdd")
 
 
 @dataclass(frozen=True)
-class CopycatConfig:
+class CopycatConfig(Recipe):
     """Settings of one Copycat run (see the module docstring).
 
-    ``budgets``, ``seed_size``, ``val_size``, the training recipe (``epochs``, ``patience``,
-    ``batch_size``, ``learning_rate``, ``min_steps``, ``monitor``, ``class_weight``,
-    ``augment``), ``fgsm_eps`` and ``seed`` mean what they mean for
-    :class:`~stealnb.extraction.loop.ExtractionConfig` (NPDD queries). ``round_size=None`` trains
-    only at the budgets. ``pdd_size`` is the number of problem-domain images the attacker has
-    (0 for ``npdd``); ``finetune_epochs``/``finetune_learning_rate``/``finetune_batch_size``
-    drive the ``pdd-sl`` fine-tuning (Adam, fixed epochs, no early stopping: the attacker has no
-    labelled PDD validation split).
+    ``budgets``, ``seed_size``, ``val_size``, the training recipe (a
+    :class:`stealnb.core.train.Recipe`: ``epochs`` ... ``augment``, keyword-only), ``fgsm_eps``
+    and ``seed`` mean what they mean for :class:`~stealnb.extraction.loop.ExtractionConfig` (NPDD
+    queries). ``round_size=None`` trains only at the budgets. ``pdd_size`` is the number of
+    problem-domain images the attacker has (0 for ``npdd``);
+    ``finetune_epochs``/``finetune_learning_rate``/``finetune_batch_size`` drive the ``pdd-sl``
+    fine-tuning (Adam, fixed epochs, no early stopping: the attacker has no labelled PDD
+    validation split).
     """
 
     variant: str
@@ -80,16 +80,7 @@ class CopycatConfig:
     budgets: tuple[int, ...]
     seed_size: int
     val_size: int
-    epochs: int
-    patience: int | None = 4
     round_size: int | None = None
-    batch_size: int = 50
-    learning_rate: float = 1e-3
-    min_steps: int = 0
-    stop_loss: float | None = None
-    monitor: str = "macro_f1"
-    class_weight: bool = False
-    augment: bool = False
     pdd_size: int = 0
     finetune_epochs: int = 10
     finetune_learning_rate: float = 1e-4
@@ -109,11 +100,10 @@ class CopycatConfig:
         check_positive_int(self.finetune_batch_size, "finetune_batch_size")
         if self.round_size is not None:
             check_positive_int(self.round_size, "round_size")
-        for name in ("learning_rate", "finetune_learning_rate"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
-        object.__setattr__(self, "budgets", self.extraction_config().budgets)  # validated there
+        v = self.finetune_learning_rate
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"finetune_learning_rate: expected a positive finite number, got {v!r}")
+        object.__setattr__(self, "budgets", self.extraction_config().budgets)  # validated there (recipe too)
 
     def extraction_config(self) -> ExtractionConfig:
         """The NPDD part: ActiveThief's loop with the ``random`` strategy (same budgets)."""
@@ -121,10 +111,7 @@ class CopycatConfig:
         return ExtractionConfig(
             strategy="random", substitute=self.substitute, budgets=budgets, seed_size=self.seed_size,
             val_size=self.val_size, round_size=self.round_size or max(budgets[-1], 1),
-            warm_start=False, fgsm_eps=self.fgsm_eps, seed=self.seed,
-            epochs=self.epochs, patience=self.patience, batch_size=self.batch_size, learning_rate=self.learning_rate,
-            min_steps=self.min_steps, stop_loss=self.stop_loss, monitor=self.monitor, class_weight=self.class_weight,
-            augment=self.augment,
+            warm_start=False, fgsm_eps=self.fgsm_eps, seed=self.seed, **self.fit_options(),
         )
 
     @classmethod

@@ -29,7 +29,7 @@ from ..core import layout, metrics, models
 from ..core._checks import check_images, check_labels, check_positive_int
 from ..core.progress import progress_bar
 from ..core.profiles import Profile, check_profile
-from ..core.train import enable_determinism, fit
+from ..core.train import Recipe, enable_determinism, fit
 
 ROUND_FIELDS = (
     "round", "queries", "labelled", "k", "agreement", "accuracy", "macro_f1", "val_accuracy",
@@ -38,11 +38,12 @@ ROUND_FIELDS = (
 
 
 @dataclass(frozen=True)
-class ExtractionConfig:
+class ExtractionConfig(Recipe):
     """What an extraction run needs besides the oracle, pool and test data.
 
-    ``epochs`` ... ``augment``: how the substitute is trained each round (:meth:`fit_options`,
-    the arguments of :func:`stealnb.core.train.fit`; from the profile, :meth:`from_profile`)."""
+    The substitute's training recipe each round (``epochs`` ... ``augment``, keyword-only) is a
+    :class:`stealnb.core.train.Recipe` (:meth:`fit_options`, the arguments of
+    :func:`stealnb.core.train.fit`; from the profile, :meth:`from_profile`)."""
 
     strategy: str
     substitute: str
@@ -50,15 +51,6 @@ class ExtractionConfig:
     seed_size: int
     val_size: int
     round_size: int
-    epochs: int
-    patience: int | None = 4
-    batch_size: int = 50
-    learning_rate: float = 1e-3
-    min_steps: int = 0
-    stop_loss: float | None = None
-    monitor: str = "macro_f1"
-    class_weight: bool = False
-    augment: bool = False
     warm_start: bool = False
     fgsm_eps: float = 0.25
     seed: int = 0
@@ -68,8 +60,9 @@ class ExtractionConfig:
         budgets = tuple(int(b) for b in self.budgets)
         if not budgets or list(budgets) != sorted(set(budgets)):
             raise ValueError(f"budgets: expected strictly increasing query counts, got {self.budgets!r}")
-        for name in ("seed_size", "val_size", "round_size", "epochs"):
+        for name in ("seed_size", "val_size", "round_size"):
             check_positive_int(getattr(self, name), name, minimum=0 if name == "val_size" else 1)
+        self.check_recipe()
         first = self.seed_size + self.val_size
         if budgets[0] < first:
             raise ValueError(
@@ -77,12 +70,6 @@ class ExtractionConfig:
                 f"validation split ({self.seed_size} + {self.val_size} = {first} queries)"
             )
         object.__setattr__(self, "budgets", budgets)
-
-    def fit_options(self) -> dict:
-        """The substitute's training recipe as keyword arguments of :func:`stealnb.core.train.fit`."""
-        return dict(epochs=self.epochs, patience=self.patience, batch_size=self.batch_size,
-                    learning_rate=self.learning_rate, min_steps=self.min_steps, stop_loss=self.stop_loss,
-                    monitor=self.monitor, class_weight=self.class_weight, augment=self.augment)
 
     @classmethod
     def from_profile(cls, profile, strategy: str, **overrides) -> "ExtractionConfig":
