@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--strategies", nargs="+", default=None,
                     help="default: random and quality.json's best strategy at 1,000 queries (else 'best')")
-    ap.add_argument("--pools", nargs="+", default=None, help="only these pool specs, run in this order after the noise baseline (default: all the study's)")
+    ap.add_argument("--pools", nargs="+", default=None, help="only these pool specs, run in this order after the uniform-noise baseline, which always runs (default: all the study's)")
     ap.add_argument("--results", default="results/bench-pools")
     ap.add_argument("--secrets-from", default="results",
                     help="use the demo secret saved under this results root when there (else trained under --results)")
@@ -159,6 +159,22 @@ def main(argv=None) -> int:
 
     base = profiles.get_profile("demo")
     secrets = [(d, a) for d, a in pipeline.secrets_of(base, args.data_root) if d in args.datasets]
+    plans = {}  # each secret's strategies and pools, checked before anything is built or trained
+    for ds, arch in secrets:
+        best = quality_best(ds, arch, base.budgets[-1])
+        strategies = args.strategies or ["random", best or profiles.BEST_STRATEGY]
+        prof = study_profile(args, strategies)
+        specs, skipped = pools.pool_specs(prof, ds, args.data_root)
+        baseline = prof.pool_study.baseline
+        if args.pools:  # these, in this order, after the noise baseline every ratio needs
+            unknown = [s for s in args.pools if s not in specs]
+            if unknown:
+                ap.error(f"--pools: {', '.join(unknown)} not among the pools of the {ds} secret ({', '.join(specs)})")
+            specs = [s for s in args.pools if s != baseline]
+            specs.insert(0, baseline)
+        else:  # noise first: every other pool's ratio needs it
+            specs.sort(key=lambda s: s != baseline)
+        plans[ds] = (best, strategies, prof, specs, skipped)
     report = {"setup": {"profile": "demo", "budgets": list(base.budgets), "seeds": args.seeds,
                         "round_size": base.round_size, "seed_size": base.seed_size, "val_size": base.val_size,
                         "substitute": base.substitute, "pool_size": base.pool_size, "recipe": base.substitute_fit(),
@@ -178,14 +194,7 @@ def main(argv=None) -> int:
         secrets = []
         report["setup"]["build_only"] = True
     for ds, arch in secrets:
-        best = quality_best(ds, arch, base.budgets[-1])
-        strategies = args.strategies or ["random", best or profiles.BEST_STRATEGY]
-        prof = study_profile(args, strategies)
-        specs, skipped = pools.pool_specs(prof, ds, args.data_root)
-        if args.pools:  # these, in this order
-            specs = [s for s in args.pools if s in specs]
-        # Noise first: every other pool's ratio needs it.
-        specs.sort(key=lambda s: s != prof.pool_study.baseline)
+        best, strategies, prof, specs, skipped = plans[ds]
         sd = layout.secret_dir(args.secrets_from, "demo", ds, arch)
         if not (sd / "model.keras").is_file():  # trained once here, not by parallel workers
             train.ensure_secret(ds, arch, base, args.results, data_root=args.data_root)
