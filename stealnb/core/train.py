@@ -32,9 +32,8 @@ class Recipe:
     (:meth:`fit_options`). One place for the recipe fields of
     :class:`stealnb.extraction.loop.ExtractionConfig` and :class:`stealnb.extraction.copycat.CopycatConfig`,
     which inherit them (keyword-only); a profile's ``substitute_*`` settings fill them
-    (:meth:`stealnb.core.profiles.Profile.substitute_fit`). Defaults: ActiveThief's substitute
-    recipe as the thesis trains it (Adam, batch 50, early stopping on validation macro-F1 with
-    patience 4; Pal et al. 2020, §4.2 and Table 4 of the thesis)."""
+    (:meth:`stealnb.core.profiles.Profile.substitute_fit`). The defaults are the ones both
+    configs had before; the experiments' values are the profiles' (``stealnb/core/profiles.py``)."""
 
     epochs: int
     patience: int | None = 4
