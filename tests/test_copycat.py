@@ -203,7 +203,7 @@ def test_label_distribution_and_api_cost():
                            "500": {"queries": 700, "relative_f1": 0.5, "agreement": 0.4}}}
     t = copycat.api_cost_table(summary, {"p": 2.0})
     assert t["budget"].tolist() == [500, 1000] and t["cost: p"].tolist() == [1.4, 2.4]
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match=r"prices\[.p.\] \(USD per 1,000 calls\): expected a value >= 0"):
         copycat.api_cost_table(summary, {"p": -1})
 
 

@@ -203,7 +203,7 @@ def test_the_substitute_recipe_is_one_set_of_fit_arguments_shared_by_extraction_
     # the keys written into checkpoints and summaries are the ones earlier runs wrote (resume compares them)
     assert set(asdict(ex)) == {"strategy", "substitute", "budgets", "seed_size", "val_size", "round_size", *recipe,
                                "warm_start", "fgsm_eps", "seed", "strategy_options"}
-    with pytest.raises(ValueError, match=r"learning_rate: expected a positive finite number, got 0"):
+    with pytest.raises(ValueError, match=r"learning_rate: expected a value > 0.0, got 0.0"):
         ExtractionConfig.from_profile(prof, "random", learning_rate=0)
     with pytest.raises(ValueError, match=r"batch_size"):
         CopycatConfig.from_profile(prof, "npdd", batch_size=0)

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers as L
 
-from ._checks import check_images, check_labels, check_positive_int
+from ._checks import check_images, check_labels, check_positive_int, check_real
 from .progress import progress_bar
 
 RULES = ("0", "epsilon", "gamma", "composite")
@@ -204,10 +204,8 @@ def lrp(model, x, *, target=None, rule="composite", epsilon=0.25, gamma=0.25, bi
     check_images(x, "x", shape=tuple(model.input_shape[1:]))
     if rule not in RULES:
         raise ValueError(f"rule: expected one of {RULES}, got {rule!r}")
-    for name, v, positive in (("epsilon", epsilon, True), ("gamma", gamma, False)):
-        bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-        if bad or v < 0 or (positive and v == 0):
-            raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+    check_real(epsilon, "epsilon", 0.0, lo_open=True)
+    check_real(gamma, "gamma", 0.0)
     batch_size = check_positive_int(batch_size, "batch_size")
     for name, v in (("bias", bias), ("keep_channels", keep_channels), ("progress", progress)):
         if not isinstance(v, bool):

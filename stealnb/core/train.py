@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from . import layout, metrics, models
-from ._checks import check_images, check_labels, check_positive_int
+from ._checks import check_images, check_labels, check_positive_int, check_real
 from .progress import progress_bar
 from .profiles import Profile, check_profile
 
@@ -50,9 +49,7 @@ class Recipe:
         check_positive_int(self.epochs, "epochs")
         check_positive_int(self.batch_size, "batch_size")
         check_positive_int(self.min_steps, "min_steps", minimum=0)
-        v = self.learning_rate
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"learning_rate: expected a positive finite number, got {v!r}")
+        check_real(self.learning_rate, "learning_rate", 0.0, lo_open=True)
 
     def fit_options(self) -> dict:
         """The recipe as keyword arguments of :func:`fit`."""

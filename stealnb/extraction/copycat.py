@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -52,7 +51,7 @@ import numpy as np
 
 from ..attacks import evasion
 from ..core import layout, metrics, models
-from ..core._checks import check_images, check_labels, check_positive_int
+from ..core._checks import check_images, check_labels, check_positive_int, check_real
 from ..core.progress import progress_bar
 from .loop import Extraction, ExtractionConfig
 from ..core.profiles import Profile, check_profile
@@ -100,9 +99,7 @@ class CopycatConfig(Recipe):
         check_positive_int(self.finetune_batch_size, "finetune_batch_size")
         if self.round_size is not None:
             check_positive_int(self.round_size, "round_size")
-        v = self.finetune_learning_rate
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"finetune_learning_rate: expected a positive finite number, got {v!r}")
+        check_real(self.finetune_learning_rate, "finetune_learning_rate", 0.0, lo_open=True)
         object.__setattr__(self, "budgets", self.extraction_config().budgets)  # validated there (recipe too)
 
     def extraction_config(self) -> ExtractionConfig:
@@ -697,8 +694,7 @@ def api_cost_table(summary: dict, prices: dict | None = None):
     if not prices:
         raise ValueError("prices: expected at least one {name: USD per 1,000 calls}")
     for name, p in prices.items():
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0:
-            raise ValueError(f"prices[{name!r}]: expected a non-negative USD amount per 1,000 calls, got {p!r}")
+        check_real(p, f"prices[{name!r}] (USD per 1,000 calls)", 0.0)
     if not isinstance(summary, dict) or not summary.get("budgets"):
         raise ValueError("summary: expected a run summary with per-budget results under 'budgets'")
     rows = []

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core._checks import check_images, check_positive_int
+from ..core._checks import check_images, check_positive_int, check_real
 from ..core.defense_seam import DefenseChain
 from ..core.models import softmax  # noqa: F401 (stealnb.extraction.oracle.softmax: what the oracle answers in "probs" mode)
 
@@ -573,8 +573,7 @@ class HttpOracle(Oracle):
         if not isinstance(model, str) or not model or "/" in model or ":" in model:
             raise ValueError(f"model: expected a model name without '/' or ':', got {model!r}")
         for name, v in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
-                raise ValueError(f"{name}: expected a positive number of seconds, got {v!r}")
+            check_real(v, f"{name} (seconds)", 0.0, lo_open=True)
         self.url, self.model_name, self.encoding = url.rstrip("/"), model, encoding
         self.retries = check_positive_int(retries, "retries", minimum=0)
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)

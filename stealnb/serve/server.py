@@ -86,7 +86,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core._checks import UsageError, check_positive_int
+from ..core._checks import UsageError, check_positive_int, check_real
 from ..core.defense_seam import DefenseChain
 from ..defenses import DEFENSES, parse_defenses
 from ..core.models import load_model, predict_logits, saved_num_classes, softmax
@@ -131,9 +131,7 @@ class KeySpec:
         if self.budget is not None:
             check_positive_int(self.budget, "budget", minimum=0)
         if self.rate is not None:
-            if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not math.isfinite(self.rate) \
-                    or self.rate <= 0:
-                raise ValueError(f"rate: expected a positive number of requests per second or None, got {self.rate!r}")
+            check_real(self.rate, "rate (requests per second, or None)", 0.0, lo_open=True)
             if self.burst is None:
                 object.__setattr__(self, "burst", max(1, math.ceil(self.rate)))
         if self.burst is not None:
@@ -487,10 +485,7 @@ class PredictionService:
         self.max_pending = check_positive_int(max_pending, "max_pending")
         self.max_pending_per_key = check_positive_int(
             max(1, max_pending // 4) if max_pending_per_key is None else max_pending_per_key, "max_pending_per_key")
-        if isinstance(body_timeout, bool) or not isinstance(body_timeout, (int, float)) or not body_timeout > 0 \
-                or not math.isfinite(body_timeout):
-            raise ValueError(f"body_timeout: expected a positive number of seconds, got {body_timeout!r}")
-        self.body_timeout = float(body_timeout)
+        self.body_timeout = check_real(body_timeout, "body_timeout (seconds)", 0.0, lo_open=True)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         if clock is not None and not callable(clock):
             raise TypeError(f"clock: expected a function returning monotonic seconds (like time.monotonic), got {clock!r}")
