@@ -165,17 +165,39 @@ async def _run_all(cdp):
     await _click_at(cdp, _by_text(".lm-Menu-itemLabel", "Run All Cells"), "Run All Cells")
 
 
-async def _press_run_one_round(cdp):
-    await _click_at(cdp, "Array.from(document.querySelectorAll('.widget-vbox button'))"
-                         ".find(b => b.textContent.includes('run one round') && !b.disabled)", "the run-one-round button")
+async def _press_run_one_round(cdp, base, token, tries: int = 4):
+    """Press "run one round" until the kernel takes it: the button goes disabled or the status
+    line changes. A press is repeated only while the kernel is idle and the panel unchanged -- a
+    click that arrives while a freshly reloaded page is still connecting its widgets to the kernel
+    is lost (the CI failure of 2026-12-03: after the reload the status stayed at round 1 for
+    300 s, button enabled). A panel that never answers still fails, after ``tries`` presses."""
+    before = await _js(cdp, _PANEL_JS)
+    for _ in range(tries):
+        await _click_at(cdp, "Array.from(document.querySelectorAll('.widget-vbox button'))"
+                             ".find(b => b.textContent.includes('run one round') && !b.disabled)",
+                        "the run-one-round button")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            now = await _js(cdp, _PANEL_JS)
+            if now and (now["button"] == "disabled" or now["status"] != before["status"]):
+                return
+            await cdp.drain(0.25)
+        busy = [k for k in await _kernels(base, token) if k["execution_state"] != "idle"]
+        if busy:  # the click arrived and the round runs; the caller waits for its result
+            return
+    raise AssertionError(f"'run one round' pressed {tries} times, the kernel idle and the panel unchanged: {before}")
+
+
+async def _kernels(base, token) -> list[dict]:
+    import httpx
+
+    return httpx.get(f"{base}/api/kernels", params={"token": token}, timeout=10).json()
 
 
 async def _kernel_idle(base, token, timeout=600):
-    import httpx
-
     deadline = time.monotonic() + timeout
     while True:
-        ks = httpx.get(f"{base}/api/kernels", params={"token": token}, timeout=10).json()
+        ks = await _kernels(base, token)
         if ks and all(k["execution_state"] == "idle" for k in ks):
             return ks
         if time.monotonic() > deadline:
@@ -249,7 +271,7 @@ async def _drive(chromium, base, token):
         first = await _js(cdp, _PANEL_JS)
         assert first["points"] == 1 and "round 0" in first["status"] and first["gallery_title"].startswith("round 0"), first
 
-        await _press_run_one_round(cdp)
+        await _press_run_one_round(cdp, base, token)
         one = await _wait(cdp, "a point more after 'run one round'", _PANEL_JS,
                           lambda s: _ready(s) and s["points"] == 2 and "round 1" in s["status"], 300)
         assert one["status"] != first["status"] and one["gallery_title"].startswith("round 1"), one
@@ -270,7 +292,7 @@ async def _drive(chromium, base, token):
         assert back["gallery_title"].startswith("round 1") and "round 1" in back["status"], back
         assert back["seed"] == "3", f"the seed field did not keep its value across the reload: {back}"
 
-        await _press_run_one_round(cdp)
+        await _press_run_one_round(cdp, base, token)
         two = await _wait(cdp, "the panel following the kernel to round 2 after the reload", _PANEL_JS,
                           lambda s: _ready(s) and "round 2" in s["status"], 300)
         two = await _wait(cdp, "the curve and gallery at round 2", _PANEL_JS,
