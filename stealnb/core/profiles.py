@@ -255,6 +255,11 @@ PROFILES: dict[str, Profile] = {
                              cross_domain=("fashion-mnist",), budgets=(150, 200), seeds=(0,), round_size=50,
                              pool_size=400),
         copycat=CopycatSettings(pdd_size=50, finetune_epochs=5),
+        # Every code path of the defences chapter once: an active-learning stream and Copycat's
+        # (replayed, watermarked, ADMIS-answered), a PRADA-only stream, and ADMIS at tau = 0 (the
+        # replay cache) and at one tau > 0. The chapter took 233 s of the 12-min ci grid with the
+        # default four attacks and four taus (2026-12-03).
+        defenses=DefenseSettings(attacks=("random", "copycat"), admis_taus=(0.0, 0.8)),
     ),
 }
 
