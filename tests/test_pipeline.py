@@ -1,5 +1,6 @@
 """stealnb.report.pipeline: the grid, the keys that decide what reruns, and the Dask engine (on tiny notebooks)."""
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,13 +81,16 @@ def test_a_presentation_change_reruns_the_notebooks_but_not_the_seeds_runs(tmp_p
     assert all((after[i][0] != before[i][0]) == before[i][2] for i in before)  # only the notebooks rerun
 
 
-def test_the_pool_study_runs_after_the_extractions_whose_best_strategy_it_reads(tmp_path):
+def test_the_pool_study_runs_after_the_extraction_runs_whose_best_strategy_it_reads(tmp_path):
     prof = PROFILES["ci"]
     tasks = {t.id: t for t in pipeline.plan(prof, tmp_path)}
     ds, arch = prof.secrets[0]
     t = tasks[f"pools/{ds}-{arch}"]
     assert t.notebook == "08_pools.ipynb" and t.params["dataset"] == ds
-    assert set(t.deps) == {f"secret/{ds}-{arch}", *(f"extraction/{ds}-{arch}-{s}" for s in prof.strategies)}
+    # every seed of every strategy best_strategy compares (random is never "best"); not the notebooks
+    assert set(t.deps) == {f"secret/{ds}-{arch}", *(f"runs/extraction-{ds}-{arch}-{s}-seed{seed}"
+                                                    for s in prof.strategies if s != "random" for seed in prof.seeds)}
+    assert all(d in tasks for d in t.deps)
     assert t.outputs == {layout.pools_dir(tmp_path.resolve(), "ci", ds, arch): "pools"}
     named = prof.with_(pool_study=replace(prof.pool_study, strategies=("random", "kcenter")))
     named_tasks = {t.id: t for t in pipeline.plan(named, tmp_path)}
@@ -105,6 +109,27 @@ def test_installing_a_dataset_reruns_the_pool_chapter_and_nothing_else(tmp_path,
     before, after = keys.values()
     changed = {i for i in before if before[i] != after[i]}
     assert changed and all(i.startswith(("pools/", "results/")) for i in changed), changed
+
+
+def test_editing_the_extraction_chapter_keeps_the_results_of_the_chapters_that_read_its_runs(tmp_path):
+    # the pool study and the defences read the runs/ tasks' files, not notebook 03: a new figure
+    # there re-executes notebook 03 (and the results chapter), but discards no one's results
+    prof = PROFILES["demo"]
+    edited = tmp_path / "notebooks"
+    shutil.copytree(layout.project_root() / "notebooks", edited)
+    nb = json.loads((edited / "03_extraction.ipynb").read_text())
+    nb["cells"].append({"cell_type": "code", "metadata": {}, "source": ["print('a new figure')"],
+                        "outputs": [], "execution_count": None})
+    (edited / "03_extraction.ipynb").write_text(json.dumps(nb))
+    keys = []
+    for nbdir in (layout.project_root() / "notebooks", edited):
+        tasks = pipeline.plan(prof, tmp_path / "results")
+        pipeline.assign_keys(tasks, prof, nbdir)
+        keys.append({t.id: t.results_key for t in tasks})
+    before, after = keys
+    changed = {i for i in before if before[i] != after[i]}
+    assert changed == {*(f"extraction/{d}-{a}-{s}" for d, a in prof.secrets for s in prof.strategies),
+                       "results/results"}
 
 
 def test_optional_secret_joins_only_when_its_data_is_present(tmp_path, monkeypatch):
@@ -329,9 +354,14 @@ def test_defenses_wait_only_for_the_attacks_they_use(tmp_path):
     d = tasks[f"defenses/{ds}-{arch}"]
     assert d.params["attacks"] == ["random", "kcenter", "dfal", "copycat"]
     assert d.params["prada_only"] == ["uncertainty"]
-    assert set(d.deps) == {f"secret/{ds}-{arch}", f"copycat/{ds}-{arch}",
-                           *(f"extraction/{ds}-{arch}-{s}" for s in ("random", "kcenter", "dfal", "uncertainty"))}
-    assert f"extraction/{ds}-{arch}-dfal+kcenter" in tasks  # run for the results chapter, not waited for
+    # the runs of the first seed that it reads back, not the chapter notebooks that narrate them
+    seed = prof.seeds[0]
+    assert d.params["seed"] == seed
+    assert set(d.deps) == {f"secret/{ds}-{arch}", f"runs/copycat-{ds}-{arch}-seed{seed}",
+                           *(f"runs/extraction-{ds}-{arch}-{s}-seed{seed}"
+                             for s in ("random", "kcenter", "dfal", "uncertainty"))}
+    assert all(x in tasks for x in d.deps)
+    assert f"runs/extraction-{ds}-{arch}-dfal+kcenter-seed{seed}" in tasks  # run for the pool study, not waited for
     # a profile without DFAL or uncertainty: the defenses chapter neither runs them nor waits for them
     no_dfal = prof.with_(strategies=("random", "kcenter"))
     d = next(t for t in pipeline.plan(no_dfal, tmp_path) if t.chapter == "defenses")
@@ -346,20 +376,23 @@ def test_critical_path_prefers_long_chains_and_learns_recorded_times(tmp_path):
     chain = pipeline.critical_path(tasks, run_dir)
     ds, arch = prof.secrets[0]
     tag = f"{ds}-{arch}"
-    # the secret heads everything; Copycat and DFAL (which defenses wait for) outrank DFAL+K-center
-    # (which only the pool study and the results chapter wait for), although that one alone takes longer
+    # the secret heads everything; the seed-0 runs of Copycat and DFAL (which defenses wait for)
+    # outrank DFAL+K-center's (which only the pool study and its chapter wait for), although that
+    # one alone takes longer, and seed 0 of an attack the defences use outranks its other seeds
     assert chain[f"secret/{tag}"] == max(chain.values())
-    assert chain[f"copycat/{tag}"] > chain[f"extraction/{tag}-dfal"] > chain[f"extraction/{tag}-dfal+kcenter"]
+    runs = f"runs/extraction-{tag}"
+    assert chain[f"runs/copycat-{tag}-seed0"] > chain[f"{runs}-dfal-seed0"] > chain[f"{runs}-dfal+kcenter-seed0"]
+    assert chain[f"{runs}-random-seed0"] > chain[f"{runs}-random-seed1"]
     assert chain["results/results"] == pipeline._COST_HINT["results"]
     # a recorded run time replaces the hint
-    t = next(t for t in tasks if t.id == f"extraction/{tag}-dfal+kcenter")
+    t = next(t for t in tasks if t.id == f"{runs}-dfal+kcenter-seed0")
     stamp = pipeline._stamp_path(run_dir, t)
     stamp.parent.mkdir(parents=True)
     stamp.write_text(json.dumps({"key": "k", "results_key": "r", "seconds": 5000.0}))
     chain = pipeline.critical_path(tasks, run_dir)
     assert chain[f"pools/{tag}"] == pipeline._COST_HINT["pools"] + chain["results/results"]
     assert chain[t.id] == 5000.0 + chain[f"pools/{tag}"]
-    assert chain[t.id] > chain[f"copycat/{tag}"]
+    assert chain[t.id] > chain[f"runs/copycat-{tag}-seed0"]
 
 
 @pytest.mark.timeout(600)  # one worker, four tiny notebook runs in a row (the failing one twice)

@@ -7,8 +7,9 @@ notebook per
 * dataset: ``01_eda``;
 * secret (dataset × architecture): ``02_secret``, ``03_extraction`` per strategy, ``05_copycat``
   (these two after their seeds' ``runs/`` tasks, whose finished results they read back and narrate);
-* secret: ``08_pools`` (the pool study: after the secret's extraction runs, whose best strategy it uses);
-* the profile's first secret: ``06_defenses`` and ``07_interactive``;
+* secret: ``08_pools`` (the pool study: after the secret's extraction runs/ tasks, whose best strategy it uses);
+* the profile's first secret: ``06_defenses`` (after the runs/ tasks of the attacks it uses, first seed) and
+  ``07_interactive``;
 * profile: ``04_results``, which gathers every run's result files (run last).
 
 Secrets come from the profile; with ``--with-optional``, ``optional_secrets`` join when their
@@ -180,20 +181,26 @@ def plan(profile: Profile, results, data_root=None, optional: bool = False) -> l
         tasks.append(Task(f"copycat/{tag}", NOTEBOOKS["copycat"],
                           {**common, **quiet, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)},
                           deps=[sec, *(t.id for t in seeds)]))
-        # The pool study reads the best strategy from this secret's extraction runs (stealnb.experiments.pools).
-        best_from = [f"extraction/{tag}-{s}" for s in prof.strategies] if BEST_STRATEGY in prof.pool_study.strategies else []
+        # The pool study reads the best strategy from the summaries of this secret's extraction
+        # runs, random excluded (stealnb.experiments.pools.best_strategy): it waits for those runs/
+        # tasks, not for the chapter notebooks, so it starts sooner and a change to notebook 03
+        # (a figure, say) does not change its results key and discard its results.
+        best_from = [f"runs/extraction-{tag}-{s}-seed{seed}" for s in prof.strategies if s != "random"
+                     for seed in prof.seeds] if BEST_STRATEGY in prof.pool_study.strategies else []
         tasks.append(Task(f"pools/{tag}", NOTEBOOKS["pools"], {**common, "dataset": ds, "arch": arch},
                           deps=[sec, *best_from], outputs={layout.pools_dir(results, prof.name, ds, arch): "pools"}))
     ds, arch = secrets[0]
     tag = f"{ds}-{arch}"
-    # The defenses notebook attacks the secret with the runs of the extraction and Copycat
-    # notebooks (seed 0): it runs after those it uses and reads their results back.
+    # The defenses notebook attacks the secret with the extraction and Copycat runs of the
+    # profile's first seed: it waits for those runs/ tasks (not for the chapter notebooks, which
+    # only narrate them) and reads their results back.
     attacks = [a for a in prof.defenses.attacks if a == "copycat" or a in prof.strategies]
     prada_only = [a for a in prof.defenses.prada_only if a in prof.strategies]
-    tasks.append(Task(f"defenses/{tag}", NOTEBOOKS["defenses"], {**common, "dataset": ds, "arch": arch,
+    seed = prof.seeds[0]
+    tasks.append(Task(f"defenses/{tag}", NOTEBOOKS["defenses"], {**common, "dataset": ds, "arch": arch, "seed": seed,
                                                                  "attacks": attacks, "prada_only": prada_only},
-                      deps=[f"secret/{tag}", *(f"copycat/{tag}" if a == "copycat" else f"extraction/{tag}-{a}"
-                                               for a in attacks + prada_only)],
+                      deps=[f"secret/{tag}", *(f"runs/copycat-{tag}-seed{seed}" if a == "copycat"
+                                               else f"runs/extraction-{tag}-{a}-seed{seed}" for a in attacks + prada_only)],
                       outputs={layout.defenses_dir(results, prof.name, ds, arch): "defenses"}))
     tasks.append(Task(f"interactive/{tag}", NOTEBOOKS["interactive"], {**common, **quiet, "dataset": ds, "arch": arch},
                       deps=[f"secret/{tag}"]))
@@ -416,7 +423,7 @@ def critical_path(tasks: list[Task], run_dir: Path) -> dict[str, float]:
     """For each task, the estimated seconds from its start to the end of the longest chain of
     tasks that wait for it (its own cost included). A task's cost is its last recorded run time
     (stamp), else a per-notebook hint. ``execute`` starts the ready task with the longest chain
-    first, so the long chains (secret -> Copycat -> defenses) never wait behind short tasks."""
+    first, so the long chains (secret -> Copycat seed 0 -> defenses) never wait behind short tasks."""
     def cost(t: Task) -> float:
         secs = _stamp(run_dir, t).get("seconds")
         if isinstance(secs, (int, float)):
