@@ -72,11 +72,13 @@ def main(argv=None) -> int:
                     help="run nothing: write the JSON from the stamps and logs under --work (a run still going, "
                          "or one that was stopped)")
     ap.add_argument("--note", default="", help="with --status: a remark stored in the JSON (why the run stopped)")
+    ap.add_argument("--machine-note", default="",
+                    help="how loaded the machine was while measured (stored as machine.note), e.g. 'idle'")
     args = ap.parse_args(argv)
     if args.status:
         if args.work is None:
             ap.error("--status needs --work")
-        return status(args.work, args.json, args.note)
+        return status(args.work, args.json, args.note, args.machine_note)
 
     from stealnb.report import pipeline
     from stealnb.core.profiles import get_profile
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
         "wall_seconds": wall, "notebook_seconds_sum": round(sum(n["seconds"] or 0 for n in notebooks.values()), 1),
         "failed_logs": rep.get("logs", {}),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "note": "shared with other jobs while measured"},
+                    "note": args.machine_note},
         "notebooks": notebooks,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     return 0 if out["all_ok"] else 1
 
 
-def status(work: Path, json_path: Path, note: str = "") -> int:
+def status(work: Path, json_path: Path, note: str = "", machine_note: str = "") -> int:
     """The JSON of a run under ``work`` that has not finished: per notebook, executed (its
     stamp holds a notebook key), failed (its log records a cell exception), started with no
     outcome (still running, or the run was stopped), or not started."""
@@ -157,8 +159,7 @@ def status(work: Path, json_path: Path, note: str = "") -> int:
         counts[n["state"]] = counts.get(n["state"], 0) + 1
     out = {"profile": prof.name, "partial": True, "note": note, "states": counts, "notebooks_total": len(notebooks),
            "notebooks_ok": sum(n["ok"] for n in notebooks.values()),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                       "note": "shared with other jobs while measured"},
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "note": machine_note},
            "notebooks": notebooks}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(out, indent=2) + "\n")
