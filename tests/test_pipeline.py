@@ -317,6 +317,15 @@ def test_paper_smoke_is_the_paper_grid_with_the_least_training(tmp_path):
     assert sum(not t.is_notebook for t in tasks) == 15 * (5 + 1) * len(paper.seeds)
 
 
+def test_only_paper_smoke_skips_the_checks_that_models_learnt():
+    # its fixture images are noise and it trains one epoch: the secrets' and the defences' models
+    # learn nothing there, so their notebooks skip those checks; every other profile keeps them
+    for name, prof in PROFILES.items():
+        learns = name != "paper-smoke"
+        assert prof.defenses.check_learnt == learns, name
+        assert (prof.secret_over_chance > 0) == learns, name
+
+
 @pytest.mark.timeout(600)  # three grids of two tiny notebooks
 def test_presentation_change_reruns_notebook_but_keeps_results(tiny, monkeypatch, scheduler):
     root, run_dir, out_a, tasks = tiny
