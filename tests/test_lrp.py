@@ -5,7 +5,7 @@ import pytest
 from keras import layers
 
 from stealnb.core import models
-from stealnb.core.lrp import heatmap_correlation, layer_rules, lrp
+from stealnb.core.lrp import heatmap_correlation, layer_rules, lrp, unsupported
 
 SHAPE = (8, 8, 3)
 
@@ -222,8 +222,16 @@ def test_non_chain_model_rejected():
     model = keras.Model(inp, layers.Dense(3)(layers.Flatten()(x)))
     with pytest.raises(NotImplementedError, match="skip_add"):
         lrp(model, np.zeros((1, *SHAPE), np.float32))
+    resnet = models.build("resnet50")
     with pytest.raises(NotImplementedError, match="'conv5_block3_add' .Add. takes 2 inputs"):
-        lrp(models.build("resnet50"), np.zeros((1, 32, 32, 3), np.float32))
+        lrp(resnet, np.zeros((1, 32, 32, 3), np.float32))
+    # notebook 05 asks first, and gets the same reason instead of a crash
+    assert "'conv5_block3_add' (Add) takes 2 inputs" in unsupported(resnet)
+    assert "skip_add" in unsupported(model)
+
+
+def test_a_layer_chain_is_supported():
+    assert unsupported(models.build("vgg16")) is None
 
 
 @pytest.mark.parametrize("bad", ["layer", "activation"])

@@ -102,6 +102,17 @@ def _steps(model):
     return steps
 
 
+def unsupported(model) -> str | None:
+    """Why :func:`lrp` cannot explain ``model`` (the message it would raise), or ``None`` when it can.
+    The paper grid's ResNet50/ResNet101 secrets are not layer chains (their skip connections
+    merge with Add), so notebook 05 asks this before drawing their heatmaps."""
+    try:
+        _steps(model)
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
 def layer_rules(model, rule: str = "composite") -> list[tuple[str, str]]:
     """``(layer name, rule)`` for every Dense/Conv2D layer of ``model`` (see :func:`lrp`)."""
     if rule not in RULES:
