@@ -40,7 +40,7 @@ import fixtures_formats as ff  # noqa: E402
 MNIST_TRAIN, MNIST_TEST = 300, 100
 CIFAR_PER_BATCH = 60  # 5 x 60 train, 60 test
 GTSRB_TRAIN = {c: 30 for c in range(12)}  # 12 classes: the loader keeps the 10 most frequent
-GTSRB_TRAIN.update({10: 8, 11: 6})
+GTSRB_TRAIN.update({0: 60, 10: 8, 11: 6})  # the EDA's track view needs two 30-frame tracks of the top class
 GTSRB_TEST = [c for c in range(12) for _ in range(8)]
 IMAGENET32_BATCHES = (400, 400)  # train_data_batch_1, _2: 800 images for the 600-image pool
 
