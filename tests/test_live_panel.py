@@ -205,10 +205,19 @@ async def _kernel_idle(base, token, timeout=600):
         await asyncio.sleep(1)
 
 
-def _saved_notebook(base, token) -> dict:
+def _saved_notebook(base, token, tries: int = 10) -> dict:
+    """The saved notebook's contents model. The test polls while JupyterLab saves; an answer other
+    than 200 (CI of 9296528: a model without "content" in the middle of a save) is asked again, up
+    to ``tries`` times a second apart, then fails with its status and body."""
     import httpx
 
-    return httpx.get(f"{base}/api/contents/{NOTEBOOK}", params={"token": token, "content": 1}, timeout=30).json()
+    for _ in range(tries):
+        r = httpx.get(f"{base}/api/contents/{NOTEBOOK}", params={"token": token, "content": 1}, timeout=30)
+        model = r.json() if r.status_code == 200 else {}
+        if model.get("content") is not None:
+            return model
+        time.sleep(1)
+    raise AssertionError(f"GET /api/contents/{NOTEBOOK}: {r.status_code} {r.text[:300]} ({tries} tries)")
 
 
 def _saved_widget_outputs(base, token) -> int:
