@@ -146,6 +146,14 @@ class Profile:
                     monitor=self.substitute_monitor, class_weight=self.substitute_class_weight,
                     augment=self.substitute_augment)
 
+    @property
+    def best_strategy_candidates(self) -> tuple[str, ...]:
+        """The strategies that :data:`BEST_STRATEGY` picks from
+        (:func:`stealnb.experiments.pools.best_strategy`): the profile's, random excluded, since
+        random is the baseline the active-learning strategies are measured against. The pipeline's
+        pool-study tasks wait for these strategies' runs (:func:`stealnb.report.pipeline.plan`)."""
+        return tuple(s for s in self.strategies if s != "random")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

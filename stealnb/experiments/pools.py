@@ -93,9 +93,7 @@ def best_strategy(prof: Profile, dataset: str, arch: str, results) -> tuple[str,
     Returns ``(strategy, reason)``."""
     top = str(prof.budgets[-1])
     scores = {}
-    for strat in prof.strategies:
-        if strat == "random":
-            continue
+    for strat in prof.best_strategy_candidates:
         vals = []
         for seed in prof.seeds:
             f = layout.extraction_dir(results, prof.name, dataset, arch, strat, seed) / "summary.json"

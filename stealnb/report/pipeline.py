@@ -138,6 +138,12 @@ def secrets_of(prof: Profile, data_root=None, optional: bool = True) -> list[tup
     return out
 
 
+def _run_id(run: str, tag: str, seed: int, strategy: str | None = None) -> str:
+    """The id of the ``runs/`` task of one seed: ``runs/extraction-<tag>-<strategy>-seed<N>`` or
+    ``runs/copycat-<tag>-seed<N>`` (``tag`` is ``<dataset>-<arch>``)."""
+    return f"runs/{run}-{tag}-{strategy}-seed{seed}" if run == "extraction" else f"runs/{run}-{tag}-seed{seed}"
+
+
 def plan(profile: Profile, results, data_root=None, optional: bool = False) -> list[Task]:
     """The ordered task list (dependencies before dependants) for ``profile``; ``optional``
     adds the profile's optional secrets whose data is present (demo: Fashion-MNIST)."""
@@ -163,8 +169,8 @@ def plan(profile: Profile, results, data_root=None, optional: bool = False) -> l
         for strat in prof.strategies:
             seeds = []
             for seed in prof.seeds:
-                seeds.append(Task(f"runs/extraction-{tag}-{strat}-seed{seed}", "", {**run_params, "strategy": strat,
-                                                                                  "seed": seed},
+                seeds.append(Task(_run_id("extraction", tag, seed, strat), "", {**run_params, "strategy": strat,
+                                                                                "seed": seed},
                                   deps=[sec], run="extraction",
                                   outputs={layout.extraction_dir(results, prof.name, ds, arch, strat, seed): "extraction"}))
             tasks += seeds
@@ -174,7 +180,7 @@ def plan(profile: Profile, results, data_root=None, optional: bool = False) -> l
                 deps=[sec, *(t.id for t in seeds)]))
         from ..extraction.copycat import VARIANTS
 
-        seeds = [Task(f"runs/copycat-{tag}-seed{seed}", "", {**run_params, "seed": seed}, deps=[sec], run="copycat",
+        seeds = [Task(_run_id("copycat", tag, seed), "", {**run_params, "seed": seed}, deps=[sec], run="copycat",
                       outputs={layout.copycat_dir(results, prof.name, ds, arch, v, seed): "copycat" for v in VARIANTS})
                  for seed in prof.seeds]
         tasks += seeds
@@ -182,10 +188,10 @@ def plan(profile: Profile, results, data_root=None, optional: bool = False) -> l
                           {**common, **quiet, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)},
                           deps=[sec, *(t.id for t in seeds)]))
         # The pool study reads the best strategy from the summaries of this secret's extraction
-        # runs, random excluded (stealnb.experiments.pools.best_strategy): it waits for those runs/
-        # tasks, not for the chapter notebooks, so it starts sooner and a change to notebook 03
-        # (a figure, say) does not change its results key and discard its results.
-        best_from = [f"runs/extraction-{tag}-{s}-seed{seed}" for s in prof.strategies if s != "random"
+        # runs (Profile.best_strategy_candidates, stealnb.experiments.pools.best_strategy): it waits
+        # for those runs/ tasks, not for the chapter notebooks, so it starts sooner and a change to
+        # notebook 03 (a figure, say) does not change its results key and discard its results.
+        best_from = [_run_id("extraction", tag, seed, s) for s in prof.best_strategy_candidates
                      for seed in prof.seeds] if BEST_STRATEGY in prof.pool_study.strategies else []
         tasks.append(Task(f"pools/{tag}", NOTEBOOKS["pools"], {**common, "dataset": ds, "arch": arch},
                           deps=[sec, *best_from], outputs={layout.pools_dir(results, prof.name, ds, arch): "pools"}))
@@ -199,8 +205,8 @@ def plan(profile: Profile, results, data_root=None, optional: bool = False) -> l
     seed = prof.seeds[0]
     tasks.append(Task(f"defenses/{tag}", NOTEBOOKS["defenses"], {**common, "dataset": ds, "arch": arch, "seed": seed,
                                                                  "attacks": attacks, "prada_only": prada_only},
-                      deps=[f"secret/{tag}", *(f"runs/copycat-{tag}-seed{seed}" if a == "copycat"
-                                               else f"runs/extraction-{tag}-{a}-seed{seed}" for a in attacks + prada_only)],
+                      deps=[f"secret/{tag}", *(_run_id("copycat", tag, seed) if a == "copycat"
+                                               else _run_id("extraction", tag, seed, a) for a in attacks + prada_only)],
                       outputs={layout.defenses_dir(results, prof.name, ds, arch): "defenses"}))
     tasks.append(Task(f"interactive/{tag}", NOTEBOOKS["interactive"], {**common, **quiet, "dataset": ds, "arch": arch},
                       deps=[f"secret/{tag}"]))
