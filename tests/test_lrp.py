@@ -212,6 +212,7 @@ def test_unfoldable_batchnorm_rejected(where):
     model = keras.Model(inp, layers.Dense(3)(layers.Flatten()(x)))
     with pytest.raises(NotImplementedError, match="bad_bn.*cannot be folded"):
         lrp(model, np.zeros((1, *SHAPE), np.float32))
+    assert "cannot be folded" in unsupported(model)  # the same checks, without copying the weights
 
 
 def test_non_chain_model_rejected():
@@ -244,6 +245,7 @@ def test_unsupported_layers_rejected(bad):
         out, match = layers.Dense(3, activation="softmax", name="probs")(layers.Flatten()(inp)), "softmax"
     with pytest.raises(NotImplementedError, match=match):
         lrp(keras.Model(inp, out), np.zeros((1, *SHAPE), np.float32))
+    assert match in unsupported(keras.Model(inp, out))
 
 
 def test_heatmap_correlation(rng):

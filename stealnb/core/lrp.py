@@ -61,16 +61,19 @@ def _activation_name(layer) -> str:
     return name
 
 
-def _steps(model):
-    """Translate the chain into propagation steps ``(kind, layer, params)``; BN folded into Dense/Conv2D."""
+def _steps(model, weights: bool = True):
+    """Translate the chain into propagation steps ``(kind, layer, params)``; BN folded into Dense/Conv2D.
+    ``weights=False`` makes the same checks without copying a weight (:func:`unsupported`)."""
     steps = []
     for layer in _chain(model):
         if type(layer) in (L.Dense, L.Conv2D):  # exact types: subclasses may compute something else
             if isinstance(layer, L.Conv2D) and (layer.data_format != "channels_last" or layer.groups != 1):
                 raise NotImplementedError(f"lrp: Conv2D {layer.name!r} must be channels_last with groups=1")
-            w = np.asarray(layer.kernel, np.float32)
-            b = np.asarray(layer.bias, np.float32) if layer.use_bias else np.zeros(w.shape[-1], np.float32)
-            steps.append(["linear", layer, {"w": w, "b": b, "act": _activation_name(layer)}])
+            steps.append(["linear", layer, {"act": _activation_name(layer)}])
+            if weights:
+                w = np.asarray(layer.kernel, np.float32)
+                b = np.asarray(layer.bias, np.float32) if layer.use_bias else np.zeros(w.shape[-1], np.float32)
+                steps[-1][2].update(w=w, b=b)
         elif isinstance(layer, L.BatchNormalization):
             prev = steps[-1] if steps else None
             axis = layer.axis if isinstance(layer.axis, int) else -1
@@ -80,6 +83,8 @@ def _steps(model):
                     f"lrp: BatchNormalization {layer.name!r} cannot be folded: it must directly follow a "
                     "Dense/Conv2D layer without activation and normalise the last (channel) axis"
                 )
+            if not weights:
+                continue
             var, mean = np.asarray(layer.moving_variance, np.float64), np.asarray(layer.moving_mean, np.float64)
             g = np.asarray(layer.gamma, np.float64) if layer.scale else np.ones_like(var)
             beta = np.asarray(layer.beta, np.float64) if layer.center else np.zeros_like(var)
@@ -107,7 +112,7 @@ def unsupported(model) -> str | None:
     The paper grid's ResNet50/ResNet101 secrets are not layer chains (their skip connections
     merge with Add), so notebook 05 asks this before drawing their heatmaps."""
     try:
-        _steps(model)
+        _steps(model, weights=False)
     except NotImplementedError as e:
         return str(e)
     return None
