@@ -33,6 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from _provenance import code_version  # noqa: E402
 from stealnb.core import layout  # noqa: E402
 from stealnb.core.profiles import PROFILES, get_profile  # noqa: E402
 from stealnb.report import pipeline  # noqa: E402
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
                   f"{res['ran']} ran, {len(res['failed'])} failed", flush=True)
     summary = {e: {"wall_s": [x["wall_s"] for x in runs if x["engine"] == e],
                    "task_seconds_sum": [x["task_seconds_sum"] for x in runs if x["engine"] == e]} for e in ENGINES}
-    result = {"profile": args.profile, "jobs": args.jobs, "only": args.only, "repeats": args.repeats,
+    result = {"code": code_version(), "profile": args.profile, "jobs": args.jobs, "only": args.only, "repeats": args.repeats,
               "runs": runs, "summary": summary,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "note": args.machine_note},

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the official-format writers the loader tests use
 
 import fixtures_formats as ff  # noqa: E402
+from _provenance import code_version  # noqa: E402
 
 # Fixture sizes: enough images for 2-fold CV, a 600-image pool, Copycat's 20 PDD images and the
 # defenses' benign clients; small enough that the 15 secrets train in seconds each.
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     from stealnb.report import pipeline
     from stealnb.core.profiles import get_profile
 
+    code = code_version()  # before the run: the checkout may move while it goes
     work = args.work or Path(tempfile.mkdtemp(prefix="stealnb-paper-smoke-"))
     data_root, results = work / "data", work / "results"
     if not data_root.exists():
@@ -105,6 +107,7 @@ def main(argv=None) -> int:
         notebooks[t.id] = {"ok": state in ("executed", "skipped (unchanged)"), "state": state,
                            "seconds": rep["seconds"].get(t.id)}
     out = {
+        "code": code,
         "profile": "paper-smoke",
         "what": "every notebook of the paper grid (real architectures and loaders) on official-format fixture files",
         "secrets": [list(s) for s in prof.secrets], "strategies": list(prof.strategies),
@@ -157,7 +160,7 @@ def status(work: Path, json_path: Path, note: str = "", machine_note: str = "") 
     counts = {}
     for n in notebooks.values():
         counts[n["state"]] = counts.get(n["state"], 0) + 1
-    out = {"profile": prof.name, "partial": True, "note": note, "states": counts, "notebooks_total": len(notebooks),
+    out = {"code": code_version(), "profile": prof.name, "partial": True, "note": note, "states": counts, "notebooks_total": len(notebooks),
            "notebooks_ok": sum(n["ok"] for n in notebooks.values()),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "note": machine_note},
            "notebooks": notebooks}

@@ -38,6 +38,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from _provenance import code_version
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
@@ -193,15 +195,6 @@ def disk_full(model_path: Path, tmp: Path) -> dict:
     return {"steps": steps, "samples_answered": answered, "spent_after_restart": after_restart}
 
 
-def _code_version() -> dict:
-    import stealnb
-
-    root = Path(stealnb.__file__).resolve().parent.parent
-    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return {"path": str(root), "commit": git("rev-parse", "--short", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
 def _tables(results: dict) -> str:
     rows = ["| code | phase | other keys' requests | success rate | answered/s | p50 ms | p99 ms | other keys got | "
             "staller got |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
@@ -240,7 +233,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-faults-"))
     model_path = tmp / "model.keras"
     models.build("cnn-small", seed=0).save(model_path)
-    res = {"code": _code_version(), "stall": stall(model_path, tmp, args.baseline, args.stall, args.stall_connections),
+    res = {"code": code_version(), "stall": stall(model_path, tmp, args.baseline, args.stall, args.stall_connections),
            "disk_full": disk_full(model_path, tmp),
            "setup": {"model": "cnn-small (seeded, untrained)", "other_keys": len(OTHERS), "batch": 1, "encoding": "b64",
                      "server": "stealnb serve defaults (fsync per request)",
