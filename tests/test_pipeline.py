@@ -8,7 +8,10 @@ import nbformat
 import pytest
 
 from helpers import tiny_notebook
-from stealnb.core import layout
+from stealnb.core import data, layout, train
+from stealnb.core._checks import UsageError
+from stealnb.experiments import pools
+from stealnb.extraction import loop
 from stealnb.report import cluster, pipeline
 from stealnb.core.profiles import PROFILES
 
@@ -85,30 +88,61 @@ def test_the_pool_study_runs_after_the_extraction_runs_whose_best_strategy_it_re
     prof = PROFILES["ci"]
     tasks = {t.id: t for t in pipeline.plan(prof, tmp_path)}
     ds, arch = prof.secrets[0]
-    t = tasks[f"pools/{ds}-{arch}"]
-    assert t.notebook == "08_pools.ipynb" and t.params["dataset"] == ds
+    specs = pools.pool_specs(prof, ds)[0]
+    runs = [tasks[f"runs/pool-{ds}-{arch}-{spec}"] for spec in specs]
     # every seed of every strategy best_strategy compares (random is never "best"); not the notebooks
-    assert set(t.deps) == {f"secret/{ds}-{arch}", *(f"runs/extraction-{ds}-{arch}-{s}-seed{seed}"
-                                                    for s in prof.strategies if s != "random" for seed in prof.seeds)}
-    assert all(d in tasks for d in t.deps)
-    assert t.outputs == {layout.pools_dir(tmp_path.resolve(), "ci", ds, arch): "pools"}
+    best_from = {f"runs/extraction-{ds}-{arch}-{s}-seed{seed}" for s in prof.strategies if s != "random"
+                 for seed in prof.seeds}
+    for t, spec in zip(runs, specs):
+        assert t.run == "pool" and t.params["pool"] == spec and set(t.deps) == {f"secret/{ds}-{arch}", *best_from}
+        assert t.outputs == {layout.pool_spec_dir(tmp_path.resolve(), "ci", ds, arch, spec): "pool strategies"}
+        assert all(d in tasks for d in t.deps)
+    # the chapter reads back what its pools' tasks trained, and owns no folder
+    t = tasks[f"pools/{ds}-{arch}"]
+    assert t.notebook == "08_pools.ipynb" and t.params["dataset"] == ds and t.outputs == {}
+    assert t.deps == [f"secret/{ds}-{arch}", *(r.id for r in runs)]
     named = prof.with_(pool_study=replace(prof.pool_study, strategies=("random", "kcenter")))
     named_tasks = {t.id: t for t in pipeline.plan(named, tmp_path)}
-    assert named_tasks[f"pools/{ds}-{arch}"].deps == [f"secret/{ds}-{arch}"]  # no "best": nothing to wait for
+    assert named_tasks[runs[0].id].deps == [f"secret/{ds}-{arch}"]  # no "best": nothing to wait for
 
 
-def test_installing_a_dataset_reruns_the_pool_chapter_and_nothing_else(tmp_path, monkeypatch):
+@pytest.mark.timeout(600)
+def test_each_pool_task_trains_its_runs_and_the_chapter_reads_them_back_paying_nothing(secret_dir, tmp_path,
+                                                                                      monkeypatch):
+    """What a runs/pool task calls trains; the notebook's run_pools afterwards pays and trains nothing."""
+    prof = PROFILES["ci"].with_(seed_size=40, val_size=20, substitute_epochs=2, patience=None,
+                                pool_study=replace(PROFILES["ci"].pool_study, pools=("natural-patches+gray", "uniform-noise"),
+                                                   cross_domain=(), budgets=(60,), seeds=(0,), round_size=30,
+                                                   pool_size=300, strategies=("random",)))
+    shutil.copytree(secret_dir, layout.secret_dir(tmp_path, prof.name, "digits", "cnn-tiny"))
+    for spec in prof.pool_study.pools:
+        pools.run_pool(prof, "digits", "cnn-tiny", spec, results=tmp_path)
+    ledgers = {p: p.read_bytes() for p in tmp_path.rglob("ledger.bin")}
+    assert len(ledgers) == 2 and all(ledgers.values())
+    fits = []
+    monkeypatch.setattr(loop, "fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    real_fit = train.fit
+    cmp = pools.run_pools(prof, secrets=[("digits", "cnn-tiny")], results=tmp_path)
+    assert fits == [] and {p: p.read_bytes() for p in tmp_path.rglob("ledger.bin")} == ledgers
+    assert (cmp.runs.oracle_spent == 60).all() and len(cmp.runs) == 2
+    with pytest.raises(UsageError, match="not a pool of the study"):
+        pools.run_pool(prof, "digits", "cnn-tiny", "dead-leaves", results=tmp_path)
+
+
+def test_installing_a_dataset_adds_a_pool_task_and_reruns_the_pool_chapter_and_nothing_else(tmp_path, monkeypatch):
     # the pool chapter tries every installed cross-domain dataset (stealnb.experiments.pools.pool_specs)
     prof = PROFILES["demo"]
     keys = {}
     for installed in (set(), {"fashion-mnist"}):
-        monkeypatch.setattr(pipeline, "_present_datasets", lambda root, s=installed: s)
+        monkeypatch.setattr(data, "list_local", lambda root=None, s=installed: [{"name": n, "present": True} for n in s])
         tasks = pipeline.plan(prof, tmp_path, optional=False)
         pipeline.assign_keys(tasks, prof, layout.project_root() / "notebooks")
         keys[frozenset(installed)] = {t.id: t.results_key for t in tasks}
     before, after = keys.values()
+    ds, arch = prof.secrets[0]
+    assert set(after) - set(before) == {f"runs/pool-{ds}-{arch}-fashion-mnist"}
     changed = {i for i in before if before[i] != after[i]}
-    assert changed and all(i.startswith(("pools/", "results/")) for i in changed), changed
+    assert changed == {f"pools/{ds}-{arch}", "results/results"}, changed
 
 
 def test_editing_the_extraction_chapter_keeps_the_results_of_the_chapters_that_read_its_runs(tmp_path):
@@ -309,12 +343,15 @@ def test_paper_smoke_is_the_paper_grid_with_the_least_training(tmp_path):
     assert smoke.budgets[-1] < smoke.pool_size < paper.pool_size
     ids = lambda prof: [t.id for t in pipeline.plan(prof, tmp_path)]  # noqa: E731
     # every notebook of the paper grid: 3 EDA, per secret (15) one secret, 5 extraction, Copycat and
-    # pool notebooks (8 x 15 = 120), the defences, the interactive panel and the results; and per
-    # secret and seed one runs/ task for each strategy and one for Copycat
+    # pool notebooks (8 x 15 = 120), the defences, the interactive panel and the results; per
+    # secret and seed one runs/ task for each strategy and one for Copycat; per secret one runs/
+    # task for each pool of its study
     assert ids(smoke) == ids(paper)
     tasks = pipeline.plan(paper, tmp_path)
     assert sum(t.is_notebook for t in tasks) == 3 + 8 * 15 + 3
-    assert sum(not t.is_notebook for t in tasks) == 15 * (5 + 1) * len(paper.seeds)
+    n_pools = sum(len(pools.pool_specs(paper, ds)[0]) for ds, _ in paper.secrets)
+    assert n_pools >= 15 * len(paper.pool_study.pools)
+    assert sum(not t.is_notebook for t in tasks) == 15 * (5 + 1) * len(paper.seeds) + n_pools
 
 
 def test_only_paper_smoke_skips_the_checks_that_models_learnt():
@@ -399,8 +436,9 @@ def test_critical_path_prefers_long_chains_and_learns_recorded_times(tmp_path):
     stamp.parent.mkdir(parents=True)
     stamp.write_text(json.dumps({"key": "k", "results_key": "r", "seconds": 5000.0}))
     chain = pipeline.critical_path(tasks, run_dir)
-    assert chain[f"pools/{tag}"] == pipeline._COST_HINT["pools"] + chain["results/results"]
-    assert chain[t.id] == 5000.0 + chain[f"pools/{tag}"]
+    assert chain[f"pools/{tag}"] == pipeline._READ_BACK_HINT["pools"] + chain["results/results"]
+    assert chain[f"runs/pool-{tag}-uniform-noise"] == pipeline._POOL_RUN_HINT + chain[f"pools/{tag}"]
+    assert chain[t.id] == 5000.0 + chain[f"runs/pool-{tag}-uniform-noise"]
     assert chain[t.id] > chain[f"runs/copycat-{tag}-seed0"]
 
 

@@ -85,8 +85,8 @@ RUN_FILES: dict[str, dict] = {
     "extraction seeds": {"seed*": "extraction"},
     "copycat variants": {"*": "copycat seeds"},
     "copycat seeds": {"seed*": "copycat"},
-    # The pool chapter (stealnb.experiments.pools): one extraction per pool, strategy and seed.
-    "pools": {"*": "pool strategies"},
+    # The pool chapter (stealnb.experiments.pools): one extraction per pool, strategy and seed; a
+    # runs/pool task owns one pool's folder.
     "pool strategies": {"*": "extraction seeds"},
     "defenses": {**_files("prada.json", "admis.json", "ewe.json"), "server-logs": "server logs"},
     "server logs": {"keys": "server key logs"},
@@ -129,9 +129,15 @@ def pools_dir(results, profile: str, dataset: str, arch: str) -> Path:
     return profile_dir(results, profile) / "pools" / f"{_safe(dataset)}-{_safe(arch)}"
 
 
+def pool_spec_dir(results, profile: str, dataset: str, arch: str, pool: str) -> Path:
+    """The pool chapter's runs on one pool (a ``pool strategies`` folder); ``pool`` is a pool spec
+    (``natural-patches+gray``)."""
+    return pools_dir(results, profile, dataset, arch) / _safe(pool)
+
+
 def pool_run_dir(results, profile: str, dataset: str, arch: str, pool: str, strategy: str, seed: int) -> Path:
     """One run of the pool chapter; ``pool`` is a pool spec (``natural-patches+gray``)."""
-    return pools_dir(results, profile, dataset, arch) / _safe(pool) / _safe(strategy) / f"seed{int(seed)}"
+    return pool_spec_dir(results, profile, dataset, arch, pool) / _safe(strategy) / f"seed{int(seed)}"
 
 
 def checkpointed(out, kind: str) -> bool:

@@ -16,7 +16,8 @@ labels on the whole pool and its entropy (:func:`stealnb.core.metrics.label_entr
 analysis with the secret in hand (no query is charged); the attacker sees only the labels it pays for.
 
 Runs go to :func:`stealnb.core.layout.pool_run_dir` and resume like any extraction (a finished run is
-read back, nothing is paid twice).
+read back, nothing is paid twice). ``stealnb run`` trains each pool's runs in a task of its own
+(:func:`run_pool`) and the chapter's notebook reads them back with :func:`run_pools`.
 """
 from __future__ import annotations
 
@@ -213,6 +214,63 @@ def best_pool_table(agreement):
     return pd.DataFrame(rows, columns=cols)
 
 
+def _check_runs(prof, ds, spec, strategies) -> None:
+    """Raise the error :func:`stealnb.extraction.loop.configure` would raise for a run of the study on ``spec``."""
+    name, transform = parse_pool_spec(spec)
+    for st in strategies:
+        loop.configure(prof.with_(pool=name, pool_transform=transform, pool_size=None), st["strategy"],
+                       dataset=ds, budgets=prof.pool_study.budgets, round_size=prof.pool_study.round_size)
+
+
+def _pool_runs(prof, ds, arch, spec, pool, strategies, *, results, data_root, secret_dir, progress):
+    """Run (or read back) each of ``strategies`` over the study's seeds on the built ``pool`` (spec
+    ``spec``); returns the rows of :attr:`PoolComparison.runs` and :attr:`PoolComparison.per_run`."""
+    study = prof.pool_study
+    name, transform = parse_pool_spec(spec)
+    p = prof.with_(pool=name, pool_transform=transform, pool_size=len(pool))
+    runs, run_rows = [], []
+    for st in strategies:
+        for seed in study.seeds:
+            out = layout.pool_run_dir(results, prof.name, ds, arch, spec, st["strategy"], seed)
+            ex = loop.run_extraction(ds, arch, st["strategy"], p, seed=seed, results=results, out=out,
+                                     data_root=data_root, resume=True, progress=progress,
+                                     secret_dir=secret_dir, thief_pool=pool,
+                                     budgets=study.budgets, round_size=study.round_size)
+            s = ex.summary()
+            runs.append({"dataset": ds, "arch": arch, "pool": spec, "strategy": st["strategy"], "seed": seed,
+                         "path": str(out), "seconds": s["seconds"], "oracle_spent": s["oracle_spent"]})
+            for b, r in s["budgets"].items():
+                run_rows.append({"dataset": ds, "arch": arch, "pool": spec, "strategy": st["strategy"],
+                                 "seed": seed, "budget": int(b), "agreement": r["agreement"],
+                                 "accuracy": r["accuracy"], "top_class_share": r["top_class_share"]})
+    return runs, run_rows
+
+
+def run_pool(profile: Profile, dataset: str, arch: str, spec: str, *, results="results", data_root=None,
+             secret_dir=None, progress: bool = False) -> list[dict]:
+    """Run (or resume) the study's runs on one pool ``spec`` (one of :func:`pool_specs`) for the
+    ``dataset``/``arch`` secret: each strategy of :func:`study_strategies` over the study's seeds,
+    into :func:`stealnb.core.layout.pool_spec_dir`. :func:`run_pools` then reads them back.
+
+    This is one ``runs/pool-<secret>-<spec>`` task of ``stealnb run``
+    (:func:`stealnb.report.pipeline.plan`), in a process of its own: Keras keeps about 200 MB of
+    every model trained and dropped in a process (``benchmarks/bench_fit_memory.py``), and one
+    kernel training the whole study of a VGG16 secret grew to 9.6 GB in the paper smoke run.
+    A pool smaller than the study's largest budget runs nothing (:func:`run_pools` reports it).
+    Returns the rows of :attr:`PoolComparison.runs`."""
+    prof = check_profile(profile)
+    specs, _ = pool_specs(prof, dataset, data_root)
+    if spec not in specs:
+        raise UsageError(f"pool {spec!r}: not a pool of the study for a {dataset} secret ({', '.join(specs)})")
+    strategies = study_strategies(prof, dataset, arch, results)
+    _check_runs(prof, dataset, spec, strategies)  # argument errors first, before the pool is built
+    pool = load_study_pool(spec, prof, data_root)
+    if len(pool) < prof.pool_study.budgets[-1]:
+        return []
+    return _pool_runs(prof, dataset, arch, spec, pool, strategies, results=results, data_root=data_root,
+                      secret_dir=secret_dir, progress=progress)[0]
+
+
 def run_pools(profile: Profile, *, secrets=None, results="results", data_root=None,
               secret_dir=None, progress: bool = False) -> PoolComparison:
     """Run (or read back) the pool study of ``profile`` (its :class:`~stealnb.core.profiles.PoolStudy`)
@@ -235,10 +293,7 @@ def run_pools(profile: Profile, *, secrets=None, results="results", data_root=No
         specs, skipped = pool_specs(prof, ds, data_root)
         strategies = study_strategies(prof, ds, arch, results)
         for spec in specs:
-            name, transform = parse_pool_spec(spec)
-            for st in strategies:
-                loop.configure(prof.with_(pool=name, pool_transform=transform, pool_size=None), st["strategy"],
-                                     dataset=ds, budgets=study.budgets, round_size=study.round_size)
+            _check_runs(prof, ds, spec, strategies)
         plans.append((ds, arch, specs, skipped, strategies))
 
     run_rows, label_rows, entropy_rows, strat_rows, runs, skip_rows = [], [], [], [], [], []
@@ -266,22 +321,10 @@ def run_pools(profile: Profile, *, secrets=None, results="results", data_root=No
                                  "max_bits": float(np.log2(num_classes)), "top_class": names[int(counts.argmax())],
                                  "top_share": counts.max() / len(y), "classes_drawn": int((counts > 0).sum()),
                                  "sources": len(pool.info.get("sources", [])) or None})
-            name, transform = parse_pool_spec(spec)
-            p = prof.with_(pool=name, pool_transform=transform, pool_size=len(pool))
-            for st in strategies:
-                for seed in study.seeds:
-                    out = layout.pool_run_dir(results, prof.name, ds, arch, spec, st["strategy"], seed)
-                    ex = loop.run_extraction(ds, arch, st["strategy"], p, seed=seed, results=results, out=out,
-                                                   data_root=data_root, resume=True, progress=progress,
-                                                   secret_dir=secret_dir, thief_pool=pool,
-                                                   budgets=study.budgets, round_size=study.round_size)
-                    s = ex.summary()
-                    runs.append({"dataset": ds, "arch": arch, "pool": spec, "strategy": st["strategy"], "seed": seed,
-                                 "path": str(out), "seconds": s["seconds"], "oracle_spent": s["oracle_spent"]})
-                    for b, r in s["budgets"].items():
-                        run_rows.append({"dataset": ds, "arch": arch, "pool": spec, "strategy": st["strategy"],
-                                         "seed": seed, "budget": int(b), "agreement": r["agreement"],
-                                         "accuracy": r["accuracy"], "top_class_share": r["top_class_share"]})
+            spec_runs, spec_rows = _pool_runs(prof, ds, arch, spec, pool, strategies, results=results,
+                                              data_root=data_root, secret_dir=secret_dir, progress=progress)
+            runs += spec_runs
+            run_rows += spec_rows
             del pool
     return PoolComparison(
         agreement=agreement_table(run_rows, study.baseline),

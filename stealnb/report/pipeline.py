@@ -1,13 +1,14 @@
 """``stealnb run``: execute the notebook grid of a profile with papermill, then build the book.
 
-The grid (:func:`plan`) has one task per extraction seed and per Copycat seed (a ``runs/...``
-task: :data:`RUNNERS`, no notebook; on a cluster the seeds run in parallel), and one executed
-notebook per
+The grid (:func:`plan`) has one task per extraction seed, per Copycat seed and per pool of the
+pool study (a ``runs/...`` task: :data:`RUNNERS`, no notebook, a process of its own; on a cluster
+they run in parallel), and one executed notebook per
 
 * dataset: ``01_eda``;
 * secret (dataset × architecture): ``02_secret``, ``03_extraction`` per strategy, ``05_copycat``
   (these two after their seeds' ``runs/`` tasks, whose finished results they read back and narrate);
-* secret: ``08_pools`` (the pool study: after the secret's extraction runs/ tasks, whose best strategy it uses);
+* secret: ``08_pools`` (the pool study: after its pools' runs/ tasks, which run after the secret's
+  extraction runs/ tasks, whose best strategy they use);
 * the profile's first secret: ``06_defenses`` (after the runs/ tasks of the attacks it uses, first seed) and
   ``07_interactive``;
 * profile: ``04_results``, which gathers every run's result files (run last).
@@ -76,10 +77,12 @@ BOOK_GENERATED = Path("book") / "generated"
 # Rough wall seconds per notebook on the demo profile (book/reproduce.md, Timings), used only to order the
 # tasks that are ready to start when no earlier run's time is recorded (see ``critical_path``).
 _COST_HINT = {"eda": 40, "secret": 60, "extraction": 700, "copycat": 1840, "defenses": 1340,
-              "interactive": 60, "results": 15, "pools": 1100}
+              "interactive": 60, "results": 15}
+# One pool's runs (a ``runs/pool-...`` task): the demo's pool chapter (1,100 s) over its 5 pools.
+_POOL_RUN_HINT = 200
 # Of an extraction (Copycat) notebook's hint, the part left to the notebook once its seeds' runs/
 # tasks have run: reading the runs back, the figures (Copycat: t-SNE and LRP too).
-_READ_BACK_HINT = {"extraction": 30, "copycat": 120}
+_READ_BACK_HINT = {"extraction": 30, "copycat": 120, "pools": 60}
 _STRATEGY_COST_HINT = {"random": 600, "uncertainty": 710, "kcenter": 570, "dfal": 800, "dfal+kcenter": 910}
 
 
@@ -138,15 +141,19 @@ def secrets_of(prof: Profile, data_root=None, optional: bool = True) -> list[tup
     return out
 
 
-def _run_id(run: str, tag: str, seed: int, strategy: str | None = None) -> str:
-    """The id of the ``runs/`` task of one seed: ``runs/extraction-<tag>-<strategy>-seed<N>`` or
-    ``runs/copycat-<tag>-seed<N>`` (``tag`` is ``<dataset>-<arch>``)."""
-    return f"runs/{run}-{tag}-{strategy}-seed{seed}" if run == "extraction" else f"runs/{run}-{tag}-seed{seed}"
+def _run_id(run: str, tag: str, *, seed: int | None = None, strategy: str | None = None,
+            pool: str | None = None) -> str:
+    """The id of a ``runs/`` task: ``runs/extraction-<tag>-<strategy>-seed<N>``,
+    ``runs/copycat-<tag>-seed<N>`` or ``runs/pool-<tag>-<pool spec>`` (``tag`` is ``<dataset>-<arch>``)."""
+    parts = {"extraction": [strategy, f"seed{seed}"], "copycat": [f"seed{seed}"], "pool": [pool]}[run]
+    return "-".join([f"runs/{run}", tag, *parts])
 
 
 def plan(profile: Profile, results, data_root=None, optional: bool = False) -> list[Task]:
     """The ordered task list (dependencies before dependants) for ``profile``; ``optional``
     adds the profile's optional secrets whose data is present (demo: Fashion-MNIST)."""
+    from ..experiments import pools as pool_study
+
     prof = check_profile(profile)
     results = Path(results).resolve()
     common = {"profile": prof.name, "results_dir": str(results),
@@ -169,8 +176,8 @@ def plan(profile: Profile, results, data_root=None, optional: bool = False) -> l
         for strat in prof.strategies:
             seeds = []
             for seed in prof.seeds:
-                seeds.append(Task(_run_id("extraction", tag, seed, strat), "", {**run_params, "strategy": strat,
-                                                                                "seed": seed},
+                seeds.append(Task(_run_id("extraction", tag, seed=seed, strategy=strat), "",
+                                  {**run_params, "strategy": strat, "seed": seed},
                                   deps=[sec], run="extraction",
                                   outputs={layout.extraction_dir(results, prof.name, ds, arch, strat, seed): "extraction"}))
             tasks += seeds
@@ -180,21 +187,28 @@ def plan(profile: Profile, results, data_root=None, optional: bool = False) -> l
                 deps=[sec, *(t.id for t in seeds)]))
         from ..extraction.copycat import VARIANTS
 
-        seeds = [Task(_run_id("copycat", tag, seed), "", {**run_params, "seed": seed}, deps=[sec], run="copycat",
+        seeds = [Task(_run_id("copycat", tag, seed=seed), "", {**run_params, "seed": seed}, deps=[sec], run="copycat",
                       outputs={layout.copycat_dir(results, prof.name, ds, arch, v, seed): "copycat" for v in VARIANTS})
                  for seed in prof.seeds]
         tasks += seeds
         tasks.append(Task(f"copycat/{tag}", NOTEBOOKS["copycat"],
                           {**common, **quiet, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)},
                           deps=[sec, *(t.id for t in seeds)]))
-        # The pool study reads the best strategy from the summaries of this secret's extraction
-        # runs (Profile.best_strategy_candidates, stealnb.experiments.pools.best_strategy): it waits
-        # for those runs/ tasks, not for the chapter notebooks, so it starts sooner and a change to
-        # notebook 03 (a figure, say) does not change its results key and discard its results.
-        best_from = [_run_id("extraction", tag, seed, s) for s in prof.best_strategy_candidates
+        # The pool study: one runs/ task per pool trains its runs (in a process of its own: Keras
+        # keeps ~200 MB of every model trained in a process, benchmarks/bench_fit_memory.py), and
+        # the chapter's notebook reads them back. The runs use the best strategy of this secret's
+        # extraction runs (Profile.best_strategy_candidates, stealnb.experiments.pools.best_strategy):
+        # they wait for those runs/ tasks, not for the chapter notebooks, so they start sooner and a
+        # change to notebook 03 (a figure, say) does not change their results key and discard them.
+        best_from = [_run_id("extraction", tag, seed=seed, strategy=s) for s in prof.best_strategy_candidates
                      for seed in prof.seeds] if BEST_STRATEGY in prof.pool_study.strategies else []
+        specs = pool_study.pool_specs(prof, ds, data_root)[0]  # the pools installed (a bad study: an error here)
+        pool_runs = [Task(_run_id("pool", tag, pool=spec), "", {**run_params, "pool": spec}, deps=[sec, *best_from],
+                          run="pool", outputs={layout.pool_spec_dir(results, prof.name, ds, arch, spec): "pool strategies"})
+                     for spec in specs]
+        tasks += pool_runs
         tasks.append(Task(f"pools/{tag}", NOTEBOOKS["pools"], {**common, "dataset": ds, "arch": arch},
-                          deps=[sec, *best_from], outputs={layout.pools_dir(results, prof.name, ds, arch): "pools"}))
+                          deps=[sec, *(t.id for t in pool_runs)]))
     ds, arch = secrets[0]
     tag = f"{ds}-{arch}"
     # The defenses notebook attacks the secret with the extraction and Copycat runs of the
@@ -205,8 +219,9 @@ def plan(profile: Profile, results, data_root=None, optional: bool = False) -> l
     seed = prof.seeds[0]
     tasks.append(Task(f"defenses/{tag}", NOTEBOOKS["defenses"], {**common, "dataset": ds, "arch": arch, "seed": seed,
                                                                  "attacks": attacks, "prada_only": prada_only},
-                      deps=[f"secret/{tag}", *(_run_id("copycat", tag, seed) if a == "copycat"
-                                               else _run_id("extraction", tag, seed, a) for a in attacks + prada_only)],
+                      deps=[f"secret/{tag}", *(_run_id("copycat", tag, seed=seed) if a == "copycat"
+                                               else _run_id("extraction", tag, seed=seed, strategy=a)
+                                               for a in attacks + prada_only)],
                       outputs={layout.defenses_dir(results, prof.name, ds, arch): "defenses"}))
     tasks.append(Task(f"interactive/{tag}", NOTEBOOKS["interactive"], {**common, **quiet, "dataset": ds, "arch": arch},
                       deps=[f"secret/{tag}"]))
@@ -268,16 +283,11 @@ def assign_keys(tasks: list[Task], prof: Profile, notebooks_dir: Path) -> None:
 
     compute, present = package_hash(False), package_hash(True)
     photos = data.wallpapers_present()[0]
-    by_id, installed = {}, {}
+    by_id = {}
     for t in tasks:
-        extra = {}
-        if t.chapter == "pools":  # its cross-domain pools are the datasets installed (stealnb.experiments.pools.pool_specs)
-            root = t.params.get("data_root")
-            if root not in installed:
-                installed[root] = sorted(_present_datasets(root))
-            extra["datasets"] = installed[root]
+        # (The pool chapter's pools are the datasets installed: plan() gives it one runs/ task
+        # per pool, so a newly installed one changes its dependencies, hence its key.)
         t.results_key = _sha({
-            **extra,
             "notebook": _code_hash(notebooks_dir / t.notebook) if t.is_notebook else f"runner {t.run}",
             "params": t.params,
             "profile": prof.to_dict(),
@@ -356,10 +366,18 @@ def _run_copycat(profile, results_dir, data_root, dataset, arch, seed):
                          data_root=data_root)
 
 
+def _run_pool(profile, results_dir, data_root, dataset, arch, pool):
+    from ..experiments.pools import run_pool
+
+    run_pool(get_profile(profile), dataset, arch, pool, results=results_dir, data_root=data_root)
+
+
 #: What a ``runs/`` task calls with its params (in a subprocess, like a notebook): one extraction
 #: seed (:func:`stealnb.extraction.loop.run_extraction`), one Copycat seed, all variants
-#: (:func:`stealnb.extraction.copycat.run_copycat_variants`). Both resume, so a retried task loses nothing.
-RUNNERS = {"extraction": _run_extraction, "copycat": _run_copycat}
+#: (:func:`stealnb.extraction.copycat.run_copycat_variants`), one pool of the pool study, all its
+#: strategies and seeds (:func:`stealnb.experiments.pools.run_pool`). All resume, so a retried
+#: task loses nothing.
+RUNNERS = {"extraction": _run_extraction, "copycat": _run_copycat, "pool": _run_pool}
 
 
 def _runner_main(argv) -> None:
@@ -434,6 +452,8 @@ def critical_path(tasks: list[Task], run_dir: Path) -> dict[str, float]:
         secs = _stamp(run_dir, t).get("seconds")
         if isinstance(secs, (int, float)):
             return float(secs)
+        if t.run == "pool":
+            return _POOL_RUN_HINT
         if t.run is not None:  # one seed of the chapter's notebook hint, without the read-back
             whole = _STRATEGY_COST_HINT.get(t.params.get("strategy"), _COST_HINT[t.run]) if t.run == "extraction" \
                 else _COST_HINT[t.run]
