@@ -96,7 +96,9 @@ def test_training_tasks_take_a_gpu_only_when_the_profile_wants_one(tmp_path):
     assert profiles.PROFILES["paper"].gpu and not profiles.PROFILES["demo"].gpu and not profiles.PROFILES["ci"].gpu
     for t in paper:
         assert t.resources == ({"GPU": 1} if t.chapter in ("secret", "runs", "defenses", "pools") else {}), t.id
-    assert sum(t.chapter == "runs" for t in paper) == 90  # every extraction and Copycat seed trains on a GPU
+    # every extraction and Copycat seed trains on a GPU, and every pool of the pool study
+    assert sum(t.run in ("extraction", "copycat") for t in paper) == 90
+    assert sum(t.run == "pool" for t in paper) >= 15 * len(profiles.PROFILES["paper"].pool_study.pools)
     assert all(t.resources == {} for t in pipeline.plan(profiles.PROFILES["ci"], tmp_path))
 
 

@@ -205,10 +205,11 @@ async def _kernel_idle(base, token, timeout=600):
         await asyncio.sleep(1)
 
 
-def _saved_notebook(base, token, tries: int = 10) -> dict:
+def _saved_notebook(base, token, tries: int = 60) -> dict:
     """The saved notebook's contents model. The test polls while JupyterLab saves; an answer other
-    than 200 (CI of 9296528: a model without "content" in the middle of a save) is asked again, up
-    to ``tries`` times a second apart, then fails with its status and body."""
+    than 200 (CI of 9296528: a model without "content" in the middle of a save; a fresh clone of
+    9c531ba beside a two-core smoke run: 404 for 10 s) is asked again, up to ``tries`` times a
+    second apart, then fails with its status and body."""
     import httpx
 
     for _ in range(tries):
