@@ -237,12 +237,21 @@ def _saved_outputs_summary(base, token) -> str:
 
 async def _save(cdp, base, token):
     """File > Save Notebook, as a user saves before reloading (JupyterLab reloads the notebook and
-    its outputs from the saved file)."""
-    await _click_at(cdp, _by_text(".lm-MenuBar-itemLabel", "File"), "the File menu")
-    await _click_at(cdp, _by_text(".lm-Menu-itemLabel", "Save Notebook"), "Save Notebook")
-    deadline = time.monotonic() + 30
+    its outputs from the saved file). On a loaded machine (a fresh clone of d755aab beside a
+    two-core smoke run) nothing was saved in 30 s: the user saves once more after 45 s, and the
+    test waits up to 150 s in all."""
+    async def click_save():
+        await _click_at(cdp, _by_text(".lm-MenuBar-itemLabel", "File"), "the File menu")
+        await _click_at(cdp, _by_text(".lm-Menu-itemLabel", "Save Notebook"), "Save Notebook")
+
+    await click_save()
+    start = time.monotonic()
+    again = True
     while _saved_widget_outputs(base, token) == 0:
-        if time.monotonic() > deadline:
+        if again and time.monotonic() > start + 45:
+            again = False
+            await click_save()
+        if time.monotonic() > start + 150:
             raise AssertionError("the notebook was not saved with the panel's output (File > Save Notebook): "
                                  + _saved_outputs_summary(base, token))
         await asyncio.sleep(0.5)
