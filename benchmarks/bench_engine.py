@@ -10,11 +10,12 @@ So both engines go through the same ``pipeline.run`` (plan, keys, ``--only``) an
 notebooks and runs with the same code: only the engine differs. The old loop is kept in this
 benchmark only, as the reference point; the package has one engine.
 
-    python benchmarks/bench_engine.py [--profile ci] [--jobs 2] [--repeats 1] [--only TEXT] [--work DIR]
+    python benchmarks/bench_engine.py [--profile ci] [--jobs 2] [--repeats 1] [--only TEXT] [--book] [--work DIR]
 
 Every run starts from an empty results root, so nothing is skipped. The engines alternate
 (repeat r runs Dask first when r is even, the old loop first when it is odd), so a drift of the
-machine's speed falls on both. The book is not built. Writes
+machine's speed falls on both. The book is built only with ``--book`` (then the Dask run is exactly
+``stealnb run --profile P --jobs J``, what ``make demo`` runs; the build's seconds are recorded apart). Writes
 ``benchmarks/results/engine_<profile>.json`` and prints a table; exit 1 when a run had a failed task.
 """
 from __future__ import annotations
@@ -100,20 +101,21 @@ def old_execute(tasks, *, root, run_dir, jobs=1, force=False, progress=True, sch
     return report
 
 
-def run_once(engine: str, profile: str, jobs: int, only: str | None, results: Path) -> dict:
+def run_once(engine: str, profile: str, jobs: int, only: str | None, results: Path, book: bool = False) -> dict:
     """One ``pipeline.run`` of ``profile`` into the empty ``results`` with ``engine``; its timings."""
     dask_execute = pipeline.execute
     if engine == "old":
         pipeline.execute = old_execute
     try:
         t0 = time.perf_counter()
-        rep = pipeline.run(get_profile(profile), results=results, jobs=jobs, book=False, only=only,
+        rep = pipeline.run(get_profile(profile), results=results, jobs=jobs, book=book, only=only,
                            progress=engine == "dask")
         wall = time.perf_counter() - t0
     finally:
         pipeline.execute = dask_execute
     task_seconds = {k: v for k, v in rep["seconds"].items() if k != "total"}
     return {"engine": engine, "wall_s": round(wall, 1), "engine_s": rep["notebook_seconds"],
+            "book_s": rep.get("book_seconds"),
             "task_seconds_sum": round(sum(task_seconds.values()), 1), "ran": len(rep["ran"]),
             "failed": rep["failed"], "blocked": rep["blocked"], "task_seconds": task_seconds}
 
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="runs per engine (default: 1)")
     ap.add_argument("--only", default=None, help="run only the tasks whose id contains this text (and their deps)")
+    ap.add_argument("--book", action="store_true", help="build the book after each run, as `stealnb run` does")
     ap.add_argument("--work", type=Path, default=None, help="folder for the results roots (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None,
                     help="output (default: benchmarks/results/engine_<profile>.json)")
@@ -131,6 +134,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.profile not in PROFILES:
         ap.exit(2, f"bench_engine: unknown profile {args.profile!r}; profiles: {', '.join(PROFILES)}\n")
+    if args.book and args.only:
+        ap.exit(2, "bench_engine: --book needs the full grid; drop --only\n")
     if args.jobs < 1 or args.repeats < 1:
         ap.exit(2, f"bench_engine: --jobs and --repeats must be at least 1 (got {args.jobs}, {args.repeats})\n")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_engine_"))
@@ -141,14 +146,16 @@ def main(argv=None) -> int:
     for r in range(args.repeats):
         for engine in (ENGINES if r % 2 == 0 else ENGINES[::-1]):
             print(f"== repeat {r}, engine {engine}", flush=True)
-            res = run_once(engine, args.profile, args.jobs, args.only, work / f"{engine}-{r}")
+            res = run_once(engine, args.profile, args.jobs, args.only, work / f"{engine}-{r}", args.book)
             res["repeat"] = r
             runs.append(res)
             print(f"== {engine}: {res['wall_s']:.0f} s wall, {res['task_seconds_sum']:.0f} s of tasks, "
-                  f"{res['ran']} ran, {len(res['failed'])} failed", flush=True)
+                  f"{res['ran']} ran, {len(res['failed'])} failed"
+                  + (f", book {res['book_s']:.0f} s" if res["book_s"] is not None else ""), flush=True)
     summary = {e: {"wall_s": [x["wall_s"] for x in runs if x["engine"] == e],
                    "task_seconds_sum": [x["task_seconds_sum"] for x in runs if x["engine"] == e]} for e in ENGINES}
-    result = {"code": code_version(), "profile": args.profile, "jobs": args.jobs, "only": args.only, "repeats": args.repeats,
+    result = {"code": code_version(), "profile": args.profile, "jobs": args.jobs, "only": args.only, "book": args.book,
+              "repeats": args.repeats,
               "runs": runs, "summary": summary,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "note": args.machine_note},
