@@ -120,6 +120,18 @@ def run_once(engine: str, profile: str, jobs: int, only: str | None, results: Pa
             "failed": rep["failed"], "blocked": rep["blocked"], "task_seconds": task_seconds}
 
 
+def _write(out: Path, args, runs: list, machine: dict, complete: bool) -> dict:
+    """Write the runs so far to ``out``; ``complete`` is False until every repeat of both engines ran."""
+    summary = {e: {"wall_s": [x["wall_s"] for x in runs if x["engine"] == e],
+                   "task_seconds_sum": [x["task_seconds_sum"] for x in runs if x["engine"] == e]} for e in ENGINES}
+    result = {"code": code_version(), "profile": args.profile, "jobs": args.jobs, "only": args.only, "book": args.book,
+              "repeats": args.repeats, "complete": complete, "runs": runs, "summary": summary, "machine": machine,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="ci", help="a profile of stealnb.core.profiles (default: ci)")
@@ -143,6 +155,8 @@ def main(argv=None) -> int:
         ap.exit(2, f"bench_engine: --work {work} is not empty; give a new folder (nothing is deleted)\n")
     out = args.json or ROOT / "benchmarks" / "results" / f"engine_{args.profile}.json"
     runs = []
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+               "note": args.machine_note}
     for r in range(args.repeats):
         for engine in (ENGINES if r % 2 == 0 else ENGINES[::-1]):
             print(f"== repeat {r}, engine {engine}", flush=True)
@@ -152,16 +166,8 @@ def main(argv=None) -> int:
             print(f"== {engine}: {res['wall_s']:.0f} s wall, {res['task_seconds_sum']:.0f} s of tasks, "
                   f"{res['ran']} ran, {len(res['failed'])} failed"
                   + (f", book {res['book_s']:.0f} s" if res["book_s"] is not None else ""), flush=True)
-    summary = {e: {"wall_s": [x["wall_s"] for x in runs if x["engine"] == e],
-                   "task_seconds_sum": [x["task_seconds_sum"] for x in runs if x["engine"] == e]} for e in ENGINES}
-    result = {"code": code_version(), "profile": args.profile, "jobs": args.jobs, "only": args.only, "book": args.book,
-              "repeats": args.repeats,
-              "runs": runs, "summary": summary,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "note": args.machine_note},
-              "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+            # Written after every run, so a benchmark stopped halfway keeps the runs it finished.
+            summary = _write(out, args, runs, machine, complete=len(runs) == 2 * args.repeats)
     print(f"\n{'engine':8} {'wall s (each run)':>24} {'task s (sum)':>24}")
     for e in ENGINES:
         print(f"{e:8} {', '.join(f'{v:.0f}' for v in summary[e]['wall_s']):>24} "
