@@ -679,6 +679,7 @@ def test_fetch_mnist_success(tmp_path, monkeypatch):
     rows = {r["name"]: r for r in data.list_local(tmp_path / "root")}
     assert rows["mnist"]["present"] and rows["mnist"]["size_bytes"] > 0 and rows["mnist"]["path"] == str(d)
     assert not rows["cifar10"]["present"] and rows["digits"]["present"] and rows["dead-leaves"]["kind"] == "pool"
+    assert data.present(tmp_path / "root") == {n for n, r in rows.items() if r["present"]}  # the same answer, no size scan
 
 
 def test_fetch_cifar10_tar_success(tmp_path, monkeypatch):

@@ -135,7 +135,7 @@ def test_installing_a_dataset_adds_a_pool_task_and_reruns_the_pool_chapter_and_n
     prof = PROFILES["demo"]
     keys = {}
     for installed in (set(), {"fashion-mnist"}):
-        monkeypatch.setattr(data, "list_local", lambda root=None, s=installed: [{"name": n, "present": True} for n in s])
+        monkeypatch.setattr(data, "present", lambda root=None, s=installed: set(s))
         tasks = pipeline.plan(prof, tmp_path, optional=False)
         pipeline.assign_keys(tasks, prof, layout.project_root() / "notebooks")
         keys[frozenset(installed)] = {t.id: t.results_key for t in tasks}
@@ -170,9 +170,9 @@ def test_editing_the_extraction_chapter_keeps_the_results_of_the_chapters_that_r
 def test_optional_secret_joins_only_when_its_data_is_present(tmp_path, monkeypatch):
     prof = PROFILES["demo"]
     assert prof.optional_secrets
-    monkeypatch.setattr(pipeline, "_present_datasets", lambda root: set())
+    monkeypatch.setattr(data, "present", lambda root=None: set())
     assert pipeline.secrets_of(prof) == list(prof.secrets)
-    monkeypatch.setattr(pipeline, "_present_datasets", lambda root: {d for d, _ in prof.optional_secrets})
+    monkeypatch.setattr(data, "present", lambda root=None: {d for d, _ in prof.optional_secrets})
     assert pipeline.secrets_of(prof) == list(prof.secrets) + list(prof.optional_secrets)
     assert pipeline.secrets_of(prof, optional=False) == list(prof.secrets)
     ids = [t.id for t in pipeline.plan(prof, tmp_path, optional=True)]

@@ -85,7 +85,7 @@ def test_best_strategy_is_read_from_the_extraction_runs_else_the_fallback(tmp_pa
 
 def test_pool_specs_add_installed_cross_domain_datasets_but_never_the_secrets_own(monkeypatch):
     present = {"digits", "fashion-mnist", "natural-patches", "uniform-noise", "dead-leaves"}
-    monkeypatch.setattr(data, "list_local", lambda root=None: [{"name": n, "present": True} for n in present])
+    monkeypatch.setattr(data, "present", lambda root=None: present)
     prof = _tiny(cross_domain=("fashion-mnist", "digits", "cifar10"))
     specs, skipped = pools.pool_specs(prof, "digits")
     assert specs == ["natural-patches+gray", "uniform-noise", "fashion-mnist"]

@@ -1062,6 +1062,19 @@ def _natural_row(build: bool) -> dict:
     return row
 
 
+def _found(spec: _Source, r: Path) -> Path | None:
+    """The first of ``spec``'s folders (under the data root ``r``, then the system ones) holding all its files."""
+    return next((d for d in (r / spec.dirname, *spec.system_dirs) if not _missing(d, spec)), None)
+
+
+def present(root=None) -> set[str]:
+    """The names of the registered datasets and pools usable here: the embedded ones, and those whose
+    files are found (:func:`list_local`'s ``present``, without its scan of file sizes)."""
+    r = data_root(root)
+    return {name for reg in (DATASETS, POOLS) for name in reg.names()
+            if SOURCES.get(name) is None or _found(SOURCES[name], r) is not None}
+
+
 def list_local(root=None, *, build: bool = False) -> list[dict]:
     """One row per registered dataset/pool: name, kind, path, present, size_bytes, files (expected entries),
     source. Datasets, which also serve as thief pools, are listed once. The natural-patches row also has
@@ -1078,7 +1091,7 @@ def list_local(root=None, *, build: bool = False) -> list[dict]:
                            source=_EMBEDDED.get(name, "embedded"))
                 rows.append(row | _natural_row(build) if name == "natural-patches" else row)
                 continue
-            found = next((d for d in (r / spec.dirname, *spec.system_dirs) if not _missing(d, spec)), None)
+            found = _found(spec, r)
             path = found or r / spec.dirname
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if found else 0
             rows.append(dict(name=name, kind=kind, path=str(path), present=found is not None, size_bytes=size,

@@ -55,7 +55,7 @@ def pool_specs(prof: Profile, dataset: str, data_root=None) -> tuple[list[str], 
         specs.append(spec)
     if study.baseline not in specs:
         raise UsageError(f"pool study: the baseline pool {study.baseline!r} is not among its pools ({', '.join(specs)})")
-    present = {r["name"] for r in data.list_local(data_root) if r.get("present")}
+    present = data.present(data_root)
     skipped = {}
     for name in study.cross_domain:
         if name in specs:

@@ -126,17 +126,13 @@ class Task:
         return self.id.split("/", 1)[1]
 
 
-def _present_datasets(data_root) -> set[str]:
-    from ..core import data
-
-    return {r["name"] for r in data.list_local(data_root) if r.get("present")}
-
-
 def secrets_of(prof: Profile, data_root=None, optional: bool = True) -> list[tuple[str, str]]:
     """The profile's secrets, plus (``optional=True``) its optional ones whose dataset is present."""
     out = list(prof.secrets)
     if optional and prof.optional_secrets:
-        present = _present_datasets(data_root)
+        from ..core import data
+
+        present = data.present(data_root)
         out += [s for s in prof.optional_secrets if s[0] in present and s not in out]
     return out
 
