@@ -323,6 +323,22 @@ def test_a_finished_run_is_read_back_without_training_or_querying(secret_dir, tm
     assert again.out == first.out and comparable_run(again.out) == before
 
 
+def test_a_finished_runs_summary_is_read_back_only_for_its_own_settings_and_pool(setup, tmp_path):
+    """What the pool chapter reads instead of rebuilding a run its pool task finished."""
+    model, ds, pool = setup
+    cfg = _config()
+    assert loop.finished_summary(tmp_path, cfg, pool) is None  # nothing ran
+    orc = oracle.Oracle(model, budget=130, ledger=tmp_path / "ledger.bin")
+    ex = loop.Extraction(orc, pool, ds.x_test, ds.y_test, cfg, secret=model, out=tmp_path)
+    ex.step()
+    assert loop.finished_summary(tmp_path, cfg, pool) is None  # checkpointed, not finished
+    summary = json.loads(json.dumps(ex.run()))
+    assert loop.finished_summary(tmp_path, cfg, pool) == summary
+    assert loop.finished_summary(tmp_path, _config(seed=4), pool) is None
+    gray = data.Pool(pool.name, pool.storage, pool.indices, pool.info, transform="gray")
+    assert loop.finished_summary(tmp_path, cfg, gray) is None
+
+
 def test_functions_below_the_cli_take_a_profile_not_its_name(tmp_path):
     """Names are resolved once, at the command line and in the notebooks (issue 18)."""
     from stealnb.experiments import pools

@@ -15,8 +15,9 @@ It also reports what each pool draws from the secret: the class distribution of 
 labels on the whole pool and its entropy (:func:`stealnb.core.metrics.label_entropy`). That is an
 analysis with the secret in hand (no query is charged); the attacker sees only the labels it pays for.
 
-Runs go to :func:`stealnb.core.layout.pool_run_dir` and resume like any extraction (a finished run is
-read back, nothing is paid twice). ``stealnb run`` trains each pool's runs in a task of its own
+Runs go to :func:`stealnb.core.layout.pool_run_dir` and resume like any extraction (nothing is paid
+twice); a finished run of the same settings is read from its ``summary.json``
+(:func:`stealnb.extraction.loop.finished_summary`), without rebuilding its substitute. ``stealnb run`` trains each pool's runs in a task of its own
 (:func:`run_pool`) and the chapter's notebook reads them back with :func:`run_pools`.
 """
 from __future__ import annotations
@@ -214,6 +215,13 @@ def best_pool_table(agreement):
     return pd.DataFrame(rows, columns=cols)
 
 
+def _too_small(pool, study) -> str | None:
+    """Why the study runs nothing on ``pool`` (fewer images than its largest budget), else ``None``."""
+    if len(pool) < study.budgets[-1]:
+        return f"{len(pool)} images, fewer than the {study.budgets[-1]} queries"
+    return None
+
+
 def _check_runs(prof, ds, spec, strategies) -> None:
     """Raise the error :func:`stealnb.extraction.loop.configure` would raise for a run of the study on ``spec``."""
     name, transform = parse_pool_spec(spec)
@@ -224,7 +232,9 @@ def _check_runs(prof, ds, spec, strategies) -> None:
 
 def _pool_runs(prof, ds, arch, spec, pool, strategies, *, results, data_root, secret_dir, progress):
     """Run (or read back) each of ``strategies`` over the study's seeds on the built ``pool`` (spec
-    ``spec``); returns the rows of :attr:`PoolComparison.runs` and :attr:`PoolComparison.per_run`."""
+    ``spec``); returns the rows of :attr:`PoolComparison.runs` and :attr:`PoolComparison.per_run`.
+    A finished run of the same settings is read from its ``summary.json``
+    (:func:`stealnb.extraction.loop.finished_summary`); any other is run or resumed."""
     study = prof.pool_study
     name, transform = parse_pool_spec(spec)
     p = prof.with_(pool=name, pool_transform=transform, pool_size=len(pool))
@@ -232,11 +242,14 @@ def _pool_runs(prof, ds, arch, spec, pool, strategies, *, results, data_root, se
     for st in strategies:
         for seed in study.seeds:
             out = layout.pool_run_dir(results, prof.name, ds, arch, spec, st["strategy"], seed)
-            ex = loop.run_extraction(ds, arch, st["strategy"], p, seed=seed, results=results, out=out,
-                                     data_root=data_root, resume=True, progress=progress,
-                                     secret_dir=secret_dir, thief_pool=pool,
-                                     budgets=study.budgets, round_size=study.round_size)
-            s = ex.summary()
+            cfg = loop.configure(p, st["strategy"], seed=seed, dataset=ds, budgets=study.budgets,
+                                 round_size=study.round_size)
+            s = loop.finished_summary(out, cfg, pool)  # a run its pool task finished: read, not rebuilt
+            if s is None:
+                s = loop.run_extraction(ds, arch, st["strategy"], p, seed=seed, results=results, out=out,
+                                        data_root=data_root, resume=True, progress=progress,
+                                        secret_dir=secret_dir, thief_pool=pool,
+                                        budgets=study.budgets, round_size=study.round_size).summary()
             runs.append({"dataset": ds, "arch": arch, "pool": spec, "strategy": st["strategy"], "seed": seed,
                          "path": str(out), "seconds": s["seconds"], "oracle_spent": s["oracle_spent"]})
             for b, r in s["budgets"].items():
@@ -265,7 +278,7 @@ def run_pool(profile: Profile, dataset: str, arch: str, spec: str, *, results="r
     strategies = study_strategies(prof, dataset, arch, results)
     _check_runs(prof, dataset, spec, strategies)  # argument errors first, before the pool is built
     pool = load_study_pool(spec, prof, data_root)
-    if len(pool) < prof.pool_study.budgets[-1]:
+    if _too_small(pool, prof.pool_study):
         return []
     return _pool_runs(prof, dataset, arch, spec, pool, strategies, results=results, data_root=data_root,
                       secret_dir=secret_dir, progress=progress)[0]
@@ -308,9 +321,8 @@ def run_pools(profile: Profile, *, secrets=None, results="results", data_root=No
         skip_rows += [{"dataset": ds, "arch": arch, "pool": p, "reason": r} for p, r in skipped.items()]
         for spec in specs:
             pool = load_study_pool(spec, prof, data_root)
-            if len(pool) < study.budgets[-1]:
-                skip_rows.append({"dataset": ds, "arch": arch, "pool": spec,
-                                  "reason": f"{len(pool)} images, fewer than the {study.budgets[-1]} queries"})
+            if why := _too_small(pool, study):
+                skip_rows.append({"dataset": ds, "arch": arch, "pool": spec, "reason": why})
                 continue
             y = secret_labels(secret, pool)
             counts = np.bincount(y, minlength=num_classes)

@@ -37,6 +37,11 @@ ROUND_FIELDS = (
 )
 
 
+#: What a thief pool's images depend on (not where its file lives): a run resumes, or is read back,
+#: only on a pool with the same values (:meth:`stealnb.core.data.Pool.describe`).
+POOL_IDENTITY = ("name", "size", "transform", "sources")
+
+
 @dataclass(frozen=True)
 class ExtractionConfig(Recipe):
     """What an extraction run needs besides the oracle, pool and test data.
@@ -156,8 +161,8 @@ class Extraction:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
             raise ValueError(f"cannot resume: the checkpoint was written with other settings ({', '.join(diff)})")
         saved, pool = state.get("pool"), self.pool.describe()
-        # What the pool's images depend on (not where its file lives); older checkpoints lack it.
-        if saved is not None and any(saved.get(k) != pool.get(k) for k in ("name", "size", "transform", "sources")):
+        # Older checkpoints lack the pool's description.
+        if saved is not None and any(saved.get(k) != pool.get(k) for k in POOL_IDENTITY):
             raise ValueError(f"cannot resume: the checkpoint was written with another thief pool ({saved['name']}, "
                              f"{saved['size']} images, transform {saved['transform']}, {len(saved.get('sources', []))} "
                              f"source photos); this one: {pool['name']}, {pool['size']} images, transform "
@@ -297,6 +302,27 @@ class Extraction:
             "rounds": len(self.records),
             "seconds": round(elapsed, 3),
         }
+
+
+def finished_summary(out, config: ExtractionConfig, pool) -> dict | None:
+    """The ``summary.json`` of the finished run in ``out`` when it ran with ``config`` on ``pool``
+    (a :class:`~stealnb.core.data.Pool`: the same :data:`POOL_IDENTITY`), else ``None``. The
+    checks a resume makes (:meth:`Extraction._load_checkpoint`), without building the substitute,
+    loading its weights or predicting the secret's test labels: how a chapter reads back runs that
+    tasks of their own trained (:func:`stealnb.experiments.pools.run_pools`). A run it does not
+    return is resumed (or refused) by :func:`run_extraction` as usual."""
+    out = Path(out)
+    if not layout.checkpointed(out, "extraction"):
+        return None
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    saved, mine = summary.get("pool") or {}, pool.describe()
+    if summary.get("config") != json.loads(json.dumps(asdict(config))) \
+            or any(saved.get(k) != mine.get(k) for k in POOL_IDENTITY):
+        return None
+    return summary
 
 
 def configure(prof, strategy: str, *, seed: int = 0, dataset: str | None = None,
