@@ -17,8 +17,9 @@ analysis with the secret in hand (no query is charged); the attacker sees only t
 
 Runs go to :func:`stealnb.core.layout.pool_run_dir` and resume like any extraction (nothing is paid
 twice); a finished run of the same settings is read from its ``summary.json``
-(:func:`stealnb.extraction.loop.finished_summary`), without rebuilding its substitute. ``stealnb run`` trains each pool's runs in a task of its own
-(:func:`run_pool`) and the chapter's notebook reads them back with :func:`run_pools`.
+(:func:`stealnb.extraction.loop.finished_summary`), without rebuilding its substitute. ``stealnb
+run`` trains each pool's runs in a task of its own (:func:`run_pool`) and the chapter's notebook
+reads them back with :func:`run_pools`.
 """
 from __future__ import annotations
 
