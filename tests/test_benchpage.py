@@ -130,3 +130,25 @@ def test_a_pools_file_becomes_a_table_per_secret_with_cis_ratios_to_noise_and_th
     assert "20,000 patches from 45 photos in 7.7 s (808 near-duplicates dropped)" in section
     assert "had not finished" not in section
     assert "had not finished" in benchpage.render_file(_write(tmp_path, "pools.json", {**POOLS, "finished": False}))
+
+
+def _engine_run(engine, wall, tasks):
+    return {"engine": engine, "repeat": 0, "wall_s": wall, "engine_s": wall - 5, "book_s": 5.0,
+            "task_seconds_sum": sum(tasks.values()), "ran": len(tasks), "failed": [], "blocked": [],
+            "task_seconds": tasks}
+
+
+def test_an_engine_file_compares_the_engines_wall_time_with_their_task_time_per_job(tmp_path):
+    tasks = {"secret/digits-cnn-small": 50.0, "runs/extraction-digits-cnn-small-random-seed0": 200.0,
+             "runs/extraction-digits-cnn-small-random-seed1": 150.0, "extraction/digits-cnn-small-random": 20.0}
+    payload = {"code": {"commit": "abc1234"}, "profile": "demo", "jobs": 2, "only": None, "book": True,
+               "complete": False, "machine": {"note": "idle"},
+               "runs": [_engine_run("dask", 300.0, tasks), _engine_run("old", 290.0, dict(tasks, **{"secret/digits-cnn-small": 60.0}))]}
+    section = benchpage.render_file(_write(tmp_path, "engine_demo.json", payload))
+    assert "had not finished" in section and "abc1234" in section
+    rows = _table_rows(section)
+    assert rows[0][:3] == ["engine", "repeat", "wall s"]
+    assert rows[1] == ["dask", "0", "300", "295", "5", "420", "210", "4", "0"]
+    assert rows[2][:7] == ["old", "0", "290", "285", "5", "430", "215"]
+    per_kind = {r[0]: r[1:] for r in rows[4:]}
+    assert per_kind == {"extraction": ["20", "20"], "runs/extraction": ["350", "350"], "secret": ["50", "60"]}

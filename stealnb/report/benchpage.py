@@ -181,6 +181,39 @@ def pools(data: dict) -> list[str]:
     return out
 
 
+def _task_kind(task_id: str) -> str:
+    """``runs/extraction-digits-…-seed0`` -> ``runs/extraction``; ``secret/digits-cnn-small`` -> ``secret``."""
+    kind, _, rest = task_id.partition("/")
+    return f"runs/{rest.split('-', 1)[0]}" if kind == "runs" else kind
+
+
+def engine(data: dict) -> list[str]:
+    """``bench_engine.py``: wall time of the same grid with the Dask engine and the scheduler it
+    replaced, the sum of the task times, and that sum over ``jobs`` (the wall time of perfectly
+    packed tasks, ignoring dependencies: what no scheduler beats), then the task time per kind."""
+    jobs, runs = data["jobs"], data["runs"]
+    out = [f"Profile {data['profile']}, {jobs} jobs, " + ("with" if data.get("book") else "without")
+           + " the book, every run from an empty results root"
+           + (f", tasks matching {data['only']!r}" if data.get("only") else "") + f" (commit "
+           f"{(data.get('code') or {}).get('commit', '?')}; machine: {(data.get('machine') or {}).get('note') or '?'})."
+           + ("" if data.get("complete", True) else " *The benchmark had not finished when this file was written.*"),
+           ""]
+    rows = [[r["engine"], r.get("repeat", 0), _num(r["wall_s"], 0), _num(r["engine_s"], 0), _num(r.get("book_s"), 0),
+             _num(r["task_seconds_sum"], 0), _num(r["task_seconds_sum"] / jobs, 0), r["ran"],
+             len(r["failed"]) + len(r["blocked"])] for r in runs]
+    out += _table(["engine", "repeat", "wall s", "tasks s (wall)", "book s", "task s (sum)",
+                   f"sum / {jobs} jobs", "ran", "failed or blocked"], rows)
+    kinds: dict[str, dict[int, float]] = {}
+    for i, r in enumerate(runs):
+        for task, secs in r["task_seconds"].items():
+            kinds.setdefault(_task_kind(task), {}).setdefault(i, 0.0)
+            kinds[_task_kind(task)][i] += secs
+    out += ["", "Task seconds per kind of task (summed over the tasks of that kind):", ""]
+    out += _table(["kind", *(f"{r['engine']} {r.get('repeat', 0)}" for r in runs)],
+                  [[k, *(_num(v.get(i), 0) for i in range(len(runs)))] for k, v in sorted(kinds.items())])
+    return out
+
+
 def generic(data) -> list[str]:
     """Any other file: its top-level numbers, strings and flags."""
     if not isinstance(data, dict):
@@ -200,6 +233,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "prada_demo*.json": prada,
     "server.json": server,
     "pools*.json": pools,
+    "engine_*.json": engine,
 }
 
 
