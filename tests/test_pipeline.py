@@ -359,9 +359,8 @@ def test_only_paper_smoke_skips_the_checks_that_models_learnt():
     # its fixture images are noise and it trains one epoch: the secrets' and the defences' models
     # learn nothing there, so their notebooks skip those checks; every other profile keeps them
     for name, prof in PROFILES.items():
-        learns = name != "paper-smoke"
-        assert prof.defenses.check_learnt == learns, name
-        assert (prof.secret_over_chance > 0) == learns, name
+        assert prof.learns == (name != "paper-smoke"), name
+        assert prof.secret_over_chance >= 2, name  # the threshold stays; paper-smoke skips the check
 
 
 @pytest.mark.timeout(600)  # three grids of two tiny notebooks

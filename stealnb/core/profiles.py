@@ -82,11 +82,6 @@ class DefenseSettings:
     ewe_trigger_size: int = 4  # a 4x4 white square (EWE's reference code stamps 3x3)
     ewe_trigger_position: str = "bottom-right"
     ewe_trigger_value: float = 1.0
-    # Notebook 06 checks that the defences' own models learnt: the misinformation model's test
-    # accuracy is below chance, it changes the labels it answers (no ADMIS copy at τ > 0 equals the
-    # undefended one), and the EWE secret carries its watermark more than the clean one.
-    # Off only where nothing can be learnt (paper-smoke: one epoch on noise fixture images).
-    check_learnt: bool = True
 
     def with_(self, **changes) -> "DefenseSettings":
         return replace(self, **changes)
@@ -134,6 +129,12 @@ class Profile:
     # The secret notebook checks that the best fold's test accuracy is above this multiple of
     # chance (1 / classes): a secret that learnt nothing would make every extraction meaningless.
     secret_over_chance: float = 2.0
+    # Whether the models can learn here. When they do, the notebooks check that they did: the
+    # secret is above ``secret_over_chance`` (notebook 02); the misinformation model's test accuracy
+    # is below chance, it changes the labels it answers (no ADMIS copy at τ > 0 equals the undefended
+    # one) and the EWE secret carries its watermark more than the clean one (notebook 06). False
+    # only where nothing can be learnt (paper-smoke: one epoch on noise fixture images).
+    learns: bool = True
     # The training notebooks take a GPU: on a Dask cluster they run on workers started with
     # ``--resources GPU=1``, one at a time each (stealnb.report.cluster).
     gpu: bool = False
@@ -295,11 +296,10 @@ PROFILES["paper-smoke"] = replace(
     patience=1,
     substitute_batch_size=32,
     substitute_stop_loss=None,
-    secret_over_chance=0.0,  # the fixture images are noise: one epoch on them learns nothing to check
+    learns=False,  # the fixture images are noise: one epoch on them learns nothing to check
     copycat=CopycatSettings(pdd_size=20, finetune_epochs=1),
     # benign clients send at most budgets[-1] = 60 queries: PRADA must test before 100 of them
-    # and one epoch on noise leaves the misinformation model at chance (0.1000 in the first smoke run)
-    defenses=replace(PROFILES["paper"].defenses, prada_min_queries=20, check_learnt=False),
+    defenses=replace(PROFILES["paper"].defenses, prada_min_queries=20),
     pool_study=replace(PROFILES["paper"].pool_study, budgets=(40, 60), round_size=20),
     strategy_options={"dfal": {"max_candidates": 100, "max_iter": 3},
                       "dfal+kcenter": {"max_candidates": 100, "max_iter": 3, "keep_multiple": 2}},
