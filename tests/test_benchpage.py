@@ -152,3 +152,13 @@ def test_an_engine_file_compares_the_engines_wall_time_with_their_task_time_per_
     assert rows[2][:7] == ["old", "0", "290", "285", "5", "430", "215"]
     per_kind = {r[0]: r[1:] for r in rows[4:]}
     assert per_kind == {"extraction": ["20", "20"], "runs/extraction": ["350", "350"], "secret": ["50", "60"]}
+
+
+def test_a_threads_file_lists_each_thread_setting_with_its_wall_time_and_whether_results_agree(tmp_path):
+    payload = {"code": {"commit": "abc1234"}, "strategy": "random", "seeds": [0, 1], "jobs": 2, "same_results": False,
+               "machine": {"cpus": 2, "note": "idle"},
+               "runs": [{"variant": "default", "repeat": 0, "wall_s": 250.04, "seed_seconds": {"0": 240.0, "1": 250.0}},
+                        {"variant": "1 thread", "repeat": 0, "wall_s": 200.0, "seed_seconds": {"0": 190.0, "1": 200.0}}]}
+    section = benchpage.render_file(_write(tmp_path, "threads_demo.json", payload))
+    assert "Same results with both settings: no." in section
+    assert _table_rows(section)[1:] == [["default", "0", "250.0", "240, 250"], ["1 thread", "0", "200.0", "190, 200"]]

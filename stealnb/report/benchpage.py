@@ -214,6 +214,18 @@ def engine(data: dict) -> list[str]:
     return out
 
 
+def threads(data: dict) -> list[str]:
+    """``bench_threads.py``: the same extraction seeds, ``jobs`` processes at a time, with
+    TensorFlow's default thread pools and with a fixed number of threads per process."""
+    out = [f"{data['strategy']} extraction seeds {', '.join(map(str, data['seeds']))} of the demo profile, "
+           f"{data['jobs']} processes at a time on {(data.get('machine') or {}).get('cpus', '?')} cores (commit "
+           f"{(data.get('code') or {}).get('commit', '?')}; machine: {(data.get('machine') or {}).get('note') or '?'}). "
+           f"Same results with both settings: {'yes' if data['same_results'] else 'no'}.", ""]
+    rows = [[r["variant"], r.get("repeat", 0), _num(r["wall_s"], 1),
+             ", ".join(f"{_num(v, 0)}" for v in r["seed_seconds"].values())] for r in data["runs"]]
+    return out + _table(["threads", "repeat", "wall s", "seconds per seed"], rows)
+
+
 def generic(data) -> list[str]:
     """Any other file: its top-level numbers, strings and flags."""
     if not isinstance(data, dict):
@@ -234,6 +246,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "server.json": server,
     "pools*.json": pools,
     "engine_*.json": engine,
+    "threads_*.json": threads,
 }
 
 
