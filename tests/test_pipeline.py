@@ -450,3 +450,11 @@ def test_execute_starts_the_longest_chain_first(tiny):
     rep = pipeline.execute(bad_first, root=root, run_dir=run_dir, jobs=1, progress=False)
     assert rep["ran"] == ["one/a", "two/b"] and rep["failed"] == ["three/bad"]
     assert list(rep["seconds"])[0] == "one/a"
+
+
+def test_a_run_warns_when_the_disk_has_less_free_than_a_full_run_of_its_profile_filled(tmp_path):
+    prof = PROFILES["paper-smoke"]
+    w = pipeline.disk_warning(prof, tmp_path / "results" / "not-yet", free=10 * 10**9)  # the nearest existing folder
+    assert w.startswith(f"stealnb run: warning: 10.0 GB free under {tmp_path.resolve()}, ") and "filled 57 GB" in w
+    assert pipeline.disk_warning(prof, tmp_path, free=60 * 10**9) is None
+    assert pipeline.disk_warning(prof.with_(disk_gb=None), tmp_path, free=0) is None  # never measured: no claim

@@ -138,6 +138,11 @@ class Profile:
     # The training notebooks take a GPU: on a Dask cluster they run on workers started with
     # ``--resources GPU=1``, one at a time each (stealnb.report.cluster).
     gpu: bool = False
+    # The results root's size after a full run of the grid, in GB, as measured (None: never
+    # measured). ``stealnb run`` warns before it starts when the results' filesystem has less free
+    # (stealnb.report.pipeline.disk_warning): a full disk stops a run midway (it resumes, nothing
+    # paid is lost, but the hours are).
+    disk_gb: float | None = None
 
     def substitute_fit(self) -> dict:
         """The keyword arguments of :func:`stealnb.core.train.fit` for a substitute of this profile."""
@@ -238,6 +243,7 @@ PROFILES: dict[str, Profile] = {
         # of the 1,000 DFAL keeps (stealnb.extraction.selectors.DFALKCenter).
         strategy_options={"dfal": {"max_candidates": 1_000, "max_iter": 10},
                           "dfal+kcenter": {"max_candidates": 1_000, "max_iter": 10, "keep_multiple": 4}},
+        disk_gb=0.3,  # 276 MB: bench_engine's demo run of 2026-12-05 (35 tasks, Fashion-MNIST pool installed)
         # The pool chapter inside the 30-minute demo: one seed, one budget (500 queries), two
         # rounds per run (seed + validation sets, then one batch of 350); the measurement over
         # seeds at 1,000 queries is benchmarks/bench_pools.py.
@@ -297,6 +303,7 @@ PROFILES["paper-smoke"] = replace(
     substitute_batch_size=32,
     substitute_stop_loss=None,
     learns=False,  # the fixture images are noise: one epoch on them learns nothing to check
+    disk_gb=57.0,  # the results of bench_paper_smoke's run of 2026-12-04 (VGG/ResNet checkpoints at full size)
     copycat=CopycatSettings(pdd_size=20, finetune_epochs=1),
     # benign clients send at most budgets[-1] = 60 queries: PRADA must test before 100 of them
     defenses=replace(PROFILES["paper"].defenses, prada_min_queries=20),

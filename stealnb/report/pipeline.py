@@ -51,6 +51,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -752,6 +753,8 @@ def run(profile: Profile, *, results=None, data_root=None, jobs: int = 1, force:
             raise ValueError("--only runs part of the grid; build the book from a full run "
                              "(drop --only or add --no-book)")
         layout.check_run_dir(root / BOOK_GENERATED, "book")
+    if warning := disk_warning(prof, results):
+        print(warning, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     report = execute(selected, root=root, run_dir=run_dir, jobs=jobs, force=force, progress=progress,
                      scheduler=scheduler)
@@ -765,6 +768,23 @@ def run(profile: Profile, *, results=None, data_root=None, jobs: int = 1, force:
     report["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     (run_dir / "pipeline.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def disk_warning(prof: Profile, results, free: int | None = None) -> str | None:
+    """One line when the filesystem of ``results`` has fewer than ``free`` bytes (default: what it
+    has) than a full run of ``prof`` filled (:attr:`~stealnb.core.profiles.Profile.disk_gb`), else
+    ``None``. A warning, not a refusal: a run that resumes needs less, and the need was measured once."""
+    if not prof.disk_gb:
+        return None
+    where = Path(results).resolve()
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free if free is None else free
+    if free >= prof.disk_gb * 1e9:
+        return None
+    return (f"stealnb run: warning: {free / 1e9:.1f} GB free under {where}, and a full {prof.name} run filled "
+            f"{prof.disk_gb:g} GB (Profile.disk_gb); if the disk fills the run stops: free space and rerun "
+            f"the same command to resume (nothing paid is lost)")
 
 
 def _cmd_run(args) -> int:
