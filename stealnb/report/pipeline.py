@@ -771,9 +771,9 @@ def run(profile: Profile, *, results=None, data_root=None, jobs: int = 1, force:
 
 
 def disk_warning(prof: Profile, results, free: int | None = None) -> str | None:
-    """One line when the filesystem of ``results`` has fewer than ``free`` bytes (default: what it
-    has) than a full run of ``prof`` filled (:attr:`~stealnb.core.profiles.Profile.disk_gb`), else
-    ``None``. A warning, not a refusal: a run that resumes needs less, and the need was measured once."""
+    """One line when the filesystem of ``results`` has less free space (``free`` bytes; default:
+    what it has now) than a full run of ``prof`` filled (:attr:`~stealnb.core.profiles.Profile.disk_gb`),
+    else ``None``. A warning, not a refusal: a run that resumes needs less, and the need was measured once."""
     if not prof.disk_gb:
         return None
     where = Path(results).resolve()
