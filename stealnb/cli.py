@@ -8,6 +8,7 @@ Keras only in the functions that build or run a model, so ``stealnb --help`` and
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import json
@@ -359,8 +360,25 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"stealnb: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            return _disk_full(e)
+        return _unexpected(e, argv, args.debug)
     except Exception as e:
         return _unexpected(e, argv, args.debug)
+
+
+def _disk_full(e: OSError) -> int:
+    """Report a full disk: one line naming what could not be written, and how to go on; no
+    traceback file (it would not fit either). Returns the exit status 1. What was saved before is
+    kept: ``stealnb run`` resumes from its tasks' stamps, a run from its checkpoints and ledger."""
+    what = f"writing {e.filename}" if e.filename else "writing its output"
+    try:
+        print(f"stealnb: error: no space left on the device ({what}); the work saved before is kept: "
+              f"free space and run the same command again to resume", file=sys.stderr)
+    except OSError:  # stderr is on the full disk too
+        pass
+    return 1
 
 
 if __name__ == "__main__":

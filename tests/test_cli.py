@@ -1,5 +1,6 @@
 """The command line's boundaries: which output folders a run may replace, user errors as one line
 and exit 2 before any work, unexpected errors as one line and a saved traceback."""
+import errno
 import json
 import tempfile
 
@@ -144,6 +145,20 @@ def test_an_unexpected_error_is_one_line_naming_a_saved_traceback(tmp_path, caps
     assert text.startswith("stealnb train-secret --dataset digits") and "Traceback" in text and "broken_disk" in text
     assert cli.main(["--debug", *argv]) == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "s" / "model.keras"))
+
+    monkeypatch.setattr(data, "load_dataset", full_disk)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = ["train-secret", "--dataset", "digits", "--arch", "cnn-tiny", "--out", str(tmp_path / "s")]
+    assert cli.main(argv) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("stealnb: error: no space left on the device (writing ")
+    assert str(tmp_path / "s" / "model.keras") in line and "run the same command again to resume" in line
+    assert not list(tmp_path.glob("stealnb-error-*.txt"))  # no traceback file on a full disk
 
 
 # -- a quiet, fast command line -----------------------------------------------------------------
