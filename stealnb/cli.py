@@ -360,11 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"stealnb: error: {msg}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            return _disk_full(e)
-        return _unexpected(e, argv, args.debug)
     except Exception as e:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return _disk_full(e)
         return _unexpected(e, argv, args.debug)
 
 

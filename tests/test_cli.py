@@ -129,35 +129,41 @@ def _notes(err: str) -> list[str]:
     return [line for line in err.splitlines() if not line.startswith("stealnb: warning: round ")]
 
 
-def test_an_unexpected_error_is_one_line_naming_a_saved_traceback(tmp_path, capsys, monkeypatch):
-    def broken_disk(*args, **kwargs):
-        raise OSError("Input/output error\nwhile reading digits")
+@pytest.fixture
+def train_secret_failing_with(tmp_path, monkeypatch):
+    """``train-secret``'s command line, with its data loading raising the error given and temporary
+    files (a saved traceback) going to ``tmp_path``."""
+    def argv_raising(error: Exception) -> list[str]:
+        def failing_load_dataset(*args, **kwargs):
+            raise error
 
-    monkeypatch.setattr(data, "load_dataset", broken_disk)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    argv = ["train-secret", "--dataset", "digits", "--arch", "cnn-tiny", "--out", str(tmp_path / "s")]
+        monkeypatch.setattr(data, "load_dataset", failing_load_dataset)
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        return ["train-secret", "--dataset", "digits", "--arch", "cnn-tiny", "--out", str(tmp_path / "s")]
+    return argv_raising
+
+
+def test_an_unexpected_error_is_one_line_naming_a_saved_traceback(tmp_path, capsys, train_secret_failing_with):
+    argv = train_secret_failing_with(OSError("Input/output error\nwhile reading digits"))
     assert cli.main(argv) == 1
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("stealnb: unexpected error: OSError: Input/output error (traceback in ")
     saved = next(tmp_path.glob("stealnb-error-*.txt"))
     assert str(saved) in line and "--debug" in line
     text = saved.read_text()
-    assert text.startswith("stealnb train-secret --dataset digits") and "Traceback" in text and "broken_disk" in text
+    assert text.startswith("stealnb train-secret --dataset digits")
+    assert "Traceback" in text and "failing_load_dataset" in text
     assert cli.main(["--debug", *argv]) == 1
     assert "Traceback (most recent call last)" in capsys.readouterr().err
 
 
-def test_a_full_disk_is_one_line_naming_the_file_and_how_to_resume(tmp_path, capsys, monkeypatch):
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "s" / "model.keras"))
-
-    monkeypatch.setattr(data, "load_dataset", full_disk)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    argv = ["train-secret", "--dataset", "digits", "--arch", "cnn-tiny", "--out", str(tmp_path / "s")]
+def test_a_full_disk_is_one_line_naming_the_file_and_how_to_resume(tmp_path, capsys, train_secret_failing_with):
+    model = tmp_path / "s" / "model.keras"
+    argv = train_secret_failing_with(OSError(errno.ENOSPC, "No space left on device", str(model)))
     assert cli.main(argv) == 1
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("stealnb: error: no space left on the device (writing ")
-    assert str(tmp_path / "s" / "model.keras") in line and "run the same command again to resume" in line
+    assert str(model) in line and "run the same command again to resume" in line
     assert not list(tmp_path.glob("stealnb-error-*.txt"))  # no traceback file on a full disk
 
 
