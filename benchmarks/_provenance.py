@@ -1,7 +1,12 @@
-"""What code a benchmark measured: stored in its JSON so a number can be traced to a commit."""
+"""What a benchmark measured, where and when: stored in its JSON so a number can be traced to a
+commit and a machine. Every benchmark writes its result through :func:`write_result`."""
 from __future__ import annotations
 
+import json
+import os
+import platform
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -14,3 +19,23 @@ def code_version() -> dict:
     git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
     return {"path": str(root), "commit": git("rev-parse", "--short", "HEAD"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def machine(note: str = "") -> dict:
+    """The machine: platform, cores, Python, and ``note``: how loaded it was while measured
+    (e.g. ``"idle"``; timings on a shared machine are not comparable)."""
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "note": note}
+
+
+def write_result(path: Path, result: dict, *, machine_note: str = "", code: dict | None = None) -> Path:
+    """Write ``result`` as JSON to ``path`` (its folder made if missing) with its provenance first:
+    ``code`` (default :func:`code_version` now; a long run passes the one it took at its start,
+    since the checkout may move meanwhile), then the result's own keys, then ``machine``
+    (:func:`machine` with ``machine_note``) and ``date`` (UTC). Returns ``path``."""
+    out = {"code": code or code_version(), **result, "machine": machine(machine_note),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return path

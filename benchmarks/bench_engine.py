@@ -21,9 +21,7 @@ machine's speed falls on both. The book is built only with ``--book`` (then the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from _provenance import code_version  # noqa: E402
+from _provenance import write_result  # noqa: E402
 from stealnb.core import layout  # noqa: E402
 from stealnb.core.profiles import PROFILES, get_profile  # noqa: E402
 from stealnb.report import pipeline  # noqa: E402
@@ -120,15 +118,13 @@ def run_once(engine: str, profile: str, jobs: int, only: str | None, results: Pa
             "failed": rep["failed"], "blocked": rep["blocked"], "task_seconds": task_seconds}
 
 
-def _write(out: Path, args, runs: list, machine: dict, complete: bool) -> dict:
+def _write(out: Path, args, runs: list, complete: bool) -> dict:
     """Write the runs so far to ``out``; ``complete`` is False until every repeat of both engines ran."""
     summary = {e: {"wall_s": [x["wall_s"] for x in runs if x["engine"] == e],
                    "task_seconds_sum": [x["task_seconds_sum"] for x in runs if x["engine"] == e]} for e in ENGINES}
-    result = {"code": code_version(), "profile": args.profile, "jobs": args.jobs, "only": args.only, "book": args.book,
-              "repeats": args.repeats, "complete": complete, "runs": runs, "summary": summary, "machine": machine,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = {"profile": args.profile, "jobs": args.jobs, "only": args.only, "book": args.book,
+              "repeats": args.repeats, "complete": complete, "runs": runs, "summary": summary}
+    write_result(out, result, machine_note=args.machine_note)
     return summary
 
 
@@ -155,8 +151,6 @@ def main(argv=None) -> int:
         ap.exit(2, f"bench_engine: --work {work} is not empty; give a new folder (nothing is deleted)\n")
     out = args.json or ROOT / "benchmarks" / "results" / f"engine_{args.profile}.json"
     runs = []
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-               "note": args.machine_note}
     for r in range(args.repeats):
         for engine in (ENGINES if r % 2 == 0 else ENGINES[::-1]):
             print(f"== repeat {r}, engine {engine}", flush=True)
@@ -167,7 +161,7 @@ def main(argv=None) -> int:
                   f"{res['ran']} ran, {len(res['failed'])} failed"
                   + (f", book {res['book_s']:.0f} s" if res["book_s"] is not None else ""), flush=True)
             # Written after every run, so a benchmark stopped halfway keeps the runs it finished.
-            summary = _write(out, args, runs, machine, complete=len(runs) == 2 * args.repeats)
+            summary = _write(out, args, runs, complete=len(runs) == 2 * args.repeats)
     print(f"\n{'engine':8} {'wall s (each run)':>24} {'task s (sum)':>24}")
     for e in ENGINES:
         print(f"{e:8} {', '.join(f'{v:.0f}' for v in summary[e]['wall_s']):>24} "

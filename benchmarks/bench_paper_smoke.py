@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the official-format writers the loader tests use
 
 import fixtures_formats as ff  # noqa: E402
-from _provenance import code_version  # noqa: E402
+from _provenance import code_version, write_result  # noqa: E402
 
 # Fixture sizes: enough images for 2-fold CV, a 600-image pool, Copycat's 20 PDD images and the
 # defenses' benign clients; small enough that the 15 secrets train in seconds each.
@@ -107,7 +106,6 @@ def main(argv=None) -> int:
         notebooks[t.id] = {"ok": state in ("executed", "skipped (unchanged)"), "state": state,
                            "seconds": rep["seconds"].get(t.id)}
     out = {
-        "code": code,
         "profile": "paper-smoke",
         "what": "every notebook of the paper grid (real architectures and loaders) on official-format fixture files",
         "secrets": [list(s) for s in prof.secrets], "strategies": list(prof.strategies),
@@ -120,12 +118,9 @@ def main(argv=None) -> int:
         "all_ok": all(n["ok"] for n in notebooks.values()),
         "wall_seconds": wall, "notebook_seconds_sum": round(sum(n["seconds"] or 0 for n in notebooks.values()), 1),
         "failed_logs": rep.get("logs", {}),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "note": args.machine_note},
         "notebooks": notebooks,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.json, out, machine_note=args.machine_note, code=code)
     print(json.dumps({k: v for k, v in out.items() if k != "notebooks"}, indent=2))
     print(f"work folder (data root, results, logs): {work}")
     return 0 if out["all_ok"] else 1
@@ -160,12 +155,9 @@ def status(work: Path, json_path: Path, note: str = "", machine_note: str = "") 
     counts = {}
     for n in notebooks.values():
         counts[n["state"]] = counts.get(n["state"], 0) + 1
-    out = {"code": code_version(), "profile": prof.name, "partial": True, "note": note, "states": counts, "notebooks_total": len(notebooks),
-           "notebooks_ok": sum(n["ok"] for n in notebooks.values()),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "note": machine_note},
-           "notebooks": notebooks}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(out, indent=2) + "\n")
+    out = {"profile": prof.name, "partial": True, "note": note, "states": counts, "notebooks_total": len(notebooks),
+           "notebooks_ok": sum(n["ok"] for n in notebooks.values()), "notebooks": notebooks}
+    write_result(json_path, out, machine_note=machine_note)
     print(json.dumps({k: v for k, v in out.items() if k != "notebooks"}, indent=2))
     return 0
 

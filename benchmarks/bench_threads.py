@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _provenance import code_version  # noqa: E402
+from _provenance import write_result  # noqa: E402
 
 STEALNB = [str(Path(sys.executable).parent / "stealnb")]  # the console script of this interpreter's venv
 
@@ -108,12 +107,9 @@ def main(argv=None) -> int:
             runs.append(res)
             print(f"== {name}: {res['wall_s']:.0f} s wall; seeds {res['seed_seconds']}", flush=True)
     same = all(x["results"] == runs[0]["results"] for x in runs)
-    result = {"code": code_version(), "strategy": args.strategy, "seeds": args.seeds, "jobs": args.jobs,
-              "repeats": args.repeats, "runs": runs, "same_results": same,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "note": args.machine_note},
-              "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    result = {"strategy": args.strategy, "seeds": args.seeds, "jobs": args.jobs, "repeats": args.repeats,
+              "runs": runs, "same_results": same}
+    write_result(args.json, result, machine_note=args.machine_note)
     print(f"\n{'variant':12} {'wall s (each repeat)':>24}")
     for name, _ in variants:
         print(f"{name:12} {', '.join(str(x['wall_s']) for x in runs if x['variant'] == name):>24}")

@@ -30,7 +30,6 @@ import os
 import platform
 import selectors
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
