@@ -3,6 +3,8 @@ missing folder, a file that is not JSON or one without the expected fields gives
 page instead of a failed build."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from stealnb.report import benchpage
@@ -59,6 +61,29 @@ def test_an_unknown_file_shows_its_top_level_values(tmp_path):
     section = benchpage.render_file(_write(tmp_path, "new_bench.json", {"n": 1200, "met": True, "trace": [1, 2]}))
     assert _table_rows(section) == [["field", "value"], ["n", "1,200"], ["met", "True"]]
     assert "Nested fields (not shown): `trace`." in section
+    assert "Measured" not in section  # it records no provenance
+
+
+def test_a_benchmarks_result_names_the_commit_machine_and_date_it_was_measured_on(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _provenance import write_result
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    path = write_result(tmp_path / "results" / "new_bench.json", {"n": 5}, machine_note="idle")
+    data = json.loads(path.read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert list(data)[:2] == ["code", "n"] and data["code"]["commit"] == head
+    section = benchpage.render_file(path)
+    line = next(x for x in section.splitlines() if x.startswith("*Measured"))
+    assert f"at commit `{head}`" in line and f"on {os.cpu_count()} cores (idle), {data['date']} UTC" in line
+    assert _table_rows(section) == [["field", "value"], ["n", "5"]]  # the provenance is not repeated below
+    assert "Nested fields" not in section
+    dirty = benchpage.render_file(_write(tmp_path, "old.json", {"code": {"commit": "abc1234", "dirty": True}, "n": 1}))
+    assert "*Measured at commit `abc1234` with uncommitted changes (machine load not recorded).*" in dirty
+    older = benchpage.render_file(_write(tmp_path, "older.json", {"machine": {"cpus": 2}, "n": 1}))
+    assert "*Measured at a commit not recorded on 2 cores (machine load not recorded).*" in older
 
 
 def test_a_malformed_file_gives_a_note_not_a_crash(tmp_path):

@@ -181,6 +181,25 @@ def pools(data: dict) -> list[str]:
     return out
 
 
+# The provenance every benchmark stores (benchmarks/_provenance.py: write_result); shown in one
+# line above each file's table, so no renderer repeats it.
+PROVENANCE = ("code", "machine", "date")
+
+
+def provenance(data) -> str | None:
+    """``Measured at commit abc1234 on 2 cores (idle), 2026-12-07 20:15:00 UTC.`` from a result's
+    ``code``, ``machine`` and ``date``; None when it records none of them (older files)."""
+    if not isinstance(data, dict) or not any(isinstance(data.get(k), (dict, str)) for k in PROVENANCE):
+        return None
+    code, machine = data.get("code") or {}, data.get("machine") or {}
+    where = (f"at commit `{code['commit']}`" if code.get("commit") else "at a commit not recorded") + (
+        " with uncommitted changes" if code.get("dirty") else "")
+    on = f" on {machine['cpus']} cores" if machine.get("cpus") else ""
+    load = f" ({machine['note']})" if machine.get("note") else " (machine load not recorded)"
+    when = f", {data['date']} UTC" if data.get("date") else ""
+    return f"*Measured {where}{on}{load}{when}.*"
+
+
 def _task_kind(task_id: str) -> str:
     """``runs/extraction-digits-…-seed0`` -> ``runs/extraction``; ``secret/digits-cnn-small`` -> ``secret``."""
     kind, _, rest = task_id.partition("/")
@@ -194,8 +213,7 @@ def engine(data: dict) -> list[str]:
     jobs, runs = data["jobs"], data["runs"]
     out = [f"Profile {data['profile']}, {jobs} jobs, " + ("with" if data.get("book") else "without")
            + " the book, every run from an empty results root"
-           + (f", tasks matching {data['only']!r}" if data.get("only") else "") + f" (commit "
-           f"{(data.get('code') or {}).get('commit', '?')}; machine: {(data.get('machine') or {}).get('note') or '?'})."
+           + (f", tasks matching {data['only']!r}" if data.get("only") else "") + "."
            + ("" if data.get("complete", True) else " *The benchmark had not finished when this file was written.*"),
            ""]
     rows = [[r["engine"], r.get("repeat", 0), _num(r["wall_s"], 0), _num(r["engine_s"], 0), _num(r.get("book_s"), 0),
@@ -218,18 +236,17 @@ def threads(data: dict) -> list[str]:
     """``bench_threads.py``: the same extraction seeds, ``jobs`` processes at a time, with
     TensorFlow's default thread pools and with a fixed number of threads per process."""
     out = [f"{data['strategy']} extraction seeds {', '.join(map(str, data['seeds']))} of the demo profile, "
-           f"{data['jobs']} processes at a time on {(data.get('machine') or {}).get('cpus', '?')} cores (commit "
-           f"{(data.get('code') or {}).get('commit', '?')}; machine: {(data.get('machine') or {}).get('note') or '?'}). "
-           f"Same results with both settings: {'yes' if data['same_results'] else 'no'}.", ""]
+           f"{data['jobs']} processes at a time. Same results with both settings: {'yes' if data['same_results'] else 'no'}.", ""]
     rows = [[r["variant"], r.get("repeat", 0), _num(r["wall_s"], 1),
              ", ".join(f"{_num(v, 0)}" for v in r["seed_seconds"].values())] for r in data["runs"]]
     return out + _table(["threads", "repeat", "wall s", "seconds per seed"], rows)
 
 
 def generic(data) -> list[str]:
-    """Any other file: its top-level numbers, strings and flags."""
+    """Any other file: its top-level numbers, strings and flags (its provenance is the line above)."""
     if not isinstance(data, dict):
         return [f"A JSON {type(data).__name__}; no table for this kind of file."]
+    data = {k: v for k, v in data.items() if k not in PROVENANCE}
     rows = [[k, _num(v)] for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None]
     nested = [k for k, v in data.items() if isinstance(v, (dict, list))]
     out = _table(["field", "value"], rows) if rows else []
@@ -266,7 +283,9 @@ def render_file(path) -> str:
         return (f"{head}\n\n*Not shown: `{path.name}` does not have the fields of a {render.__name__} result "
                 f"({type(e).__name__}: {e}).*\n")
     note = data.get("note") if isinstance(data, dict) and render is not generic else None
-    return "\n".join([head, "", *body, *([f"", f"*Note:* {note}"] if note else [])]) + "\n"
+    source = provenance(data)
+    return "\n".join([head, "", *([source, ""] if source else []), *body,
+                      *(["", f"*Note:* {note}"] if note else [])]) + "\n"
 
 
 def render_page(results_dir, shown_as=None) -> str:
