@@ -1,5 +1,8 @@
 """What a benchmark measured, where and when: stored in its JSON so a number can be traced to a
-commit and a machine. Every benchmark writes its result through :func:`write_result`."""
+commit and a machine. :func:`write_result` writes a result with all of it; bench_engine,
+bench_threads, bench_fit_overhead and bench_paper_smoke use it. The older benchmarks (bench_quality,
+bench_pools, bench_recipe, bench_server, ...) still write their own JSON, without the commit, and
+faults.py keeps its results per label in one file; moving them over is open work."""
 from __future__ import annotations
 
 import json
