@@ -12,6 +12,9 @@ import subprocess
 import time
 from pathlib import Path
 
+# The keys write_result adds, which the book's Benchmarks page reads; a result may not use them.
+from stealnb.report.benchpage import PROVENANCE  # noqa: E402
+
 
 def code_version() -> dict:
     """The checkout ``stealnb`` is imported from: its path, short commit, and whether tracked files
@@ -35,7 +38,11 @@ def write_result(path: Path, result: dict, *, machine_note: str = "", code: dict
     """Write ``result`` as JSON to ``path`` (its folder made if missing) with its provenance first:
     ``code`` (default :func:`code_version` now; a long run passes the one it took at its start,
     since the checkout may move meanwhile), then the result's own keys, then ``machine``
-    (:func:`machine` with ``machine_note``) and ``date`` (UTC). Returns ``path``."""
+    (:func:`machine` with ``machine_note``) and ``date`` (UTC). A result key named like one of
+    them (``stealnb.report.benchpage.PROVENANCE``) is refused (``ValueError``) rather than overwritten. Returns
+    ``path``."""
+    if clash := [k for k in PROVENANCE if k in result]:
+        raise ValueError(f"result keys {clash}: reserved for the provenance write_result adds")
     out = {"code": code or code_version(), **result, "machine": machine(machine_note),
            "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     path = Path(path)

@@ -120,8 +120,8 @@ def main(argv=None) -> int:
         "failed_logs": rep.get("logs", {}),
         "notebooks": notebooks,
     }
-    write_result(args.json, out, machine_note=args.machine_note, code=code)
-    print(json.dumps({k: v for k, v in out.items() if k != "notebooks"}, indent=2))
+    json_path = write_result(args.json, out, machine_note=args.machine_note, code=code)
+    print(json.dumps({k: v for k, v in json.loads(Path(json_path).read_text()).items() if k != "notebooks"}, indent=2))
     print(f"work folder (data root, results, logs): {work}")
     return 0 if out["all_ok"] else 1
 
@@ -158,7 +158,7 @@ def status(work: Path, json_path: Path, note: str = "", machine_note: str = "") 
     out = {"profile": prof.name, "partial": True, "note": note, "states": counts, "notebooks_total": len(notebooks),
            "notebooks_ok": sum(n["ok"] for n in notebooks.values()), "notebooks": notebooks}
     write_result(json_path, out, machine_note=machine_note)
-    print(json.dumps({k: v for k, v in out.items() if k != "notebooks"}, indent=2))
+    print(json.dumps({k: v for k, v in json.loads(Path(json_path).read_text()).items() if k != "notebooks"}, indent=2))
     return 0
 
 

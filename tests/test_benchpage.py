@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from stealnb.report import benchpage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +86,9 @@ def test_a_benchmarks_result_names_the_commit_machine_and_date_it_was_measured_o
     assert "*Measured at commit `abc1234` with uncommitted changes (machine load not recorded).*" in dirty
     older = benchpage.render_file(_write(tmp_path, "older.json", {"machine": {"cpus": 2}, "n": 1}))
     assert "*Measured at a commit not recorded on 2 cores (machine load not recorded).*" in older
+    with pytest.raises(ValueError, match=r"result keys \['date'\]: reserved"):  # not silently overwritten
+        write_result(tmp_path / "results" / "clash.json", {"date": "the day the data was drawn"})
+    assert not (tmp_path / "results" / "clash.json").exists()
 
 
 def test_a_malformed_file_gives_a_note_not_a_crash(tmp_path):
