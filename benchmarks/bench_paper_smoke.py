@@ -79,6 +79,8 @@ def main(argv=None) -> int:
         if args.work is None:
             ap.error("--status needs --work")
         return status(args.work, args.json, args.note, args.machine_note)
+    if args.jobs < 1:  # before the fixture files are written
+        ap.exit(2, f"bench_paper_smoke: --jobs must be at least 1 (got {args.jobs})\n")
 
     from stealnb.report import pipeline
     from stealnb.core.profiles import get_profile

@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not 1 <= args.duration <= 120:
-        raise SystemExit("--duration: expected 1..120 seconds per phase (the load test is bounded)")
+        ap.exit(2, f"bench_server: --duration: expected 1..120 seconds per phase (the load test is bounded), got {args.duration}\n")
 
     from stealnb.core import models
 

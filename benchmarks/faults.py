@@ -223,9 +223,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stall-connections", type=int, default=80)
     args = ap.parse_args(argv)
     if not (1 <= args.baseline <= 60 and 1 <= args.stall <= 60 and 1 <= args.stall_connections <= 200):
-        raise SystemExit("bounded: --baseline and --stall 1..60 s, --stall-connections 1..200")
+        ap.exit(2, "faults: bounded: --baseline and --stall 1..60 s, --stall-connections 1..200\n")
     if not os.path.exists("/dev/full"):
-        raise SystemExit("needs /dev/full for the disk-full case")
+        ap.exit(2, "faults: needs /dev/full for the disk-full case\n")
 
     from stealnb.core import models
 
