@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         "tasks_total": len(notebooks), "tasks_ok": sum(n["ok"] for n in notebooks.values()),
         "notebooks_total": sum(t.is_notebook for t in tasks),
         "notebooks_ok": sum(notebooks[t.id]["ok"] for t in tasks if t.is_notebook),
-        "runs_total": sum(not t.is_notebook for t in tasks),  # the runs/ tasks: one per extraction / Copycat seed, one per pool of the pool study
+        "runs_total": sum(not t.is_notebook for t in tasks),  # the runs/ tasks: one per extraction / Copycat seed, one per run of the pool study (pool, strategy, seed)
         "all_ok": all(n["ok"] for n in notebooks.values()),
         "wall_seconds": wall, "notebook_seconds_sum": round(sum(n["seconds"] or 0 for n in notebooks.values()), 1),
         "failed_logs": rep.get("logs", {}),

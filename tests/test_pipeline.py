@@ -85,26 +85,71 @@ def test_a_presentation_change_reruns_the_notebooks_but_not_the_seeds_runs(tmp_p
     assert all((after[i][0] != before[i][0]) == before[i][2] for i in before)  # only the notebooks rerun
 
 
-def test_the_pool_study_runs_after_the_extraction_runs_whose_best_strategy_it_reads(tmp_path):
+def test_each_pool_study_run_is_a_task_and_only_the_best_entry_waits_for_the_extraction_runs(tmp_path):
     prof = PROFILES["ci"]
     tasks = {t.id: t for t in pipeline.plan(prof, tmp_path)}
     ds, arch = prof.secrets[0]
+    study = prof.pool_study
     specs = pools.pool_specs(prof, ds)[0]
-    runs = [tasks[f"runs/pool-{ds}-{arch}-{spec}"] for spec in specs]
+    assert study.strategies == ("random", "best") and len(study.seeds) >= 1
+    root = tmp_path.resolve()
     # every seed of every strategy best_strategy compares (random is never "best"); not the notebooks
     best_from = {f"runs/extraction-{ds}-{arch}-{s}-seed{seed}" for s in prof.strategies if s != "random"
                  for seed in prof.seeds}
-    for t, spec in zip(runs, specs):
-        assert t.run == "pool" and t.params["pool"] == spec and set(t.deps) == {f"secret/{ds}-{arch}", *best_from}
-        assert t.outputs == {layout.pool_spec_dir(tmp_path.resolve(), "ci", ds, arch, spec): "pool strategies"}
-        assert all(d in tasks for d in t.deps)
-    # the chapter reads back what its pools' tasks trained, and owns no folder
+    runs = []
+    for spec in specs:
+        for seed in study.seeds:
+            random = tasks[f"runs/pool-{ds}-{arch}-{spec}-random-seed{seed}"]
+            best = tasks[f"runs/pool-{ds}-{arch}-{spec}-best-seed{seed}"]
+            runs += [random, best]
+            assert random.run == best.run == "pool"
+            assert random.params["pool"] == best.params["pool"] == spec
+            assert (random.params["strategy"], best.params["strategy"]) == ("random", "best")
+            assert random.params["seed"] == best.params["seed"] == seed
+            assert random.deps == [f"secret/{ds}-{arch}"]  # the baseline starts once the secret is trained
+            assert set(best.deps) == {f"secret/{ds}-{arch}", *best_from}
+            # one run's folder each; the best entry owns every candidate's (which one is best is known only then)
+            assert random.outputs == {layout.pool_run_dir(root, "ci", ds, arch, spec, "random", seed): "extraction"}
+            assert set(best.outputs) == {layout.pool_run_dir(root, "ci", ds, arch, spec, s, seed)
+                                         for s in (*prof.best_strategy_candidates, study.fallback_strategy)}
+    assert all(d in tasks for t in runs for d in t.deps)
+    owned = [o for t in tasks.values() for o in t.outputs]
+    assert len(owned) == len(set(owned))  # no two tasks replace the same folder
+    # the chapter reads back what its runs' tasks trained, and owns no folder
     t = tasks[f"pools/{ds}-{arch}"]
     assert t.notebook == "08_pools.ipynb" and t.params["dataset"] == ds and t.outputs == {}
     assert t.deps == [f"secret/{ds}-{arch}", *(r.id for r in runs)]
-    named = prof.with_(pool_study=replace(prof.pool_study, strategies=("random", "kcenter")))
+    # a strategy the study names is that entry's run, even when it is also the best
+    named = prof.with_(pool_study=replace(study, strategies=("random", "kcenter", "best")))
     named_tasks = {t.id: t for t in pipeline.plan(named, tmp_path)}
-    assert named_tasks[runs[0].id].deps == [f"secret/{ds}-{arch}"]  # no "best": nothing to wait for
+    kc = named_tasks[f"runs/pool-{ds}-{arch}-{specs[0]}-kcenter-seed0"]
+    nb = named_tasks[f"runs/pool-{ds}-{arch}-{specs[0]}-best-seed0"]
+    assert kc.deps == [f"secret/{ds}-{arch}"] and kc.outputs == {
+        layout.pool_run_dir(root, "ci", ds, arch, specs[0], "kcenter", 0): "extraction"}
+    assert layout.pool_run_dir(root, "ci", ds, arch, specs[0], "kcenter", 0) not in nb.outputs
+    owned = [o for t in named_tasks.values() for o in t.outputs]
+    assert len(owned) == len(set(owned))
+
+
+def test_a_strategy_the_study_names_keeps_its_row_when_it_is_also_the_best(tmp_path):
+    prof = PROFILES["ci"]
+    study = prof.pool_study
+    ds, arch = prof.secrets[0]
+    top = str(prof.budgets[-1])
+    for strat, agreement in (("kcenter", 0.9), ("uncertainty", 0.5)):  # kcenter is the best
+        if strat not in prof.strategies:
+            continue
+        for seed in prof.seeds:
+            out = layout.extraction_dir(tmp_path, prof.name, ds, arch, strat, seed)
+            out.mkdir(parents=True)
+            (out / "summary.json").write_text(json.dumps({"budgets": {top: {"agreement": agreement}}}))
+    assert pools.best_strategy(prof, ds, arch, tmp_path)[0] == "kcenter"
+    rows = pools.study_strategies(prof.with_(pool_study=replace(study, strategies=("random", "best", "kcenter"))),
+                                  ds, arch, tmp_path)
+    assert [(r["strategy"], r["as"]) for r in rows] == [("random", "random"), ("kcenter", "kcenter")]
+    assert "also the best strategy" in rows[1]["reason"]
+    rows = pools.study_strategies(prof, ds, arch, tmp_path)  # the default ("random", "best")
+    assert [(r["strategy"], r["as"]) for r in rows] == [("random", "random"), ("kcenter", "best")]
 
 
 @pytest.mark.timeout(600)
@@ -116,8 +161,9 @@ def test_each_pool_task_trains_its_runs_and_the_chapter_reads_them_back_paying_n
                                                    cross_domain=(), budgets=(60,), seeds=(0,), round_size=30,
                                                    pool_size=300, strategies=("random",)))
     shutil.copytree(secret_dir, layout.secret_dir(tmp_path, prof.name, "digits", "cnn-tiny"))
-    for spec in prof.pool_study.pools:
-        pools.run_pool(prof, "digits", "cnn-tiny", spec, results=tmp_path)
+    for spec in prof.pool_study.pools:  # as the plan's tasks call it: one pool, strategy entry and seed each
+        for entry in prof.pool_study.strategies:
+            pools.run_pool(prof, "digits", "cnn-tiny", spec, strategy=entry, seed=0, results=tmp_path)
     ledgers = {p: p.read_bytes() for p in tmp_path.rglob("ledger.bin")}
     assert len(ledgers) == 2 and all(ledgers.values())
     fits = []
@@ -128,6 +174,10 @@ def test_each_pool_task_trains_its_runs_and_the_chapter_reads_them_back_paying_n
     assert (cmp.runs.oracle_spent == 60).all() and len(cmp.runs) == 2
     with pytest.raises(UsageError, match="not a pool of the study"):
         pools.run_pool(prof, "digits", "cnn-tiny", "dead-leaves", results=tmp_path)
+    with pytest.raises(UsageError, match="not a strategy of the pool study"):
+        pools.run_pool(prof, "digits", "cnn-tiny", "uniform-noise", strategy="kcenter", results=tmp_path)
+    with pytest.raises(UsageError, match="not a seed of the pool study"):
+        pools.run_pool(prof, "digits", "cnn-tiny", "uniform-noise", seed=1, results=tmp_path)
 
 
 def test_installing_a_dataset_adds_a_pool_task_and_reruns_the_pool_chapter_and_nothing_else(tmp_path, monkeypatch):
@@ -141,7 +191,8 @@ def test_installing_a_dataset_adds_a_pool_task_and_reruns_the_pool_chapter_and_n
         keys[frozenset(installed)] = {t.id: t.results_key for t in tasks}
     before, after = keys.values()
     ds, arch = prof.secrets[0]
-    assert set(after) - set(before) == {f"runs/pool-{ds}-{arch}-fashion-mnist"}
+    assert set(after) - set(before) == {f"runs/pool-{ds}-{arch}-fashion-mnist-{entry}-seed{seed}"
+                                        for entry in prof.pool_study.strategies for seed in prof.pool_study.seeds}
     changed = {i for i in before if before[i] != after[i]}
     assert changed == {f"pools/{ds}-{arch}", "results/results"}, changed
 
@@ -346,13 +397,14 @@ def test_paper_smoke_is_the_paper_grid_with_the_least_training(tmp_path):
     # every notebook of the paper grid: 3 EDA, per secret (15) one secret, 5 extraction, Copycat and
     # pool notebooks (8 x 15 = 120), the defences, the interactive panel and the results; per
     # secret and seed one runs/ task for each strategy and one for Copycat; per secret one runs/
-    # task for each pool of its study
+    # task for each pool of its study, strategy entry and seed
     assert ids(smoke) == ids(paper)
     tasks = pipeline.plan(paper, tmp_path)
     assert sum(t.is_notebook for t in tasks) == 3 + 8 * 15 + 3
     n_pools = sum(len(pools.pool_specs(paper, ds)[0]) for ds, _ in paper.secrets)
     assert n_pools >= 15 * len(paper.pool_study.pools)
-    assert sum(not t.is_notebook for t in tasks) == 15 * (5 + 1) * len(paper.seeds) + n_pools
+    per_pool = len(paper.pool_study.strategies) * len(paper.pool_study.seeds)
+    assert sum(not t.is_notebook for t in tasks) == 15 * (5 + 1) * len(paper.seeds) + n_pools * per_pool
 
 
 def test_only_paper_smoke_skips_the_checks_that_models_learnt():
@@ -437,8 +489,8 @@ def test_critical_path_prefers_long_chains_and_learns_recorded_times(tmp_path):
     stamp.write_text(json.dumps({"key": "k", "results_key": "r", "seconds": 5000.0}))
     chain = pipeline.critical_path(tasks, run_dir)
     assert chain[f"pools/{tag}"] == pipeline._READ_BACK_HINT["pools"] + chain["results/results"]
-    assert chain[f"runs/pool-{tag}-uniform-noise"] == pipeline._POOL_RUN_HINT + chain[f"pools/{tag}"]
-    assert chain[t.id] == 5000.0 + chain[f"runs/pool-{tag}-uniform-noise"]
+    assert chain[f"runs/pool-{tag}-uniform-noise-best-seed0"] == pipeline._POOL_RUN_HINT + chain[f"pools/{tag}"]
+    assert chain[t.id] == 5000.0 + chain[f"runs/pool-{tag}-uniform-noise-best-seed0"]
     assert chain[t.id] > chain[f"runs/copycat-{tag}-seed0"]
 
 

@@ -86,7 +86,7 @@ RUN_FILES: dict[str, dict] = {
     "copycat variants": {"*": "copycat seeds"},
     "copycat seeds": {"seed*": "copycat"},
     # The pool chapter (stealnb.experiments.pools): one extraction per pool, strategy and seed; a
-    # runs/pool task owns one pool's folder.
+    # runs/pool task owns one run's folder (the "best" entry's: each candidate strategy's).
     "pool strategies": {"*": "extraction seeds"},
     "defenses": {**_files("prada.json", "admis.json", "ewe.json"), "server-logs": "server logs"},
     "server logs": {"keys": "server key logs"},

@@ -18,8 +18,8 @@ analysis with the secret in hand (no query is charged); the attacker sees only t
 Runs go to :func:`stealnb.core.layout.pool_run_dir` and resume like any extraction (nothing is paid
 twice); a finished run of the same settings is read from its ``summary.json``
 (:func:`stealnb.extraction.loop.finished_summary`), without rebuilding its substitute. ``stealnb
-run`` trains each pool's runs in a task of its own (:func:`run_pool`) and the chapter's notebook
-reads them back with :func:`run_pools`.
+run`` trains each run (pool, strategy, seed) in a task of its own (:func:`run_pool`) and the
+chapter's notebook reads them back with :func:`run_pools`.
 """
 from __future__ import annotations
 
@@ -117,13 +117,21 @@ def best_strategy(prof: Profile, dataset: str, arch: str, results) -> tuple[str,
 
 def study_strategies(prof: Profile, dataset: str, arch: str, results) -> list[dict]:
     """The study's strategies for one secret, :data:`~stealnb.core.profiles.BEST_STRATEGY` resolved (:func:`best_strategy`), each once:
-    rows ``{"strategy", "as", "reason"}``."""
+    rows ``{"strategy", "as", "reason"}`` in the study's order. A strategy the study names and that
+    is also the best keeps the row of its name (``as`` the name): each run belongs to one entry of
+    the study, so one ``stealnb run`` task (:func:`run_pool`) trains it whatever the best turns out to be."""
+    named = [e for e in prof.pool_study.strategies if e != BEST_STRATEGY]
+    best = best_strategy(prof, dataset, arch, results) if BEST_STRATEGY in prof.pool_study.strategies else None
     out = []
     for entry in prof.pool_study.strategies:
         if entry == BEST_STRATEGY:
-            strat, why = best_strategy(prof, dataset, arch, results)
+            strat, why = best
+            if strat in named:  # the named entry's row says so
+                continue
         else:
             strat, why = entry, "named by the profile" + (" (the baseline)" if entry == "random" else "")
+            if best is not None and best[0] == entry:
+                why += f"; also the best strategy ({best[1]})"
         if strat not in (r["strategy"] for r in out):
             out.append({"strategy": strat, "as": entry, "reason": why})
     return out
@@ -231,9 +239,9 @@ def _check_runs(prof, ds, spec, strategies) -> None:
                        dataset=ds, budgets=prof.pool_study.budgets, round_size=prof.pool_study.round_size)
 
 
-def _pool_runs(prof, ds, arch, spec, pool, strategies, *, results, data_root, secret_dir, progress):
-    """Run (or read back) each of ``strategies`` over the study's seeds on the built ``pool`` (spec
-    ``spec``); returns the rows of :attr:`PoolComparison.runs` and :attr:`PoolComparison.per_run`.
+def _pool_runs(prof, ds, arch, spec, pool, strategies, *, results, data_root, secret_dir, progress, seeds=None):
+    """Run (or read back) each of ``strategies`` over ``seeds`` (default the study's) on the built
+    ``pool`` (spec ``spec``); returns the rows of :attr:`PoolComparison.runs` and :attr:`PoolComparison.per_run`.
     A finished run of the same settings is read from its ``summary.json``
     (:func:`stealnb.extraction.loop.finished_summary`); any other is run or resumed."""
     study = prof.pool_study
@@ -241,7 +249,7 @@ def _pool_runs(prof, ds, arch, spec, pool, strategies, *, results, data_root, se
     p = prof.with_(pool=name, pool_transform=transform, pool_size=len(pool))
     runs, run_rows = [], []
     for st in strategies:
-        for seed in study.seeds:
+        for seed in (study.seeds if seeds is None else seeds):
             out = layout.pool_run_dir(results, prof.name, ds, arch, spec, st["strategy"], seed)
             cfg = loop.configure(p, st["strategy"], seed=seed, dataset=ds, budgets=study.budgets,
                                  round_size=study.round_size)
@@ -260,29 +268,40 @@ def _pool_runs(prof, ds, arch, spec, pool, strategies, *, results, data_root, se
     return runs, run_rows
 
 
-def run_pool(profile: Profile, dataset: str, arch: str, spec: str, *, results="results", data_root=None,
-             secret_dir=None, progress: bool = False) -> list[dict]:
+def run_pool(profile: Profile, dataset: str, arch: str, spec: str, *, strategy: str | None = None,
+             seed: int | None = None, results="results", data_root=None, secret_dir=None,
+             progress: bool = False) -> list[dict]:
     """Run (or resume) the study's runs on one pool ``spec`` (one of :func:`pool_specs`) for the
     ``dataset``/``arch`` secret: each strategy of :func:`study_strategies` over the study's seeds,
-    into :func:`stealnb.core.layout.pool_spec_dir`. :func:`run_pools` then reads them back.
+    into :func:`stealnb.core.layout.pool_spec_dir`; ``strategy`` (an entry of the study's
+    ``strategies``, :data:`~stealnb.core.profiles.BEST_STRATEGY` included) and ``seed`` (one of its
+    ``seeds``) narrow it to that entry and seed. :func:`run_pools` then reads them back. "best"
+    runs nothing when the best strategy is one the study also names (that entry's run is it).
 
-    This is one ``runs/pool-<secret>-<spec>`` task of ``stealnb run``
-    (:func:`stealnb.report.pipeline.plan`), in a process of its own: Keras keeps about 200 MB of
-    every model trained and dropped in a process (``benchmarks/bench_fit_memory.py``), and one
-    kernel training the whole study of a VGG16 secret grew to 9.6 GB in the paper smoke run.
-    A pool smaller than the study's largest budget runs nothing (:func:`run_pools` reports it).
-    Returns the rows of :attr:`PoolComparison.runs`."""
+    One entry and seed is one ``runs/pool-<secret>-<spec>-<strategy>-seed<N>`` task of ``stealnb
+    run`` (:func:`stealnb.report.pipeline.plan`), in a process of its own, like an extraction seed:
+    Keras keeps about 200 MB of every model trained and dropped in a process
+    (``benchmarks/bench_fit_memory.py``), and one kernel training the whole study of a VGG16 secret
+    grew to 9.6 GB in the paper smoke run. A pool smaller than the study's largest budget runs
+    nothing (:func:`run_pools` reports it). Returns the rows of :attr:`PoolComparison.runs`."""
     prof = check_profile(profile)
+    study = prof.pool_study
     specs, _ = pool_specs(prof, dataset, data_root)
     if spec not in specs:
         raise UsageError(f"pool {spec!r}: not a pool of the study for a {dataset} secret ({', '.join(specs)})")
-    strategies = study_strategies(prof, dataset, arch, results)
+    if strategy is not None and strategy not in study.strategies:
+        raise UsageError(f"strategy {strategy!r}: not a strategy of the pool study ({', '.join(study.strategies)})")
+    if seed is not None and seed not in study.seeds:
+        raise UsageError(f"seed {seed!r}: not a seed of the pool study ({', '.join(map(str, study.seeds))})")
+    strategies = [st for st in study_strategies(prof, dataset, arch, results) if strategy in (None, st["as"])]
     _check_runs(prof, dataset, spec, strategies)  # argument errors first, before the pool is built
+    if not strategies:
+        return []
     pool = load_study_pool(spec, prof, data_root)
-    if _too_small(pool, prof.pool_study):
+    if _too_small(pool, study):
         return []
     return _pool_runs(prof, dataset, arch, spec, pool, strategies, results=results, data_root=data_root,
-                      secret_dir=secret_dir, progress=progress)[0]
+                      secret_dir=secret_dir, progress=progress, seeds=None if seed is None else (seed,))[0]
 
 
 def run_pools(profile: Profile, *, secrets=None, results="results", data_root=None,

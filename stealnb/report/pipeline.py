@@ -1,7 +1,7 @@
 """``stealnb run``: execute the notebook grid of a profile with papermill, then build the book.
 
-The grid (:func:`plan`) has one task per extraction seed, per Copycat seed and per pool of the
-pool study (a ``runs/...`` task: :data:`RUNNERS`, no notebook, a process of its own; on a cluster
+The grid (:func:`plan`) has one task per extraction seed, per Copycat seed and per run of the
+pool study (pool, strategy and seed; a ``runs/...`` task: :data:`RUNNERS`, no notebook, a process of its own; on a cluster
 they run in parallel), and one executed notebook per
 
 * dataset: ``01_eda``;
@@ -79,8 +79,9 @@ BOOK_GENERATED = Path("book") / "generated"
 # tasks that are ready to start when no earlier run's time is recorded (see ``critical_path``).
 _COST_HINT = {"eda": 40, "secret": 60, "extraction": 700, "copycat": 1840, "defenses": 1340,
               "interactive": 60, "results": 15}
-# One pool's runs (a ``runs/pool-...`` task): the demo's pool chapter (1,100 s) over its 5 pools.
-_POOL_RUN_HINT = 200
+# One run of the pool study (a ``runs/pool-...`` task): the demo's pool chapter (1,100 s) over its
+# 5 pools x 2 strategies.
+_POOL_RUN_HINT = 110
 # Of an extraction (Copycat) notebook's hint, the part left to the notebook once its seeds' runs/
 # tasks have run: reading the runs back, the figures (Copycat: t-SNE and LRP too).
 _READ_BACK_HINT = {"extraction": 30, "copycat": 120, "pools": 60}
@@ -141,8 +142,10 @@ def secrets_of(prof: Profile, data_root=None, optional: bool = True) -> list[tup
 def _run_id(run: str, tag: str, *, seed: int | None = None, strategy: str | None = None,
             pool: str | None = None) -> str:
     """The id of a ``runs/`` task: ``runs/extraction-<tag>-<strategy>-seed<N>``,
-    ``runs/copycat-<tag>-seed<N>`` or ``runs/pool-<tag>-<pool spec>`` (``tag`` is ``<dataset>-<arch>``)."""
-    parts = {"extraction": [strategy, f"seed{seed}"], "copycat": [f"seed{seed}"], "pool": [pool]}[run]
+    ``runs/copycat-<tag>-seed<N>`` or ``runs/pool-<tag>-<pool spec>-<strategy>-seed<N>`` (``tag`` is
+    ``<dataset>-<arch>``; a pool task's strategy is the study's entry, "best" included)."""
+    parts = {"extraction": [strategy, f"seed{seed}"], "copycat": [f"seed{seed}"],
+             "pool": [pool, strategy, f"seed{seed}"]}[run]
     return "-".join([f"runs/{run}", tag, *parts])
 
 
@@ -191,18 +194,29 @@ def plan(profile: Profile, results, data_root=None, optional: bool = False) -> l
         tasks.append(Task(f"copycat/{tag}", NOTEBOOKS["copycat"],
                           {**common, **quiet, "dataset": ds, "arch": arch, "seeds": list(prof.seeds)},
                           deps=[sec, *(t.id for t in seeds)]))
-        # The pool study: one runs/ task per pool trains its runs (in a process of its own: Keras
-        # keeps ~200 MB of every model trained in a process, benchmarks/bench_fit_memory.py), and
-        # the chapter's notebook reads them back. The runs use the best strategy of this secret's
-        # extraction runs (Profile.best_strategy_candidates, stealnb.experiments.pools.best_strategy):
-        # they wait for those runs/ tasks, not for the chapter notebooks, so they start sooner and a
-        # change to notebook 03 (a figure, say) does not change their results key and discard them.
+        # The pool study: one runs/ task per pool, strategy entry and seed trains that run (in a
+        # process of its own, like an extraction seed: Keras keeps ~200 MB of every model trained in
+        # a process, benchmarks/bench_fit_memory.py), and the chapter's notebook reads them back.
+        # The "best" entry's runs use the best strategy of this secret's extraction runs
+        # (Profile.best_strategy_candidates, stealnb.experiments.pools.best_strategy): they wait for
+        # those runs/ tasks, not for the chapter notebooks, so they start sooner and a change to
+        # notebook 03 (a figure, say) does not change their results key and discard them. Which
+        # candidate is best is known only then, so the task owns every candidate's folder (and the
+        # fallback's) that no named entry owns (stealnb.experiments.pools.study_strategies: a named
+        # entry keeps its run).
         best_from = [_run_id("extraction", tag, seed=seed, strategy=s) for s in prof.best_strategy_candidates
-                     for seed in prof.seeds] if BEST_STRATEGY in prof.pool_study.strategies else []
+                     for seed in prof.seeds]
+        named = [e for e in prof.pool_study.strategies if e != BEST_STRATEGY]
+        best_owns = [c for c in dict.fromkeys((*prof.best_strategy_candidates, prof.pool_study.fallback_strategy))
+                     if c not in named]
         specs = pool_study.pool_specs(prof, ds, data_root)[0]  # the pools installed (a bad study: an error here)
-        pool_runs = [Task(_run_id("pool", tag, pool=spec), "", {**run_params, "pool": spec}, deps=[sec, *best_from],
-                          run="pool", outputs={layout.pool_spec_dir(results, prof.name, ds, arch, spec): "pool strategies"})
-                     for spec in specs]
+        pool_runs = [
+            Task(_run_id("pool", tag, pool=spec, strategy=entry, seed=seed), "",
+                 {**run_params, "pool": spec, "strategy": entry, "seed": seed},
+                 deps=[sec, *best_from] if entry == BEST_STRATEGY else [sec], run="pool",
+                 outputs={layout.pool_run_dir(results, prof.name, ds, arch, spec, s, seed): "extraction"
+                          for s in (best_owns if entry == BEST_STRATEGY else [entry])})
+            for spec in specs for entry in prof.pool_study.strategies for seed in prof.pool_study.seeds]
         tasks += pool_runs
         tasks.append(Task(f"pools/{tag}", NOTEBOOKS["pools"], {**common, "dataset": ds, "arch": arch},
                           deps=[sec, *(t.id for t in pool_runs)]))
@@ -363,16 +377,17 @@ def _run_copycat(profile, results_dir, data_root, dataset, arch, seed):
                          data_root=data_root)
 
 
-def _run_pool(profile, results_dir, data_root, dataset, arch, pool):
+def _run_pool(profile, results_dir, data_root, dataset, arch, pool, strategy, seed):
     from ..experiments.pools import run_pool
 
-    run_pool(get_profile(profile), dataset, arch, pool, results=results_dir, data_root=data_root)
+    run_pool(get_profile(profile), dataset, arch, pool, strategy=strategy, seed=seed, results=results_dir,
+             data_root=data_root)
 
 
 #: What a ``runs/`` task calls with its params (in a subprocess, like a notebook): one extraction
 #: seed (:func:`stealnb.extraction.loop.run_extraction`), one Copycat seed, all variants
-#: (:func:`stealnb.extraction.copycat.run_copycat_variants`), one pool of the pool study, all its
-#: strategies and seeds (:func:`stealnb.experiments.pools.run_pool`). All resume, so a retried
+#: (:func:`stealnb.extraction.copycat.run_copycat_variants`), one run of the pool study: a pool,
+#: a strategy entry and a seed (:func:`stealnb.experiments.pools.run_pool`). All resume, so a retried
 #: task loses nothing.
 RUNNERS = {"extraction": _run_extraction, "copycat": _run_copycat, "pool": _run_pool}
 
