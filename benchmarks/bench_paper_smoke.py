@@ -109,7 +109,10 @@ def main(argv=None) -> int:
                            "seconds": rep["seconds"].get(t.id)}
     out = {
         "profile": "paper-smoke",
-        "what": "every notebook of the paper grid (real architectures and loaders) on official-format fixture files",
+        "what": ("every notebook of the paper grid" if not args.only else
+                 f"the tasks of the paper grid whose id contains {args.only!r}, and what they depend on")
+                + " (real architectures and loaders) on official-format fixture files",
+        "only": args.only,
         "secrets": [list(s) for s in prof.secrets], "strategies": list(prof.strategies),
         "folds": prof.folds, "epochs": prof.epochs, "budgets": list(prof.budgets), "pool_size": prof.pool_size,
         "fixture_images": written, "jobs": args.jobs,
